@@ -1,0 +1,202 @@
+"""EvalConfig: what to evaluate (models x datasets x settings x scorings), as data.
+
+    cfg = load_eval_config("rayeval/configs/eval_small.yaml")   # or EvalConfig.from_dict(d)
+
+Every problem raises ConfigError naming the field, e.g.
+``settings[2].perturbations[0]: unknown perturbation 'shufle'; known: [...]``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from rayeval.config import load_yaml
+from rayeval.eval import perturb
+from rayeval.eval.prompts import Shots, get_template
+from rayeval.eval.scoring import Scoring, get_scoring
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str                          # "mmlu" | "arc_challenge" (what the loaders know) or any label
+    path: str | None = None            # default: <data_root>/<name>
+    split: str = "test"
+    dev_split: str = "dev"             # where in-context examples come from
+    subjects: list[str] | None = None  # None: all subjects
+    limit: int | None = None           # items per subject (None: all)
+    template: str = "mmlu"             # default prompt template for settings that name none
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    perturbations: list[Any] = field(default_factory=list)
+    template: str | None = None        # None: the dataset's template
+    shots: Shots = field(default_factory=Shots)
+    cyclic: float = 0.0                # share of items also evaluated under every cyclic rotation (1.0 = all)
+
+
+@dataclass(frozen=True)
+class Baseline:
+    setting: str = "baseline"
+    scoring: str = "symbol"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    name: str
+    models: list[str]
+    datasets: list[DatasetSpec]
+    settings: list[Setting]
+    scorings: list[Scoring] = field(default_factory=lambda: [Scoring("symbol")])
+    seed: int = 0
+    batch_size: int = 64
+    engine: dict[str, Any] = field(default_factory=dict)
+    baseline: Baseline = field(default_factory=Baseline)
+    metrics: dict[str, Any] = field(default_factory=dict)   # n_boot, ci, pride_fraction
+    output_dir: str = "runs/{name}"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EvalConfig":
+        return parse_config(d)
+
+    def setting(self, name: str) -> Setting:
+        for s in self.settings:
+            if s.name == name:
+                return s
+        raise KeyError(name)
+
+
+def _check_keys(cls, d: Any, where: str) -> dict[str, Any]:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; expected some of {sorted(names)}")
+    return d
+
+
+def _list(d: dict, key: str, where: str, required: bool = True) -> list:
+    v = d.get(key)
+    if v is None and not required:
+        return []
+    if not isinstance(v, list) or (required and not v):
+        raise ConfigError(f"{where}{key}: expected a non-empty list, got {v!r}")
+    return v
+
+
+def _int(v: Any, where: str, lo: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or (lo is not None and v < lo):
+        raise ConfigError(f"{where}: expected an integer{f' >= {lo}' if lo is not None else ''}, got {v!r}")
+    return v
+
+
+def parse_setting(d: Any, where: str) -> Setting:
+    d = dict(_check_keys(Setting, d, where))
+    if not isinstance(d.get("name"), str) or not d["name"]:
+        raise ConfigError(f"{where}.name: required, a non-empty string")
+    specs = d.get("perturbations") or []
+    if not isinstance(specs, list):
+        raise ConfigError(f"{where}.perturbations: expected a list, got {specs!r}")
+    for j, s in enumerate(specs):
+        try:
+            perturb.build(s)
+        except ValueError as e:
+            raise ConfigError(f"{where}.perturbations[{j}]: {e}") from None
+    if d.get("template") is not None:
+        try:
+            get_template(d["template"])
+        except ValueError as e:
+            raise ConfigError(f"{where}.template: {e}") from None
+    try:
+        shots = Shots.parse(d.get("shots"))
+    except ValueError as e:
+        raise ConfigError(f"{where}.{e}" if str(e).startswith("shots") else f"{where}.shots: {e}") from None
+    cyc = d.get("cyclic", 0.0)
+    if cyc is True:
+        cyc = 1.0
+    if isinstance(cyc, bool) or not isinstance(cyc, (int, float)) or not 0 <= cyc <= 1:
+        raise ConfigError(f"{where}.cyclic: expected a share in [0, 1] (or true), got {cyc!r}")
+    return Setting(name=d["name"], perturbations=list(specs), template=d.get("template"), shots=shots, cyclic=float(cyc))
+
+
+def parse_config(d: dict[str, Any]) -> EvalConfig:
+    d = dict(_check_keys(EvalConfig, d, "config"))
+    if not isinstance(d.get("name"), str) or not d["name"]:
+        raise ConfigError("name: required, a non-empty string")
+    models = _list(d, "models", "")
+    for i, m in enumerate(models):
+        if not isinstance(m, str) or not m:
+            raise ConfigError(f"models[{i}]: expected a model name, got {m!r}")
+    if len(set(models)) != len(models):
+        raise ConfigError(f"models: duplicate names in {models}")
+    datasets = []
+    for i, ds in enumerate(_list(d, "datasets", "")):
+        where = f"datasets[{i}]"
+        ds = dict(_check_keys(DatasetSpec, ds, where))
+        if not isinstance(ds.get("name"), str) or not ds["name"]:
+            raise ConfigError(f"{where}.name: required, a non-empty string")
+        if ds.get("limit") is not None:
+            _int(ds["limit"], f"{where}.limit", 1)
+        subj = ds.get("subjects")
+        if subj is not None and (not isinstance(subj, list) or not all(isinstance(s, str) for s in subj)):
+            raise ConfigError(f"{where}.subjects: expected a list of subject names or null, got {subj!r}")
+        try:
+            get_template(ds.get("template", "mmlu"))
+        except ValueError as e:
+            raise ConfigError(f"{where}.template: {e}") from None
+        datasets.append(DatasetSpec(**ds))
+    settings = [parse_setting(s, f"settings[{i}]") for i, s in enumerate(_list(d, "settings", ""))]
+    names = [s.name for s in settings]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"settings: duplicate setting name(s) {dup}")
+    scorings = []
+    for i, s in enumerate(d.get("scorings") or ["symbol"]):
+        try:
+            scorings.append(get_scoring(s))
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"scorings[{i}]: {e}") from None
+    labels = [s.label for s in scorings]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"scorings: duplicate scoring(s) {labels}")
+    seed = _int(d.get("seed", 0), "seed")
+    batch_size = _int(d.get("batch_size", 64), "batch_size", 1)
+    engine = d.get("engine") or {}
+    if not isinstance(engine, dict):
+        raise ConfigError(f"engine: expected a mapping of engine options, got {engine!r}")
+    b = d.get("baseline") or {}
+    b = Baseline(**_check_keys(Baseline, b, "baseline"))
+    if b.setting not in names:
+        raise ConfigError(f"baseline.setting: {b.setting!r} is not one of the settings {names}")
+    if b.scoring not in labels:
+        raise ConfigError(f"baseline.scoring: {b.scoring!r} is not one of the scorings {labels}")
+    metrics = d.get("metrics") or {}
+    if not isinstance(metrics, dict):
+        raise ConfigError(f"metrics: expected a mapping, got {metrics!r}")
+    unknown = sorted(set(metrics) - {"n_boot", "ci", "pride_fraction"})
+    if unknown:
+        raise ConfigError(f"metrics: unknown key(s) {unknown}; expected some of ['ci', 'n_boot', 'pride_fraction']")
+    return EvalConfig(name=d["name"], models=list(models), datasets=datasets, settings=settings, scorings=scorings,
+                      seed=seed, batch_size=batch_size, engine=dict(engine), baseline=b, metrics=dict(metrics),
+                      output_dir=str(d.get("output_dir") or "runs/{name}"))
+
+
+def load_eval_config(path: str | Path) -> EvalConfig:
+    """Load a config by path, or by the name of a packaged one ("eval_small")."""
+    p = Path(path)
+    if not p.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
+        p = CONFIG_DIR / f"{path}.yaml"
+    try:
+        return parse_config(load_yaml(p))
+    except ConfigError as e:
+        raise ConfigError(f"{p}: {e}") from None
