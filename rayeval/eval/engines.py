@@ -68,3 +68,249 @@ class FakeEngine:
                 out.append(ScoreResult(continuation_logprobs=[self._h(r.prompt, c) * n for c, n in zip(conts, ntok)],
                                        continuation_tokens=ntok))
         return out
+
+
+# --------------------------------------------------------------------------------------------
+# Shared tokenization logic: both real engines score exactly the same token streams.
+# --------------------------------------------------------------------------------------------
+
+def symbol_token_ids(tokenizer, symbols: Sequence[str]) -> list[int] | None:
+    """Token id of " <symbol>" for each symbol when every symbol is one distinct token, else None.
+
+    ``None`` means the symbols must be scored as continuations (exact, one sequence each)."""
+    ids = []
+    for s in symbols:
+        t = tokenizer.encode(" " + s, add_special_tokens=False)
+        if len(t) != 1:
+            return None
+        ids.append(t[0])
+    return ids if len(set(ids)) == len(ids) else None
+
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is not None and getattr(tokenizer, "add_bos_token", True) and (not ids or ids[0] != bos):
+        ids = [bos] + ids
+    return ids
+
+
+def encode_continuation(tokenizer, context_ids: list[int], continuation: str) -> list[int]:
+    """Tokens of ``continuation`` after the context.  Tokenized separately (lm-eval style) so the
+    context tokens stay fixed; a leading space is kept when the continuation has one."""
+    return tokenizer.encode(continuation, add_special_tokens=False)
+
+
+def _expand(requests: Sequence[ScoreRequest], tokenizer, sym_cache: dict):
+    """Turn requests into flat jobs: ('sym', req_index, ids, token_ids) or
+    ('cont', req_index, option_index, context_ids, cont_ids)."""
+    jobs = []
+    for i, r in enumerate(requests):
+        ctx = encode_prompt(tokenizer, r.prompt)
+        if r.symbols is not None:
+            key = tuple(r.symbols)
+            if key not in sym_cache:
+                sym_cache[key] = symbol_token_ids(tokenizer, r.symbols)
+            tids = sym_cache[key]
+            if tids is not None:
+                jobs.append(("sym", i, ctx, tids))
+            else:
+                for j, s in enumerate(r.symbols):
+                    jobs.append(("cont", i, j, ctx, encode_continuation(tokenizer, ctx, " " + s)))
+        else:
+            for j, c in enumerate(r.continuations or ()):
+                cont = encode_continuation(tokenizer, ctx, c)
+                if not cont:
+                    raise ValueError(f"request {i}: continuation {j} is empty after tokenization: {c!r}")
+                jobs.append(("cont", i, j, ctx, cont))
+    return jobs
+
+
+def _assemble(requests: Sequence[ScoreRequest], jobs, values) -> list[ScoreResult]:
+    out = [ScoreResult() for _ in requests]
+    for r, res in zip(requests, out):
+        n = len(r.symbols) if r.symbols is not None else len(r.continuations or ())
+        if r.symbols is not None:
+            res.symbol_logprobs = [float("nan")] * n
+        else:
+            res.continuation_logprobs = [float("nan")] * n
+            res.continuation_tokens = [0] * n
+    for job, val in zip(jobs, values):
+        res = out[job[1]]
+        if job[0] == "sym":
+            res.symbol_logprobs = list(val)
+        else:
+            lp, ntok = val
+            if requests[job[1]].symbols is not None:
+                res.symbol_logprobs[job[2]] = lp
+                res.extra["symbols_as_continuations"] = True
+            else:
+                res.continuation_logprobs[job[2]] = lp
+                res.continuation_tokens[job[2]] = ntok
+    return out
+
+
+def on_cpu() -> bool:
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        return True
+
+
+class VLLMEngine:
+    """The real engine: one ``vllm.LLM`` per model.
+
+    Symbol requests are ONE generation step per prompt with ``logprob_token_ids`` (vLLM >= 0.30)
+    returning the raw next-token log-probabilities of exactly the symbol tokens; on older vLLM
+    the top-``max_logprobs`` list is used.  Continuation requests use ``prompt_logprobs=0`` over
+    context+continuation token ids.  On CPU the defaults are bf16, eager mode; on a GPU cluster
+    vLLM's own defaults apply.  Extra ``engine_kwargs`` go straight to ``vllm.LLM``.
+    """
+
+    def __init__(self, model: str, engine_kwargs: dict | None = None):
+        from vllm import LLM, SamplingParams
+
+        from rayeval.models import get_spec, resolve_model
+
+        self.name = model
+        path = resolve_model(model)
+        kw: dict = {"max_model_len": 2048, "seed": 0}
+        if on_cpu():
+            # 1 GiB of KV cache: plenty for scoring small batches, and it skips vLLM's check that
+            # reserves a fraction of the whole NUMA node (which fails beside other processes).
+            kw.update(dtype="bfloat16", enforce_eager=True, kv_cache_memory_bytes=1 << 30)
+        spec = get_spec(model)
+        kw.update(spec.engine_defaults)
+        kw.update(engine_kwargs or {})
+        self.llm = LLM(model=str(path), **kw)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self._SP = SamplingParams
+        self._has_token_ids = "logprob_token_ids" in SamplingParams.__struct_fields__ if hasattr(
+            SamplingParams, "__struct_fields__") else hasattr(SamplingParams(), "logprob_token_ids")
+        self._sym_cache: dict = {}
+
+    def _check_len(self, ids: list[int], i: int) -> None:
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"request {i}: prompt has {len(ids)} tokens, over max_model_len={self.max_model_len}")
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        from vllm.inputs import TokensPrompt
+
+        jobs = _expand(requests, self.tokenizer, self._sym_cache)
+        prompts, params = [], []
+        for job in jobs:
+            if job[0] == "sym":
+                _, i, ctx, tids = job
+                self._check_len(ctx, i)
+                prompts.append(TokensPrompt(prompt_token_ids=ctx))
+                if self._has_token_ids:
+                    params.append(self._SP(max_tokens=1, temperature=0.0, logprob_token_ids=list(tids)))
+                else:  # pragma: no cover - older vLLM
+                    params.append(self._SP(max_tokens=1, temperature=0.0, logprobs=20))
+            else:
+                _, i, _j, ctx, cont = job
+                self._check_len(ctx + cont, i)
+                prompts.append(TokensPrompt(prompt_token_ids=ctx + cont))
+                params.append(self._SP(max_tokens=1, temperature=0.0, prompt_logprobs=0))
+        outs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        values = []
+        for job, o in zip(jobs, outs):
+            if job[0] == "sym":
+                lp = o.outputs[0].logprobs[0]
+                values.append([lp[t].logprob if t in lp else -1e9 for t in job[3]])
+            else:
+                ctx, cont = job[3], job[4]
+                plp = o.prompt_logprobs
+                total = 0.0
+                for pos, t in enumerate(cont, start=len(ctx)):
+                    total += plp[pos][t].logprob
+                values.append((total, len(cont)))
+        return _assemble(requests, jobs, values)
+
+
+class HFEngine:
+    """A transformers engine behind the same interface (batched forward passes, no KV cache).
+
+    On small CPUs it can beat vLLM for scoring-only work (no generation); the benchmark in
+    ``bench/`` measures both on the same token streams."""
+
+    def __init__(self, model: str, engine_kwargs: dict | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from rayeval.models import resolve_model
+
+        kw = dict(engine_kwargs or {})
+        self.name = model
+        self.batch_size = int(kw.pop("batch_size", 16))
+        self.max_tokens_per_batch = int(kw.pop("max_tokens_per_batch", 8192))
+        dtype = kw.pop("dtype", "bfloat16" if on_cpu() else "auto")
+        threads = kw.pop("num_threads", None)
+        if threads:
+            torch.set_num_threads(int(threads))
+        path = str(resolve_model(model))
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(torch, dtype) if dtype != "auto" else "auto", **kw).eval()
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model.to(self.device)
+        self.max_model_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
+        self._sym_cache: dict = {}
+        self._torch = torch
+
+    def _batches(self, seqs: list[list[int]]):
+        order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k]))
+        batch: list[int] = []
+        for k in order:
+            longest = len(seqs[batch[0]]) if batch else len(seqs[k])
+            if batch and (len(batch) >= self.batch_size or longest * (len(batch) + 1) > self.max_tokens_per_batch):
+                yield batch
+                batch = []
+            batch.append(k)
+        if batch:
+            yield batch
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        torch = self._torch
+        jobs = _expand(requests, self.tokenizer, self._sym_cache)
+        seqs = [j[2] if j[0] == "sym" else j[3] + j[4] for j in jobs]
+        for job, s in zip(jobs, seqs):
+            if len(s) > self.max_model_len:
+                raise ValueError(f"request {job[1]}: {len(s)} tokens, over the model's {self.max_model_len}")
+        values: list = [None] * len(jobs)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        with torch.inference_mode():
+            for b in self._batches(seqs):
+                L = max(len(seqs[k]) for k in b)
+                ids = torch.full((len(b), L), pad, dtype=torch.long)
+                mask = torch.zeros((len(b), L), dtype=torch.long)
+                for r, k in enumerate(b):  # right padding: positions stay 0..n-1
+                    ids[r, : len(seqs[k])] = torch.tensor(seqs[k])
+                    mask[r, : len(seqs[k])] = 1
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+                for r, k in enumerate(b):
+                    job, n = jobs[k], len(seqs[k])
+                    if job[0] == "sym":
+                        lp = torch.log_softmax(logits[r, n - 1].float(), -1)
+                        values[k] = [float(lp[t]) for t in job[3]]
+                    else:
+                        c0 = len(job[3])
+                        lp = torch.log_softmax(logits[r, c0 - 1: n - 1].float(), -1)
+                        tgt = torch.tensor(job[4], device=lp.device)
+                        values[k] = (float(lp.gather(1, tgt[:, None]).sum()), len(job[4]))
+        return _assemble(requests, jobs, values)
+
+
+ENGINES = {"vllm": VLLMEngine, "hf": HFEngine, "fake": FakeEngine}
+
+
+def make_engine(kind: str, model: str, engine_kwargs: dict | None = None):
+    """The one front door: ``make_engine("vllm", "smollm2-135m", {"max_model_len": 1024})``."""
+    if kind not in ENGINES:
+        raise ValueError(f"unknown engine {kind!r}; choose one of {sorted(ENGINES)}")
+    if kind == "fake":
+        return FakeEngine(**(engine_kwargs or {}))
+    return ENGINES[kind](model, engine_kwargs)

@@ -217,6 +217,8 @@ def reduce(work: Work, results: Sequence[ScoreResult], model: str = "") -> dict[
         "template": a["template"],
         "shots": a["shots"]["k"] if a["shots"]["source"] not in ("self_correct", "self_incorrect") else 1,
         "shots_source": a["shots"]["source"],
+        "forced_gold": next((int(r["position"]) % len(p.options) for r in reversed(a["perturbations"])
+                             if r.get("name") == "fix_gold"), -1),
         "conflict": bool(a["conflicts"]),
         "special": bool(a["pinned"]),
         "refs_symbols": a["refs_symbols"],
@@ -228,7 +230,7 @@ def reduce(work: Work, results: Sequence[ScoreResult], model: str = "") -> dict[
 
 ROW_COLUMNS = (
     "model", "dataset", "setting", "scoring", "item_id", "subject", "rotation", "n_options", "gold", "orig_gold",
-    "perm", "symbols", "template", "shots", "shots_source", "conflict", "special", "refs_symbols", "prompt_sha",
+    "perm", "symbols", "template", "shots", "shots_source", "forced_gold", "conflict", "special", "refs_symbols", "prompt_sha",
     "per_option_scores", "per_option_raw_logprob", "per_option_score_tokens", "per_option_score_chars",
     "per_option_score_bytes", "tokens", "chars", "bytes", "normalize", "prediction", "correct",
     "pred_none", "pred_tokens", "pred_chars", "pred_bytes",

@@ -1,0 +1,265 @@
+"""Metrics over per-item rows (the dicts ``scoring.reduce`` returns), with pandas.
+
+Accuracies, recalls and RStd are in percentage points, as in the paper.  A "condition" is one
+(dataset, setting, scoring); models are ranked within a condition.  Standard metrics use only
+rotation-0 rows; rows with other rotations (settings with ``cyclic``) feed CircularEval,
+permutation-averaged accuracy and PriDe.
+
+  accuracy         acc with a seeded bootstrap CI (exact: a binomial resample of the mean)
+  delta_acc        acc minus the baseline condition's acc, per model
+  recall_by_gold   recall per gold position;  rstd: population std of those recalls
+  rankings         rank of each model per condition (1 = best)
+  kendall          Kendall tau (and (tau+1)/2) of each condition's ranking vs the baseline's
+  rank_shift       each model's rank in the baseline vs in each condition (paper Figure 1)
+  circular         CircularEval: correct only if correct under every cyclic rotation;
+                   plus permutation-averaged accuracy over the same items
+  pride            PriDe (Zheng et al. 2024): prior over positions from a few cyclically
+                   permuted items, then debias the rest by dividing by it
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.stats import kendalltau
+
+from rayeval.eval.scoring import in_calibration
+
+GROUP = ["model", "dataset", "setting", "scoring"]
+COND = ["dataset", "setting", "scoring"]
+
+
+def to_frame(rows: Iterable[dict] | pd.DataFrame) -> pd.DataFrame:
+    df = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    for c, default in (("dataset", ""), ("rotation", 0), ("model", ""), ("scoring", "symbol"), ("forced_gold", -1)):
+        if c not in df.columns:
+            df[c] = default
+    if "correct" not in df.columns:
+        df["correct"] = df["prediction"] == df["gold"]
+    df["correct"] = df["correct"].astype(bool)
+    return df
+
+
+def main_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the standard (unrotated) evaluation."""
+    return df[df["rotation"] == 0]
+
+
+def _seed(seed: int, key: Any) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{seed}\x1f{key}".encode(), digest_size=8).digest(), "little")
+
+
+# ----------------------------------------------------------------------------- accuracy
+
+def accuracy(df: pd.DataFrame, by: Sequence[str] = GROUP, n_boot: int = 1000, ci: float = 0.95,
+             seed: int = 0) -> pd.DataFrame:
+    """Accuracy (points) per group, with a bootstrap CI seeded per group (order-free)."""
+    df = main_rows(to_frame(df))
+    out = []
+    for key, g in df.groupby(list(by), sort=True, dropna=False):
+        n, k = len(g), int(g["correct"].sum())
+        rng = np.random.default_rng(_seed(seed, key))
+        # Resampling n Bernoulli outcomes with replacement: the count of correct ones is Binomial(n, k/n).
+        boot = rng.binomial(n, k / n, size=n_boot) / n if n else np.zeros(1)
+        lo, hi = np.quantile(boot, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+        out.append(dict(zip(by, key if isinstance(key, tuple) else (key,)), n=n, acc=100 * k / max(n, 1),
+                        acc_lo=100 * lo, acc_hi=100 * hi))
+    return pd.DataFrame(out, columns=list(by) + ["n", "acc", "acc_lo", "acc_hi"])
+
+
+def delta_vs_baseline(table: pd.DataFrame, value: str, baseline: tuple[str, str],
+                      same_scoring: bool = False) -> pd.Series:
+    """``value`` minus the baseline condition's value for the same model and dataset.
+
+    baseline = (setting, scoring).  same_scoring=True compares with the baseline setting under the
+    row's own scoring instead (e.g. hybrid vs hybrid-baseline)."""
+    bs, bsc = baseline
+    keys = ["model", "dataset"] + (["scoring"] if same_scoring else [])
+    base = table[(table["setting"] == bs) & ((table["scoring"] == bsc) | same_scoring)]
+    base = base[keys + [value]].rename(columns={value: "_base"})
+    merged = table[keys].merge(base, on=keys, how="left")
+    return pd.Series(table[value].to_numpy() - merged["_base"].to_numpy(), index=table.index)
+
+
+# ----------------------------------------------------------------------------- position bias
+
+def recall_by_gold(df: pd.DataFrame, by: Sequence[str] = GROUP) -> pd.DataFrame:
+    """Recall (points) of each gold position: share of items with gold at p that are answered right."""
+    df = main_rows(to_frame(df))
+    g = df.groupby(list(by) + ["gold"], sort=True)["correct"].agg(["size", "mean"]).reset_index()
+    g = g.rename(columns={"gold": "position", "size": "n", "mean": "recall"})
+    g["recall"] = 100 * g["recall"]
+    return g
+
+
+def rstd(df: pd.DataFrame, by: Sequence[str] = GROUP) -> pd.DataFrame:
+    """RStd (points): population std of the per-gold-position recalls (positions with items only)."""
+    r = recall_by_gold(df, by)
+    out = r.groupby(list(by), sort=True)["recall"].agg(lambda x: float(np.std(x.to_numpy(), ddof=0))).reset_index()
+    return out.rename(columns={"recall": "rstd"})
+
+
+def prediction_share(df: pd.DataFrame, by: Sequence[str] = GROUP) -> pd.DataFrame:
+    """How often each position is predicted (points): the raw selection bias."""
+    df = main_rows(to_frame(df))
+    g = df.groupby(list(by) + ["prediction"]).size().rename("n").reset_index()
+    g["share"] = 100 * g["n"] / g.groupby(list(by))["n"].transform("sum")
+    return g.rename(columns={"prediction": "position"})
+
+
+# ----------------------------------------------------------------------------- rankings
+
+def rankings(table: pd.DataFrame, value: str = "acc") -> pd.Series:
+    """Rank (1 = best, ties share the better rank) of each model within its condition."""
+    return table.groupby(COND)[value].rank(ascending=False, method="min").astype(int)
+
+
+def kendall(table: pd.DataFrame, baseline: tuple[str, str], value: str = "acc") -> pd.DataFrame:
+    """Kendall's tau-b between each condition's model ordering and the baseline's (same dataset)."""
+    bs, bsc = baseline
+    out = []
+    for (ds, st, sc), g in table.groupby(COND, sort=True):
+        base = table[(table["dataset"] == ds) & (table["setting"] == bs) & (table["scoring"] == bsc)]
+        m = g[["model", value]].merge(base[["model", value]], on="model", suffixes=("", "_base"))
+        if len(m) >= 2:
+            tau, p = kendalltau(m[value + "_base"], m[value])
+        else:
+            tau, p = np.nan, np.nan
+        out.append({"dataset": ds, "setting": st, "scoring": sc, "n_models": len(m), "tau": float(tau),
+                    "tau01": (float(tau) + 1) / 2, "p_value": float(p)})
+    return pd.DataFrame(out, columns=COND + ["n_models", "tau", "tau01", "p_value"])
+
+
+def rank_shift(table: pd.DataFrame, baseline: tuple[str, str], value: str = "acc") -> pd.DataFrame:
+    """Each model's rank in the baseline and in each condition; shift > 0 means it moved up."""
+    t = table[COND + ["model", value]].copy()
+    t["rank"] = rankings(t, value)
+    base = t[(t["setting"] == baseline[0]) & (t["scoring"] == baseline[1])][["dataset", "model", "rank"]]
+    t = t.merge(base.rename(columns={"rank": "baseline_rank"}), on=["dataset", "model"], how="left")
+    t["shift"] = t["baseline_rank"] - t["rank"]
+    return t
+
+
+# ----------------------------------------------------------------------------- permutations
+
+def _complete(df: pd.DataFrame) -> pd.DataFrame:
+    """Rows of items evaluated under every cyclic rotation (rotation 0..n-1)."""
+    k = df.groupby(GROUP + ["item_id"])["rotation"].transform("nunique")
+    return df[k == df["n_options"]]
+
+
+def circular(df: pd.DataFrame, by: Sequence[str] = GROUP) -> pd.DataFrame:
+    """CircularEval and permutation-averaged accuracy (points) over items with all rotations;
+    acc_plain is the ordinary accuracy of the same items (rotation 0)."""
+    df = _complete(to_frame(df))
+    per_item = df.groupby(list(by) + ["item_id"]).agg(all_correct=("correct", "all"), mean_correct=("correct", "mean"))
+    plain = df[df["rotation"] == 0].set_index(list(by) + ["item_id"])["correct"]
+    per_item = per_item.join(plain.rename("plain"))
+    out = per_item.groupby(list(by)).agg(n_items=("all_correct", "size"), circular_acc=("all_correct", "mean"),
+                                         perm_avg_acc=("mean_correct", "mean"), acc_plain=("plain", "mean"))
+    out[["circular_acc", "perm_avg_acc", "acc_plain"]] *= 100
+    return out.reset_index()
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=float)
+    x = np.where(np.isfinite(x), x, -1e9)
+    m = x.max(axis=-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def pride_prior(calib: pd.DataFrame) -> dict[int, np.ndarray]:
+    """PriDe prior over positions, per option count, from items seen under all cyclic rotations.
+
+    Per item: average the log-softmax of the positional scores over its rotations (the content
+    term cancels, each option having visited each position once), softmax -> the item's prior.
+    The prior for n options is the mean of the item priors."""
+    priors: dict[int, list[np.ndarray]] = {}
+    for _, g in calib.groupby("item_id"):
+        n = int(g["n_options"].iloc[0])
+        lp = _log_softmax(np.stack([np.asarray(s, dtype=float) for s in g["per_option_scores"]]))
+        avg = lp.mean(axis=0)
+        priors.setdefault(n, []).append(np.exp(avg - np.logaddexp.reduce(avg)))
+    return {n: np.mean(v, axis=0) for n, v in priors.items()}
+
+
+def pride_debias(rows: pd.DataFrame, prior: dict[int, np.ndarray]) -> pd.DataFrame:
+    """Add pride_prediction / pride_correct: argmax of observed probs divided by the prior."""
+    rows = rows.copy()
+    preds = []
+    for scores, n, pred in zip(rows["per_option_scores"], rows["n_options"], rows["prediction"]):
+        p = prior.get(int(n))
+        if p is None:
+            preds.append(int(pred))  # no prior for this option count: leave the prediction alone
+            continue
+        logp = _log_softmax(np.asarray(scores, dtype=float)) - np.log(np.maximum(p, 1e-12))
+        preds.append(int(np.argmax(logp)))
+    rows["pride_prediction"] = preds
+    rows["pride_correct"] = rows["pride_prediction"] == rows["gold"]
+    return rows
+
+
+def pride(df: pd.DataFrame, fraction: float = 0.05, seed: int = 0,
+          by: Sequence[str] = GROUP) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """PriDe per group: calibrate on the chosen share of fully rotated items, debias the others.
+
+    Returns (summary per group: n_calib, n_eval, acc, acc_pride, rstd, rstd_pride, prior;
+    per-item rows of the evaluated items with pride_prediction / pride_correct)."""
+    df = to_frame(df)
+    summaries, items = [], []
+    for key, g in df.groupby(list(by), sort=True):
+        comp = _complete(g)
+        calib_ids = {i for i in comp["item_id"].unique() if in_calibration(str(i), seed, fraction)}
+        if not calib_ids:
+            continue
+        prior = pride_prior(comp[comp["item_id"].isin(calib_ids)])
+        ev = pride_debias(g[(g["rotation"] == 0) & ~g["item_id"].isin(calib_ids)], prior)
+        if ev.empty:
+            continue
+        items.append(ev)
+        deb = ev.assign(correct=ev["pride_correct"], prediction=ev["pride_prediction"])
+        summaries.append(dict(zip(by, key), n_calib=len(calib_ids), n_eval=len(ev),
+                              acc=100 * ev["correct"].mean(), acc_pride=100 * ev["pride_correct"].mean(),
+                              rstd=float(rstd(ev, by)["rstd"].iloc[0]), rstd_pride=float(rstd(deb, by)["rstd"].iloc[0]),
+                              prior={int(n): [round(float(x), 4) for x in p] for n, p in sorted(prior.items())}))
+    cols = list(by) + ["n_calib", "n_eval", "acc", "acc_pride", "rstd", "rstd_pride", "prior"]
+    return pd.DataFrame(summaries, columns=cols), (pd.concat(items) if items else pd.DataFrame())
+
+
+# ----------------------------------------------------------------------------- everything
+
+def summary(df: pd.DataFrame, baseline: tuple[str, str] = ("baseline", "symbol"), n_boot: int = 1000,
+            ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
+    """One row per (model, dataset, setting, scoring): n, acc (+CI), delta_acc, rstd, delta_rstd,
+    rank, baseline_rank, shift; deltas are against the baseline (setting, scoring)."""
+    df = to_frame(df)
+    t = accuracy(df, GROUP, n_boot, ci, seed).merge(rstd(df), on=GROUP, how="left")
+    t["delta_acc"] = delta_vs_baseline(t, "acc", baseline)
+    t["delta_rstd"] = delta_vs_baseline(t, "rstd", baseline)
+    rs = rank_shift(t, baseline)[GROUP + ["rank", "baseline_rank", "shift"]]
+    return t.merge(rs, on=GROUP, how="left")
+
+
+def compute_all(rows: Iterable[dict] | pd.DataFrame, baseline: tuple[str, str] = ("baseline", "symbol"),
+                n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
+                pride_fraction: float = 0.05) -> dict[str, pd.DataFrame]:
+    """Every metric table, by name."""
+    df = to_frame(rows)
+    s = summary(df, baseline, n_boot, ci, seed)
+    pr_summary, _ = pride(df, pride_fraction, seed)
+    forced = main_rows(df)[main_rows(df)["forced_gold"] >= 0]
+    return {
+        "summary": s,
+        "recall": recall_by_gold(df),
+        "prediction_share": prediction_share(df),
+        "kendall": kendall(s, baseline),
+        "rank_shift": rank_shift(s, baseline),
+        "forced_gold": accuracy(forced, GROUP + ["forced_gold"], n_boot, ci, seed) if len(forced) else
+        pd.DataFrame(columns=GROUP + ["forced_gold", "n", "acc", "acc_lo", "acc_hi"]),
+        "circular": circular(df) if (df["rotation"] > 0).any() else pd.DataFrame(
+            columns=GROUP + ["n_items", "circular_acc", "perm_avg_acc", "acc_plain"]),
+        "pride": pr_summary,
+    }

@@ -1,0 +1,181 @@
+"""Write a run's report: DIR/report.md (tables), PNG plots, metrics.parquet and metrics.json.
+
+    write_report(rows, "runs/x", baseline=("baseline", "symbol"))
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from rayeval.eval import metrics as M  # noqa: E402
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.2f}"
+    if isinstance(v, (list, dict)):
+        return json.dumps(v)
+    return str(v)
+
+
+def md_table(df: pd.DataFrame, cols: list[str] | None = None) -> str:
+    """A GitHub-markdown table (no tabulate dependency)."""
+    if df is None or df.empty:
+        return "_(none)_\n"
+    cols = cols or list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in df[cols].iterrows():
+        lines.append("| " + " | ".join(_fmt(r[c]).replace("|", "\\|") for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cond(df: pd.DataFrame) -> pd.Series:
+    return df["setting"] + " / " + df["scoring"]
+
+
+# ----------------------------------------------------------------------------- plots
+
+def plot_rank_shift(rs: pd.DataFrame, baseline: tuple[str, str], path: Path, dataset: str) -> None:
+    """Paper Figure 1: one column per condition, a line per model through its ranks."""
+    d = rs[rs["dataset"] == dataset].copy()
+    d["cond"] = _cond(d)
+    base = f"{baseline[0]} / {baseline[1]}"
+    conds = [base] + sorted(c for c in d["cond"].unique() if c != base)
+    wide = d.pivot_table(index="model", columns="cond", values="rank").reindex(columns=conds)
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(conds)), max(3, 0.5 * len(wide) + 1.5)))
+    for model, r in wide.iterrows():
+        ax.plot(range(len(conds)), r.to_numpy(), marker="o")
+        if not math.isnan(r.iloc[0]):
+            ax.annotate(model, (0, r.iloc[0]), xytext=(-6, 0), textcoords="offset points", ha="right", va="center",
+                        fontsize=8)
+    ax.set_xticks(range(len(conds)))
+    ax.set_xticklabels(conds, rotation=30, ha="right", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_ylabel("rank (1 = best)")
+    ax.set_title(f"Rank shift vs baseline ({dataset or 'all'})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_forced_gold(fg: pd.DataFrame, path: Path) -> None:
+    """Accuracy when the gold answer is forced to each position, a line per model/scoring."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (model, ds, sc), g in fg.groupby(["model", "dataset", "scoring"]):
+        g = g.sort_values("forced_gold")
+        ax.errorbar(g["forced_gold"], g["acc"], yerr=[g["acc"] - g["acc_lo"], g["acc_hi"] - g["acc"]], marker="o",
+                    capsize=3, label=f"{model} / {ds} / {sc}")
+    ax.set_xlabel("gold position (0 = first)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy by forced gold position")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_rstd(summary: pd.DataFrame, path: Path) -> None:
+    """RStd by setting (groups) and scoring x model (bars)."""
+    d = summary.copy()
+    d["series"] = d["model"] + " / " + d["scoring"]
+    d["x"] = d["dataset"] + ":" + d["setting"] if d["dataset"].nunique() > 1 else d["setting"]
+    wide = d.pivot_table(index="x", columns="series", values="rstd")
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(wide) * max(1, len(wide.columns)) / 3), 4))
+    w = 0.8 / max(1, len(wide.columns))
+    xs = np.arange(len(wide))
+    for i, c in enumerate(wide.columns):
+        ax.bar(xs + i * w, wide[c].to_numpy(), width=w, label=c)
+    ax.set_xticks(xs + 0.4 - w / 2)
+    ax.set_xticklabels(wide.index, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("RStd (points)")
+    ax.set_title("Selection bias (RStd) by setting and scoring")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- report
+
+def _long(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """All tables stacked for parquet: one column 'table', nested values as JSON strings."""
+    parts = []
+    for name, t in tables.items():
+        if t is None or t.empty:
+            continue
+        t = t.copy()
+        for c in t.columns:
+            if t[c].map(lambda v: isinstance(v, (list, dict, np.ndarray))).any():
+                t[c] = t[c].map(lambda v: json.dumps(v.tolist() if isinstance(v, np.ndarray) else v))
+        t.insert(0, "table", name)
+        parts.append(t)
+    out = pd.concat(parts, ignore_index=True, sort=False) if parts else pd.DataFrame({"table": []})
+    for c in out.columns:
+        if out[c].dtype == object:
+            out[c] = out[c].map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v)) else str(v))
+    return out
+
+
+def write_report(rows: Iterable[dict] | pd.DataFrame, out_dir: str | Path,
+                 baseline: tuple[str, str] = ("baseline", "symbol"), tables: dict[str, pd.DataFrame] | None = None,
+                 title: str = "rayeval report", **metric_kw: Any) -> dict[str, Path]:
+    """Compute (unless given) the metrics and write report.md, the plots, metrics.parquet/json."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    df = M.to_frame(rows)
+    tables = tables if tables is not None else M.compute_all(df, baseline, **metric_kw)
+    s = tables["summary"]
+    files: dict[str, Path] = {}
+
+    for ds in sorted(s["dataset"].unique()):
+        p = out / f"rank_shift{'_' + ds if ds else ''}.png"
+        plot_rank_shift(tables["rank_shift"], baseline, p, ds)
+        files[p.stem] = p
+    if not tables["forced_gold"].empty:
+        plot_forced_gold(tables["forced_gold"], out / "forced_gold.png")
+        files["forced_gold"] = out / "forced_gold.png"
+    plot_rstd(s, out / "rstd.png")
+    files["rstd"] = out / "rstd.png"
+
+    md = [f"# {title}\n", f"{len(df)} rows; models: {', '.join(sorted(df['model'].unique()))}; "
+          f"baseline: setting `{baseline[0]}`, scoring `{baseline[1]}`.  Accuracy, recall and RStd in points.\n"]
+    md += ["## Accuracy, Δacc, RStd and rank\n",
+           md_table(s, ["model", "dataset", "setting", "scoring", "n", "acc", "acc_lo", "acc_hi", "delta_acc", "rstd",
+                        "delta_rstd", "rank", "baseline_rank", "shift"])]
+    md += ["\n## Kendall τ vs the baseline ranking\n", "tau01 = (τ+1)/2.\n\n", md_table(tables["kendall"])]
+    rs = tables["rank_shift"].copy()
+    if not rs.empty:
+        rs["cond"] = _cond(rs)
+        wide = rs.pivot_table(index=["dataset", "model"], columns="cond", values="rank").reset_index()
+        wide.columns = [str(c) for c in wide.columns]
+        md += ["\n## Rank shift (rank per condition)\n", md_table(wide)]
+        for ds in sorted(s["dataset"].unique()):
+            md.append(f"\n![rank shift](rank_shift{'_' + ds if ds else ''}.png)\n")
+    md += ["\n## Accuracy by forced gold position\n", md_table(tables["forced_gold"])]
+    if "forced_gold" in files:
+        md.append("\n![forced gold](forced_gold.png)\n")
+    rec = tables["recall"].pivot_table(index=M.GROUP, columns="position", values="recall").reset_index()
+    rec.columns = [f"recall@{c}" if isinstance(c, (int, np.integer)) else str(c) for c in rec.columns]
+    md += ["\n## Recall by gold position\n", md_table(rec), "\n![rstd](rstd.png)\n"]
+    md += ["\n## CircularEval and permutation-averaged accuracy\n", md_table(tables["circular"])]
+    md += ["\n## PriDe debiasing\n", md_table(tables["pride"])]
+    (out / "report.md").write_text("".join(md), encoding="utf-8")
+    files["report"] = out / "report.md"
+
+    _long(tables).to_parquet(out / "metrics.parquet", index=False)
+    files["parquet"] = out / "metrics.parquet"
+    js = {k: json.loads(v.to_json(orient="records")) for k, v in tables.items()}
+    (out / "metrics.json").write_text(json.dumps({"baseline": list(baseline), "tables": js}, indent=1,
+                                                 ensure_ascii=False), encoding="utf-8")
+    files["json"] = out / "metrics.json"
+    return files

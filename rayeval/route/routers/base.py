@@ -1,0 +1,224 @@
+"""The router contract: a small class mapping queries to P(strong model wins).
+
+scikit-learn style: hyperparameters are constructor arguments (and nothing else is), ``fit``
+learns state, ``win_probability`` predicts, ``save``/``load`` round-trip through a folder
+(``router.json`` + ``state.npz`` + optional extra files).  ``SEARCH_SPACE`` declares Tune
+ranges over constructor arguments with plain values:
+``[a, b, c]`` = choice, ``("loguniform", lo, hi)``, ``("uniform", lo, hi)``, ``("randint", lo, hi)``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import pandas as pd
+
+from rayeval.route.prefs import Outcomes, Preferences
+
+ROUTERS: dict[str, type["Router"]] = {}
+
+
+def register(cls: type["Router"]) -> type["Router"]:
+    if not getattr(cls, "name", None):
+        raise TypeError(f"{cls.__name__} needs a class attribute 'name'")
+    ROUTERS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class TrainSet:
+    """Per-query binary training target: y = mean strong-vs-weak outcome (1 win, .5 tie, 0 loss)."""
+
+    texts: list[str]
+    y: np.ndarray  # float in [0, 1]
+    n: np.ndarray  # number of battles behind y (weights)
+    groups: np.ndarray  # str
+    query_ids: np.ndarray
+    strong: str
+    weak: str
+
+
+def resolve_pair(data: Outcomes | Preferences, strong: str | None, weak: str | None) -> tuple[str, str]:
+    if strong and weak:
+        return strong, weak
+    if isinstance(data, Outcomes):
+        s, w = data.strong_weak()
+    else:  # preferences: rank by overall win rate
+        d = data.df
+        wins = pd.concat([d.loc[d.winner == "a", "model_a"], d.loc[d.winner == "b", "model_b"]]).value_counts()
+        games = pd.concat([d["model_a"], d["model_b"]]).value_counts()
+        rate = (wins.reindex(games.index).fillna(0) / games).sort_values()
+        s, w = str(rate.index[-1]), str(rate.index[0])
+    return strong or s, weak or w
+
+
+def training_set(data: Outcomes | Preferences, strong: str | None = None, weak: str | None = None) -> TrainSet:
+    strong, weak = resolve_pair(data, strong, weak)
+    if isinstance(data, Outcomes):
+        s, w = data.pair_arrays(strong, weak)
+        ok = ~(np.isnan(s) | np.isnan(w))
+        y = np.where(s > w, 1.0, np.where(s < w, 0.0, 0.5))[ok]
+        q = data.queries[ok]
+        return TrainSet(q["query"].astype(str).tolist(), y, np.ones(len(y)), q["group"].astype(str).to_numpy(),
+                        q["query_id"].astype(str).to_numpy(), strong, weak)
+    lab = data.strong_labels(strong, weak)
+    return TrainSet(lab["query"].astype(str).tolist(), lab["y"].to_numpy(float), lab["n"].to_numpy(float),
+                    lab["group"].astype(str).to_numpy(), lab["query_id"].astype(str).to_numpy(), strong, weak)
+
+
+def data_texts(data: Outcomes | Preferences) -> tuple[list[str], np.ndarray]:
+    """The texts (and query_ids) that ``fit``'s ``embeddings`` argument must align with:
+    Outcomes rows, or Preferences' unique queries in first-seen order."""
+    q = data.queries if isinstance(data, Outcomes) else data.unique_queries()
+    return q["query"].astype(str).tolist(), q["query_id"].astype(str).to_numpy()
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+class Router:
+    """Base class.  Subclasses set ``name``, define ``__init__`` with keyword hyperparameters
+    (stored as same-named attributes), and implement ``_fit`` and ``_predict``."""
+
+    name: ClassVar[str] = ""
+    needs_embeddings: ClassVar[bool] = False
+    SEARCH_SPACE: ClassVar[dict[str, Any]] = {}
+
+    strong: str | None = None
+    weak: str | None = None
+    embedder: str = "minilm-l6"
+
+    # -- sklearn-style params --------------------------------------------------------------------
+    @classmethod
+    def param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [p for p in sig.parameters if p != "self" and sig.parameters[p].kind == p.KEYWORD_ONLY
+                or (p != "self" and sig.parameters[p].kind == p.POSITIONAL_OR_KEYWORD)]
+
+    def get_params(self) -> dict[str, Any]:
+        return {p: getattr(self, p) for p in self.param_names()}
+
+    def clone(self) -> "Router":
+        return type(self)(**self.get_params())
+
+    @classmethod
+    def search_space(cls) -> dict[str, Any]:
+        return dict(cls.SEARCH_SPACE)
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    # -- embeddings ------------------------------------------------------------------------------
+    def _embed(self, texts: Sequence[str], embeddings: np.ndarray | None) -> np.ndarray:
+        if embeddings is not None:
+            embeddings = np.asarray(embeddings, np.float32)
+            if len(embeddings) != len(texts):
+                raise ValueError(f"{len(embeddings)} embeddings for {len(texts)} texts")
+            return embeddings
+        from rayeval.route.embed import embed
+
+        return embed(list(texts), self.embedder, use_cache=len(texts) >= 64)
+
+    # -- public API ------------------------------------------------------------------------------
+    def fit(self, data: Outcomes | Preferences, embeddings: np.ndarray | None = None) -> "Router":
+        """Learn from Outcomes or Preferences.  ``embeddings`` (optional, else computed) align
+        with ``data_texts(data)``.  The strong/weak pair is ``self.strong``/``self.weak`` when
+        set, else the best/worst model of ``data``."""
+        ts = training_set(data, getattr(self, "strong", None), getattr(self, "weak", None))
+        self.strong_, self.weak_ = ts.strong, ts.weak
+        emb = None
+        if self.needs_embeddings:
+            texts, qids = data_texts(data)
+            all_emb = self._embed(texts, embeddings)
+            pos = pd.Series(np.arange(len(qids)), index=qids)
+            pos = pos[~pos.index.duplicated()]
+            emb = all_emb[pos.loc[ts.query_ids].to_numpy()]
+        self._fit(ts, emb, data)
+        self.fitted_ = True
+        return self
+
+    def win_probability(self, queries: str | Sequence[str], embeddings: np.ndarray | None = None,
+                        groups: Sequence[str] | None = None) -> np.ndarray:
+        """P(strong wins) for each query, shape (n,).  ``groups`` (subject/task) is used only by
+        routers that learned group effects; unknown or missing groups fall back to the global prior."""
+        if not getattr(self, "fitted_", False):
+            raise RuntimeError(f"{self.name} router is not fitted")
+        if isinstance(queries, str):
+            queries = [queries]
+        queries = [str(q) for q in queries]
+        emb = self._embed(queries, embeddings) if self.needs_embeddings else None
+        g = np.asarray(groups if groups is not None else [""] * len(queries), dtype=object).astype(str)
+        p = np.asarray(self._predict(queries, emb, g), float)
+        return p
+
+    def __call__(self, query: str) -> float:
+        return float(self.win_probability([query])[0])
+
+    # -- subclass hooks --------------------------------------------------------------------------
+    def _fit(self, ts: TrainSet, emb: np.ndarray | None, data) -> None:
+        raise NotImplementedError
+
+    def _predict(self, texts: list[str], emb: np.ndarray | None, groups: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _state(self) -> dict[str, np.ndarray]:
+        """Learned arrays to save (np.savez)."""
+        return {}
+
+    def _set_state(self, state: dict[str, np.ndarray], folder: Path) -> None:
+        pass
+
+    def _save_extra(self, folder: Path) -> None:
+        """Extra files (e.g. torch weights)."""
+
+    # -- persistence -----------------------------------------------------------------------------
+    def save(self, folder: str | Path) -> Path:
+        if not getattr(self, "fitted_", False):
+            raise RuntimeError("save a fitted router")
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"router": self.name, "params": self.get_params(), "strong": self.strong_, "weak": self.weak_}
+        (folder / "router.json").write_text(json.dumps(meta, indent=2, default=_json_default))
+        np.savez(folder / "state.npz", **self._state())
+        self._save_extra(folder)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "Router":
+        folder = Path(folder)
+        meta = json.loads((folder / "router.json").read_text())
+        kind = ROUTERS.get(meta["router"])
+        if kind is None:
+            raise ValueError(f"{folder}: unknown router {meta['router']!r}; known: {sorted(ROUTERS)}")
+        if cls is not Router and not issubclass(kind, cls):
+            raise TypeError(f"{folder} holds a {kind.__name__}, not a {cls.__name__}")
+        r = kind(**meta["params"])
+        r.strong_, r.weak_ = meta["strong"], meta["weak"]
+        with np.load(folder / "state.npz", allow_pickle=False) as z:
+            state = {k: z[k] for k in z.files}
+        r._set_state(state, folder)
+        r.fitted_ = True
+        return r
+
+
+def make_router(name: str, **params) -> Router:
+    if name not in ROUTERS:
+        raise ValueError(f"unknown router {name!r}; known: {sorted(ROUTERS)}")
+    return ROUTERS[name](**params)
+
+
+def load_router(folder: str | Path) -> Router:
+    return Router.load(folder)
