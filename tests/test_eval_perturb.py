@@ -156,3 +156,9 @@ def test_unknown_perturbation_and_bad_params():
         perturb.build("shufle")
     with pytest.raises(ValueError, match="bad parameters"):
         perturb.build({"name": "fix_gold", "pos": 1})
+
+
+def test_fix_gold_position_beyond_option_count_is_flagged():
+    it = MCQItem(id="three", subject="s", question="q", choices=("a", "b", "c"), gold=0)
+    out = perturb.apply(it, [{"name": "fix_gold", "position": 3}], seed=0)
+    assert out.choices == it.choices and "does not exist" in out.meta["conflicts"][0]

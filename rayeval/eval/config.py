@@ -42,6 +42,8 @@ class Setting:
     template: str | None = None        # None: the dataset's template
     shots: Shots = field(default_factory=Shots)
     cyclic: float = 0.0                # share of items also evaluated under every cyclic rotation (1.0 = all)
+    scorings: list[str] | None = None  # labels of the config's scorings to run here (None: all)
+    datasets: list[str] | None = None  # names of the config's datasets this setting applies to (None: all)
 
 
 @dataclass(frozen=True)
@@ -126,7 +128,12 @@ def parse_setting(d: Any, where: str) -> Setting:
         cyc = 1.0
     if isinstance(cyc, bool) or not isinstance(cyc, (int, float)) or not 0 <= cyc <= 1:
         raise ConfigError(f"{where}.cyclic: expected a share in [0, 1] (or true), got {cyc!r}")
-    return Setting(name=d["name"], perturbations=list(specs), template=d.get("template"), shots=shots, cyclic=float(cyc))
+    for key in ("scorings", "datasets"):
+        v = d.get(key)
+        if v is not None and (not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v)):
+            raise ConfigError(f"{where}.{key}: expected a non-empty list of names or null, got {v!r}")
+    return Setting(name=d["name"], perturbations=list(specs), template=d.get("template"), shots=shots,
+                   cyclic=float(cyc), scorings=d.get("scorings"), datasets=d.get("datasets"))
 
 
 def parse_config(d: dict[str, Any]) -> EvalConfig:
@@ -169,6 +176,12 @@ def parse_config(d: dict[str, Any]) -> EvalConfig:
     labels = [s.label for s in scorings]
     if len(set(labels)) != len(labels):
         raise ConfigError(f"scorings: duplicate scoring(s) {labels}")
+    ds_names = [ds.name for ds in datasets]
+    for i, st in enumerate(settings):
+        for key, known in (("scorings", labels), ("datasets", ds_names)):
+            bad = [x for x in (getattr(st, key) or []) if x not in known]
+            if bad:
+                raise ConfigError(f"settings[{i}].{key}: {bad} not among the config's {key} {known}")
     seed = _int(d.get("seed", 0), "seed")
     batch_size = _int(d.get("batch_size", 64), "batch_size", 1)
     engine = d.get("engine") or {}

@@ -296,8 +296,10 @@ def _fix_gold(position: int = 0, method: str = "swap", keep_special: bool = True
 
     def fn(item, rng):
         n = item.n_choices
-        k = position % n
         rec = {"name": "fix_gold", "position": position, "method": method}
+        if not -n <= position < n:
+            return _note(item, rec, f"position {position} does not exist with {n} options")
+        k = position % n
         free = _free(item, keep_special)
         if item.gold == k:
             return permute(item, list(range(n)), rec)

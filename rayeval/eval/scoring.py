@@ -179,21 +179,42 @@ def expand_item(item: MCQItem, setting: Any, scorings: Sequence[Any], dev_items:
     return out
 
 
+def _get(obj: Any, key: str, default: Any = None) -> Any:
+    return obj.get(key, default) if isinstance(obj, dict) else getattr(obj, key, default)
+
+
+def settings_for(config: Any, dataset: str = "") -> list[Any]:
+    """The config's settings that apply to this dataset."""
+    out = []
+    for st in _get(config, "settings") or [{"name": "baseline"}]:
+        only = _get(st, "datasets")
+        if not only or dataset in only:
+            out.append(st)
+    return out
+
+
+def scorings_for(config: Any, setting: Any) -> list[Scoring]:
+    """The config's scorings that this setting runs (all unless it lists some)."""
+    scs = [get_scoring(s) for s in (_get(config, "scorings") or ["symbol"])]
+    only = _get(setting, "scorings")
+    return [s for s in scs if s.label in only] if only else scs
+
+
 def expand(items: Sequence[MCQItem], dev_items: Sequence[MCQItem], config: Any, dataset: str = "") -> list[Work]:
     """Every Work for these items under every setting and scoring of an EvalConfig (or dict).
-    ``dataset`` names the config's dataset entry the items come from (for its default template)."""
-    get = config.get if isinstance(config, dict) else lambda k, d=None: getattr(config, k, d)
-    seed = int(get("seed", 0) or 0)
+
+    ``dataset`` names the config's dataset entry the items come from: it picks the settings that
+    apply and the default template.  Pure: call it per batch of items, in any order."""
+    seed = int(_get(config, "seed", 0) or 0)
     template = "mmlu"
-    for ds in get("datasets", None) or []:
-        dname = ds.get("name") if isinstance(ds, dict) else ds.name
-        if dname == dataset:
-            template = (ds.get("template") if isinstance(ds, dict) else ds.template) or "mmlu"
+    for ds in _get(config, "datasets") or []:
+        if _get(ds, "name") == dataset:
+            template = _get(ds, "template") or "mmlu"
     out = []
-    for setting in get("settings", None) or [{"name": "baseline"}]:
+    for setting in settings_for(config, dataset):
+        scs = scorings_for(config, setting)
         for item in items:
-            out.extend(expand_item(item, setting, get("scorings", None) or ["symbol"], dev_items, seed, dataset,
-                                   template))
+            out.extend(expand_item(item, setting, scs, dev_items, seed, dataset, template))
     return out
 
 
@@ -217,8 +238,9 @@ def reduce(work: Work, results: Sequence[ScoreResult], model: str = "") -> dict[
         "template": a["template"],
         "shots": a["shots"]["k"] if a["shots"]["source"] not in ("self_correct", "self_incorrect") else 1,
         "shots_source": a["shots"]["source"],
-        "forced_gold": next((int(r["position"]) % len(p.options) for r in reversed(a["perturbations"])
-                             if r.get("name") == "fix_gold"), -1),
+        # gold position a fix_gold perturbation forced (-1: none, or it could not: see conflict)
+        "forced_gold": p.gold if any(r.get("name") == "fix_gold" for r in a["perturbations"])
+        and not any(c.startswith("fix_gold") for c in a["conflicts"]) else -1,
         "conflict": bool(a["conflicts"]),
         "special": bool(a["pinned"]),
         "refs_symbols": a["refs_symbols"],
