@@ -1,0 +1,118 @@
+"""The one front door: ``rayeval models|data|eval|route|tune|serve|pipeline``.
+
+Every command parses arguments and calls the library; nothing here computes anything itself.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="rayeval: distributed LLM evaluation and learned routing on Ray, vLLM and Ray Serve.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+models_app = typer.Typer(help="The model registry: packaged models, local folders, hub ids.", no_args_is_help=True)
+data_app = typer.Typer(help="Multiple-choice datasets: inspect and validate.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+app.add_typer(data_app, name="data")
+console = Console()
+err = Console(stderr=True)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Show the registry and whether each packaged model is prepared."""
+    from rayeval.models import REGISTRY, is_prepared, models_dir
+
+    t = Table(title=f"models (prepared folders in {models_dir()})")
+    for c in ("name", "role", "kind", "prepared", "description"):
+        t.add_column(c)
+    for s in REGISTRY.values():
+        t.add_row(s.name, s.role, s.kind, "yes" if is_prepared(s.name) else "no", s.description)
+    console.print(t)
+    console.print("Any Hugging Face hub id (org/name) or local HF folder also works wherever a model name does.")
+
+
+@models_app.command("prepare")
+def models_prepare(names: list[str] = typer.Argument(None, help="Models to prepare (default: all packaged)"),
+                   cache: Optional[Path] = typer.Option(None, "--cache", envvar="RAYEVAL_MODELS",
+                                                        help="Folder for prepared models")) -> None:
+    """Materialize packaged models as plain Hugging Face folders (idempotent) and print where."""
+    import os
+
+    if cache:
+        os.environ["RAYEVAL_MODELS"] = str(cache)
+    from rayeval.models import prepare
+
+    for name, path in prepare(names or None).items():
+        console.print(f"{name}\t{path}")
+
+
+@data_app.command("inspect")
+def data_inspect(path: str = typer.Argument(..., help="MMLU folder, ARC .jsonl, generic .jsonl/.csv/.parquet, or hf://id"),
+                 fmt: str = typer.Option("auto", "--format", help="auto|mmlu|arc|generic|hub"),
+                 split: Optional[str] = typer.Option(None, help="dev/test (MMLU) or split name"),
+                 subjects: Optional[str] = typer.Option(None, help="Comma-separated subjects"),
+                 columns: Optional[str] = typer.Option(None, help="Generic mapping: question=q,choices=a|b|c|d,gold=answer"),
+                 skip_invalid: bool = typer.Option(False, "--skip-invalid", help="Load the valid rows, write rejects"),
+                 rejects: Path = typer.Option(Path("rejects.jsonl"), help="Where --skip-invalid writes bad rows"),
+                 as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON")) -> None:
+    """Count items per split, subject and gold position; report every malformed row as file:line."""
+    from rayeval.data.loaders import load_items, summarize
+    from rayeval.data.schema import DataValidationError
+
+    try:
+        res = load_items(path, fmt=fmt, split=split, subjects=subjects.split(",") if subjects else None,
+                         columns=columns, skip_invalid=skip_invalid)
+    except DataValidationError as e:
+        for r in e.errors:
+            err.print(str(r), markup=False, highlight=False)
+        err.print(f"{len(e.errors)} invalid row(s); nothing loaded (use --skip-invalid to load the rest)")
+        raise typer.Exit(1)
+    except (FileNotFoundError, ValueError) as e:
+        err.print(f"error: {e}", markup=False)
+        raise typer.Exit(2)
+    s = summarize(res.items)
+    if res.rejects:
+        res.write_rejects(rejects)
+        s["rejected"] = len(res.rejects)
+        s["rejects_file"] = str(rejects)
+        for r in res.rejects:
+            err.print(str(r), markup=False, highlight=False)
+    if as_json:
+        print(json.dumps(s, indent=2))
+        return
+    console.print(f"[bold]{s['items']}[/] items, {s['subjects']} subjects; by split: {s['by_split']}")
+    console.print(f"gold position: {s['by_gold_position']}; options per item: {s['by_n_choices']}")
+    t = Table("subject", "items")
+    for k, v in s["by_subject"].items():
+        t.add_row(k, str(v))
+    console.print(t)
+    if res.rejects:
+        console.print(f"[yellow]{len(res.rejects)} row(s) rejected -> {rejects}[/]")
+
+
+def _mount_optional() -> None:
+    """Sub-apps owned by the later stages; mounted when present."""
+    for mod, name in (("rayeval.route.cli", "route"),):
+        try:
+            sub = __import__(mod, fromlist=["app"]).app
+        except ImportError:
+            continue
+        app.add_typer(sub, name=name)
+
+
+_mount_optional()
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
