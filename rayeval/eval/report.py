@@ -54,10 +54,9 @@ def plot_rank_shift(rs: pd.DataFrame, baseline: tuple[str, str], path: Path, dat
     wide = d.pivot_table(index="model", columns="cond", values="rank").reindex(columns=conds)
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(conds)), max(3, 0.5 * len(wide) + 1.5)))
     for model, r in wide.iterrows():
-        ax.plot(range(len(conds)), r.to_numpy(), marker="o")
-        if not math.isnan(r.iloc[0]):
-            ax.annotate(model, (0, r.iloc[0]), xytext=(-6, 0), textcoords="offset points", ha="right", va="center",
-                        fontsize=8)
+        ax.plot(range(len(conds)), r.to_numpy(), marker="o", label=model)
+    ax.set_yticks(range(1, len(wide) + 1))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_xticks(range(len(conds)))
     ax.set_xticklabels(conds, rotation=30, ha="right", fontsize=8)
     ax.invert_yaxis()
@@ -75,7 +74,10 @@ def plot_forced_gold(fg: pd.DataFrame, path: Path) -> None:
         g = g.sort_values("forced_gold")
         ax.errorbar(g["forced_gold"], g["acc"], yerr=[g["acc"] - g["acc_lo"], g["acc_hi"] - g["acc"]], marker="o",
                     capsize=3, label=f"{model} / {ds} / {sc}")
-    ax.set_xlabel("gold position (0 = first)")
+    pos = sorted(int(x) for x in fg["forced_gold"].unique())
+    ax.set_xticks(pos)
+    ax.set_xticklabels([f"{p} ({'ABCDEFGHIJ'[p]})" for p in pos])
+    ax.set_xlabel("gold position the answer was moved to")
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy by forced gold position")
     ax.legend(fontsize=7)
@@ -84,9 +86,14 @@ def plot_forced_gold(fg: pd.DataFrame, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_rstd(summary: pd.DataFrame, path: Path) -> None:
-    """RStd by setting (groups) and scoring x model (bars)."""
+def plot_rstd(summary: pd.DataFrame, path: Path, recall: pd.DataFrame | None = None) -> None:
+    """RStd by setting (groups) and scoring x model (bars); settings whose golds all sit at one
+    position (forced gold) have no RStd to speak of and are left out."""
     d = summary.copy()
+    if recall is not None and not recall.empty:
+        k = recall.groupby(M.GROUP)["position"].nunique().rename("_npos").reset_index()
+        d = d.merge(k, on=M.GROUP, how="left")
+        d = d[d["_npos"].fillna(0) > 1]
     d["series"] = d["model"] + " / " + d["scoring"]
     d["x"] = d["dataset"] + ":" + d["setting"] if d["dataset"].nunique() > 1 else d["setting"]
     wide = d.pivot_table(index="x", columns="series", values="rstd")
@@ -99,7 +106,7 @@ def plot_rstd(summary: pd.DataFrame, path: Path) -> None:
     ax.set_xticklabels(wide.index, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("RStd (points)")
     ax.set_title("Selection bias (RStd) by setting and scoring")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -144,31 +151,34 @@ def write_report(rows: Iterable[dict] | pd.DataFrame, out_dir: str | Path,
     if not tables["forced_gold"].empty:
         plot_forced_gold(tables["forced_gold"], out / "forced_gold.png")
         files["forced_gold"] = out / "forced_gold.png"
-    plot_rstd(s, out / "rstd.png")
+    plot_rstd(s, out / "rstd.png", tables["recall"])
     files["rstd"] = out / "rstd.png"
 
-    md = [f"# {title}\n", f"{len(df)} rows; models: {', '.join(sorted(df['model'].unique()))}; "
-          f"baseline: setting `{baseline[0]}`, scoring `{baseline[1]}`.  Accuracy, recall and RStd in points.\n"]
-    md += ["## Accuracy, Δacc, RStd and rank\n",
+    md = [f"# {title}\n\n", f"{len(df)} rows; models: {', '.join(sorted(df['model'].unique()))}; "
+          f"baseline: setting `{baseline[0]}`, scoring `{baseline[1]}`.  Accuracy, recall and RStd in points; "
+          "rank 1 = best; shift > 0 = moved up vs the baseline.\n"]
+    md += ["\n## Accuracy, Δacc, RStd and rank\n\n",
            md_table(s, ["model", "dataset", "setting", "scoring", "n", "acc", "acc_lo", "acc_hi", "delta_acc", "rstd",
                         "delta_rstd", "rank", "baseline_rank", "shift"])]
-    md += ["\n## Kendall τ vs the baseline ranking\n", "tau01 = (τ+1)/2.\n\n", md_table(tables["kendall"])]
+    md += ["\n## Kendall τ vs the baseline ranking\n\n", "tau01 = (τ+1)/2; p_value from scipy.stats.kendalltau (tau-b).\n\n", md_table(tables["kendall"])]
     rs = tables["rank_shift"].copy()
     if not rs.empty:
         rs["cond"] = _cond(rs)
         wide = rs.pivot_table(index=["dataset", "model"], columns="cond", values="rank").reset_index()
         wide.columns = [str(c) for c in wide.columns]
-        md += ["\n## Rank shift (rank per condition)\n", md_table(wide)]
+        for c in wide.columns[2:]:
+            wide[c] = wide[c].astype("Int64")
+        md += ["\n## Rank shift (rank per condition)\n\n", md_table(wide)]
         for ds in sorted(s["dataset"].unique()):
             md.append(f"\n![rank shift](rank_shift{'_' + ds if ds else ''}.png)\n")
-    md += ["\n## Accuracy by forced gold position\n", md_table(tables["forced_gold"])]
+    md += ["\n## Accuracy by forced gold position\n\n", md_table(tables["forced_gold"])]
     if "forced_gold" in files:
         md.append("\n![forced gold](forced_gold.png)\n")
     rec = tables["recall"].pivot_table(index=M.GROUP, columns="position", values="recall").reset_index()
     rec.columns = [f"recall@{c}" if isinstance(c, (int, np.integer)) else str(c) for c in rec.columns]
-    md += ["\n## Recall by gold position\n", md_table(rec), "\n![rstd](rstd.png)\n"]
-    md += ["\n## CircularEval and permutation-averaged accuracy\n", md_table(tables["circular"])]
-    md += ["\n## PriDe debiasing\n", md_table(tables["pride"])]
+    md += ["\n## Recall by gold position\n\n", md_table(rec), "\n![rstd](rstd.png)\n"]
+    md += ["\n## CircularEval and permutation-averaged accuracy\n\n", md_table(tables["circular"])]
+    md += ["\n## PriDe debiasing\n\n", md_table(tables["pride"])]
     (out / "report.md").write_text("".join(md), encoding="utf-8")
     files["report"] = out / "report.md"
 
