@@ -1,0 +1,107 @@
+"""EvalConfig parsing and validation; the packaged example configs load and expand."""
+
+import csv
+import json
+
+import pytest
+
+from rayeval.config import data_root
+from rayeval.data.schema import MCQItem
+from rayeval.eval.config import ConfigError, EvalConfig, load_eval_config
+from rayeval.eval.engines import FakeEngine
+from rayeval.eval.scoring import expand, reduce
+
+BASE = {
+    "name": "t",
+    "models": ["m1", "m2"],
+    "datasets": [{"name": "mmlu", "subjects": ["anatomy"], "limit": 3}],
+    "settings": [{"name": "baseline"}, {"name": "rare", "perturbations": [{"name": "symbols", "set": "rare"}]}],
+    "scorings": ["symbol", {"name": "hybrid", "normalize": "chars"}],
+}
+
+
+def with_(**kw):
+    d = json.loads(json.dumps(BASE))
+    d.update(kw)
+    return d
+
+
+def test_parse_ok():
+    c = EvalConfig.from_dict(BASE)
+    assert [s.label for s in c.scorings] == ["symbol", "hybrid/chars"]
+    assert c.settings[1].perturbations == [{"name": "symbols", "set": "rare"}]
+    assert c.baseline.setting == "baseline" and c.seed == 0 and c.datasets[0].limit == 3
+
+
+@pytest.mark.parametrize("patch,msg", [
+    ({"modles": ["x"]}, r"config: unknown key\(s\) \['modles'\]"),
+    ({"models": []}, r"models: expected a non-empty list"),
+    ({"models": ["a", "a"]}, r"models: duplicate"),
+    ({"datasets": [{"name": "mmlu", "limit": 0}]}, r"datasets\[0\]\.limit: expected an integer >= 1"),
+    ({"datasets": [{"name": "mmlu", "splitt": "x"}]}, r"datasets\[0\]: unknown key"),
+    ({"settings": [{"name": "baseline"}, {"name": "x", "perturbations": ["shufle"]}]},
+     r"settings\[1\]\.perturbations\[0\]: unknown perturbation 'shufle'"),
+    ({"settings": [{"name": "baseline"}, {"name": "x", "perturbations": [{"name": "fix_gold", "method": "slide"}]}]},
+     r"settings\[1\]\.perturbations\[0\]: .*method"),
+    ({"settings": [{"name": "baseline", "shots": {"k": 1, "source": "web"}}]}, r"settings\[0\]\.shots\.source"),
+    ({"settings": [{"name": "baseline", "cyclic": 2}]}, r"settings\[0\]\.cyclic"),
+    ({"settings": [{"name": "baseline", "template": "fancy"}]}, r"settings\[0\]\.template: unknown prompt template"),
+    ({"settings": [{"name": "baseline"}, {"name": "baseline"}]}, r"settings: duplicate setting name"),
+    ({"settings": [{"name": "baseline", "scorings": ["cloze"]}]}, r"settings\[0\]\.scorings: \['cloze'\] not among"),
+    ({"scorings": ["symbol", "bogus"]}, r"scorings\[1\]: .*unknown method 'bogus'"),
+    ({"baseline": {"setting": "nope"}}, r"baseline\.setting: 'nope' is not one of the settings"),
+    ({"batch_size": 0}, r"batch_size: expected an integer >= 1"),
+    ({"metrics": {"nboot": 5}}, r"metrics: unknown key"),
+])
+def test_errors_name_the_field(patch, msg):
+    with pytest.raises(ConfigError, match=msg):
+        EvalConfig.from_dict(with_(**patch))
+
+
+def test_packaged_configs_load():
+    small = load_eval_config("eval_small")
+    grid = load_eval_config("eval_paper_grid")
+    assert small.models == ["smollm2-135m", "gemma3-270m"] and grid.name == "eval_paper_grid"
+    for c in (small, grid):
+        names = {s.name for s in c.settings}
+        assert {"baseline", "shuffle", "derange", "gold_A", "gold_D", "symbols_rare", "symbols_common",
+                "self_correct", "self_incorrect"} <= names
+        assert {s.label for s in c.scorings} == {"symbol", "hybrid", "cloze"}
+
+
+def _mmlu(split, subject, n):
+    f = data_root() / "mmlu" / split / f"{subject}_{split}.csv"
+    rows = list(csv.reader(open(f, encoding="utf-8")))[:n]
+    return [MCQItem(f"mmlu/{subject}/{split}/{i + 1}", subject, r[0], tuple(r[1:5]), "ABCD".index(r[5]))
+            for i, r in enumerate(rows)]
+
+
+def _arc(split, n):
+    out = []
+    for line in open(data_root() / "arc_challenge" / f"{split}.jsonl", encoding="utf-8"):
+        d = json.loads(line)
+        labels = [c["label"] for c in d["question"]["choices"]]
+        out.append(MCQItem(d["id"], "arc_challenge", d["question"]["stem"],
+                           tuple(c["text"] for c in d["question"]["choices"]), labels.index(d["answerKey"]),
+                           labels=tuple(labels)))
+    return [o for o in out if o.n_choices == 5][:2] + out[:n]
+
+
+def test_eval_small_expands_on_real_rows():
+    if not (data_root() / "mmlu").is_dir():
+        pytest.skip("no shared data")
+    cfg = load_eval_config("eval_small")
+    subjects = cfg.datasets[0].subjects
+    items = [it for s in subjects for it in _mmlu("test", s, 3)]
+    dev = [it for s in subjects for it in _mmlu("dev", s, 5)]
+    works = expand(items, dev, cfg, dataset="mmlu")
+    arc_works = expand(_arc("test", 3), _arc("dev", 5), cfg, dataset="arc_challenge")
+    assert {w.setting for w in works} == {s.name for s in cfg.settings}
+    assert "shot1_ood" not in {w.setting for w in arc_works}  # restricted to mmlu
+    eng = FakeEngine(bias=[0.5])
+    rows = [reduce(w, eng.score(w.requests), model="fake") for w in works + arc_works]
+    assert all(0 <= r["prediction"] < r["n_options"] for r in rows)
+    five = [r for r in rows if r["dataset"] == "arc_challenge" and r["n_options"] == 5 and r["setting"] == "symbols_custom"]
+    assert five and all(r["symbols"] == ["(1)", "(2)", "(3)", "(4)", "(5)"] for r in five)
+    w = next(w for w in arc_works if w.setting == "baseline")
+    assert w.prompt.text.startswith("The following are multiple choice questions (with answers) about science.")
