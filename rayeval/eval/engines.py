@@ -9,6 +9,7 @@ Scoring methods (symbol / hybrid / cloze) only build requests and reduce these n
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -176,6 +177,13 @@ class VLLMEngine:
 
         self.name = model
         path = resolve_model(model)
+        engine_kwargs = dict(engine_kwargs or {})
+        cores = engine_kwargs.pop("cpu_cores", None)
+        if cores is not None and on_cpu():
+            # Pin this engine's OpenMP threads (e.g. "0" and "1" for two engines on 2 cores, or
+            # "0-1" for one engine using both).  Read by the engine-core process at spawn.
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cores)
+            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
         kw: dict = {"max_model_len": 2048, "seed": 0}
         if on_cpu():
             # 1 GiB of KV cache: plenty for scoring small batches, and it skips vLLM's check that
@@ -183,7 +191,7 @@ class VLLMEngine:
             kw.update(dtype="bfloat16", enforce_eager=True, kv_cache_memory_bytes=1 << 30)
         spec = get_spec(model)
         kw.update(spec.engine_defaults)
-        kw.update(engine_kwargs or {})
+        kw.update(engine_kwargs)
         self.llm = LLM(model=str(path), **kw)
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
@@ -191,6 +199,14 @@ class VLLMEngine:
         self._has_token_ids = "logprob_token_ids" in SamplingParams.__struct_fields__ if hasattr(
             SamplingParams, "__struct_fields__") else hasattr(SamplingParams(), "logprob_token_ids")
         self._sym_cache: dict = {}
+
+    def close(self) -> None:
+        """Stop the engine-core process now (rather than at interpreter exit)."""
+        core = getattr(getattr(self, "llm", None), "llm_engine", None)
+        core = getattr(core, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        self.llm = None
 
     def _check_len(self, ids: list[int], i: int) -> None:
         if len(ids) >= self.max_model_len:
