@@ -117,7 +117,9 @@ def embed_with_ray(texts: Sequence[str], model: str = DEFAULT_EMBEDDER, *, batch
     from ray.data import ActorPoolStrategy
 
     if not ray.is_initialized():
-        ray.init(ignore_reinit_error=True, log_to_driver=False)
+        from rayeval.cluster import init_ray
+
+        init_ray(log_to_driver=False)
     ds = ray.data.from_items([{"idx": i, "text": t} for i, t in enumerate(texts)])
     ds = ds.map_batches(
         _EmbedActor,

@@ -47,6 +47,7 @@ class Outcomes:
     def __post_init__(self) -> None:
         self.queries = self.queries.reset_index(drop=True)
         self.scores = self.scores.reset_index(drop=True).astype(float)
+        self.scores.columns = pd.Index([str(c) for c in self.scores.columns])
         if "group" not in self.queries:
             self.queries["group"] = ""
         if len(self.queries) != len(self.scores):
@@ -56,6 +57,7 @@ class Outcomes:
             raise ValueError(f"duplicate query_id {dup!r}")
         if self.costs is not None:
             self.costs = self.costs.reset_index(drop=True).astype(float)
+            self.costs.columns = pd.Index([str(c) for c in self.costs.columns])
             if list(self.costs.columns) != list(self.scores.columns) or len(self.costs) != len(self.scores):
                 raise ValueError("costs must have the same models and rows as scores")
 

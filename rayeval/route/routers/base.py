@@ -104,8 +104,8 @@ class Router:
     @classmethod
     def param_names(cls) -> list[str]:
         sig = inspect.signature(cls.__init__)
-        return [p for p in sig.parameters if p != "self" and sig.parameters[p].kind == p.KEYWORD_ONLY
-                or (p != "self" and sig.parameters[p].kind == p.POSITIONAL_OR_KEYWORD)]
+        kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return [n for n, p in sig.parameters.items() if n != "self" and p.kind in kinds]
 
     def get_params(self) -> dict[str, Any]:
         return {p: getattr(self, p) for p in self.param_names()}

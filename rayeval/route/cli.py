@@ -1,0 +1,131 @@
+"""``rayeval route ...``: build preference data, train, calibrate and evaluate routers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+app = typer.Typer(help="Learned routing between LLMs (RouteLLM-style): data, training, calibration, evaluation.",
+                  no_args_is_help=True)
+
+
+def _load_source(source: str, split: str = "train"):
+    """routellm:<mmlu|gsm8k|mt_bench>, routerbench:<task>[:<split>], battles:<file.jsonl>,
+    eval:<parquet>, or a saved Outcomes/Preferences parquet."""
+    from rayeval.route import prefs as P
+
+    kind, _, rest = source.partition(":")
+    if kind == "routellm":
+        return P.load_routellm(rest)
+    if kind == "routerbench":
+        task, _, sp = rest.partition(":")
+        return P.load_routerbench(task, sp or split)
+    if kind == "battles":
+        return P.load_battles_jsonl(rest)
+    if kind == "eval":
+        return P.outcomes_from_eval(rest)
+    path = Path(source)
+    if path.suffix == ".parquet" and path.exists():
+        import pandas as pd
+
+        cols = pd.read_parquet(path).columns
+        return P.Outcomes.load(path) if any(c.startswith("score::") for c in cols) else P.Preferences.load(path)
+    raise typer.BadParameter(f"unknown source {source!r}: routellm:<bench>, routerbench:<task>[:split], "
+                             "battles:<jsonl>, eval:<parquet>, or an Outcomes/Preferences parquet")
+
+
+def _params(items: List[str]) -> dict:
+    out = {}
+    for it in items or []:
+        k, sep, v = it.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--param wants key=value, got {it!r}")
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+@app.command()
+def prefs(source: str = typer.Argument(..., help="routellm:mmlu | routerbench:arc_challenge:train | battles:x.jsonl | eval:x.parquet"),
+          out: Path = typer.Option(..., "--out", "-o", help="output parquet"),
+          pairwise: bool = typer.Option(False, help="write pairwise battles instead of per-model outcomes")):
+    """Build routing data from a source and save it as parquet."""
+    from rayeval.route.prefs import Outcomes
+
+    d = _load_source(source)
+    if pairwise and isinstance(d, Outcomes):
+        d = d.to_preferences()
+    d.save(out)
+    typer.echo(f"{type(d).__name__}: {len(d)} rows -> {out}")
+
+
+@app.command()
+def train(router: str = typer.Argument(..., help="router name (see `rayeval route list`)"),
+          data: str = typer.Option(..., "--data", "-d", help="training source (as for `prefs`)"),
+          out: Path = typer.Option(..., "--out", "-o", help="router folder to write"),
+          param: List[str] = typer.Option([], "--param", "-p", help="hyperparameter key=value (JSON values)")):
+    """Fit a router and save it to a folder."""
+    from rayeval.route.routers import make_router
+
+    r = make_router(router, **_params(param))
+    r.fit(_load_source(data))
+    r.save(out)
+    typer.echo(f"{r!r} strong={r.strong_} weak={r.weak_} -> {out}")
+
+
+@app.command(name="list")
+def list_routers():
+    """Registered routers, their parameters and search spaces."""
+    from rayeval.route.routers import ROUTERS
+
+    for name, cls in sorted(ROUTERS.items()):
+        typer.echo(f"{name:16s} params={cls.param_names()} search_space={cls.search_space()}")
+
+
+@app.command()
+def calibrate(router_dir: Path = typer.Argument(..., help="saved router folder"),
+              data: str = typer.Option(..., "--data", "-d", help="calibration queries (a source as for `prefs`)"),
+              target: List[float] = typer.Option([0.2, 0.5, 0.8], "--target", "-t", help="target strong-call shares"),
+              out: Path = typer.Option(..., "--out", "-o", help="thresholds JSON")):
+    """Thresholds that send the target share of calibration queries to the strong model."""
+    from rayeval.route.evaluate import calibrate as cal
+    from rayeval.route.routers import load_router
+
+    r = load_router(router_dir)
+    d = _load_source(data)
+    texts = d.texts if hasattr(d, "texts") else d.unique_queries()["query"].tolist()
+    thr = cal(r.win_probability(texts), target)
+    doc = {"router_dir": str(router_dir), "n_calibration": len(texts),
+           "thresholds": [{"target_share": k, "threshold": v} for k, v in thr.items()]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2))
+    typer.echo(json.dumps(doc["thresholds"]))
+
+
+@app.command()
+def evaluate(router: List[str] = typer.Option([], "--router", "-r",
+                                              help="name or name:{json params}; default: the standard set"),
+             benchmark: List[str] = typer.Option(["mmlu", "gsm8k", "mt_bench"], "--benchmark", "-b"),
+             folds: int = typer.Option(5, help="cross-fitting folds"),
+             seed: int = typer.Option(0),
+             n_boot: int = typer.Option(200, help="bootstrap resamples for CIs"),
+             out: Path = typer.Option(Path("route_report"), "--out", "-o")):
+    """Routers x RouteLLM benchmarks with k-fold cross-fitting -> markdown report + plots."""
+    from rayeval.route.evaluate import DEFAULT_ROUTERS, evaluate_routers, write_report
+
+    specs = []
+    for r in router:
+        name, _, js = r.partition(":")
+        specs.append((name, json.loads(js) if js else {}))
+    res = evaluate_routers(specs or DEFAULT_ROUTERS, benchmark, k=folds, seed=seed, n_boot=n_boot,
+                           log=typer.echo)
+    typer.echo(f"report: {write_report(res, out)}")
+
+
+if __name__ == "__main__":
+    app()

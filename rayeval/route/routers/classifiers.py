@@ -1,0 +1,304 @@
+"""Text classifiers as routers (RouteLLM's BERT and causal-LLM classifiers, CPU-sized).
+
+* ``bert``: fine-tunes a small local encoder (MiniLM-L6 by default) + a linear head on
+  mean-pooled tokens, soft BCE on P(strong wins).  ``max_train`` caps the examples so a fit
+  stays within minutes on CPU.
+* ``causal_llm``: SmolLM2-135M-Instruct, truncated to its first ``num_layers`` blocks.  With
+  ``train_layers=0`` (default) the backbone is frozen: pooled hidden states are computed once
+  per text (cached on disk) and a logistic head is trained on them, so cross-fitting is cheap.
+  With ``train_layers>0`` the top blocks are fine-tuned end to end (slow: small data only).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from rayeval.config import cache_dir
+from rayeval.route.routers.base import Router, register
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _soft_targets(ts, max_train: int | None, seed: int):
+    idx = np.arange(len(ts.texts))
+    if max_train and len(idx) > max_train:
+        idx = np.sort(np.random.default_rng(seed).choice(idx, max_train, replace=False))
+    return [ts.texts[i] for i in idx], ts.y[idx].astype(np.float32), ts.n[idx].astype(np.float32)
+
+
+def _mean_pool(hidden, mask):
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def _set_threads():
+    torch = _torch()
+    n = int(os.environ.get("RAYEVAL_TORCH_THREADS", "0") or 0)
+    if n > 0:
+        torch.set_num_threads(n)
+
+
+@register
+class BertClassifierRouter(Router):
+    """Fine-tuned small encoder + linear head (mean pooling)."""
+
+    name = "bert"
+    SEARCH_SPACE = {"lr": ("loguniform", 1e-5, 1e-4), "epochs": [1, 2, 3], "max_train": [1000, 2000, 4000]}
+
+    def __init__(self, model: str = "minilm-l6", epochs: int = 2, lr: float = 5e-5, head_lr: float = 1e-3,
+                 batch_size: int = 16, max_length: int = 128, max_train: int | None = 3000, seed: int = 0,
+                 strong: str | None = None, weak: str | None = None):
+        self.model, self.epochs, self.lr, self.head_lr = model, epochs, lr, head_lr
+        self.batch_size, self.max_length, self.max_train, self.seed = batch_size, max_length, max_train, seed
+        self.strong, self.weak = strong, weak
+
+    def _backbone(self, path):
+        from transformers import AutoModel, AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path)), AutoModel.from_pretrained(str(path))
+
+    def _fit(self, ts, emb, data):
+        torch = _torch()
+        _set_threads()
+        from rayeval.route.embed import resolve_embedder
+
+        torch.manual_seed(self.seed)
+        self.tok_, self.enc_ = self._backbone(resolve_embedder(self.model))
+        self.head_ = torch.nn.Linear(self.enc_.config.hidden_size, 1)
+        texts, y, n = _soft_targets(ts, self.max_train, self.seed)
+        opt = torch.optim.AdamW([{"params": self.enc_.parameters(), "lr": self.lr},
+                                 {"params": self.head_.parameters(), "lr": self.head_lr}], weight_decay=0.01)
+        rng = np.random.default_rng(self.seed)
+        steps = self.epochs * int(np.ceil(len(texts) / self.batch_size))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / max(steps, 1)))
+        self.enc_.train()
+        for _ in range(self.epochs):
+            perm = rng.permutation(len(texts))
+            for s in range(0, len(texts), self.batch_size):
+                b = perm[s:s + self.batch_size]
+                logit = self._logits([texts[i] for i in b])
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    logit, torch.tensor(y[b]), weight=torch.tensor(n[b]))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+        self.enc_.eval()
+
+    def _logits(self, texts):
+        x = self.tok_(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        h = self.enc_(**x).last_hidden_state
+        return self.head_(_mean_pool(h, x["attention_mask"])).squeeze(-1)
+
+    def _predict(self, texts, emb, groups):
+        torch = _torch()
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(texts), 64):
+                out.append(torch.sigmoid(self._logits(texts[s:s + 64])).numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def _state(self):
+        return {"head_w": self.head_.weight.detach().numpy(), "head_b": self.head_.bias.detach().numpy()}
+
+    def _save_extra(self, folder: Path):
+        self.enc_.save_pretrained(folder / "encoder")
+        self.tok_.save_pretrained(folder / "encoder")
+
+    def _set_state(self, s, folder):
+        torch = _torch()
+        self.tok_, self.enc_ = self._backbone(folder / "encoder")
+        self.enc_.eval()
+        self.head_ = torch.nn.Linear(self.enc_.config.hidden_size, 1)
+        with torch.no_grad():
+            self.head_.weight.copy_(torch.tensor(s["head_w"]))
+            self.head_.bias.copy_(torch.tensor(s["head_b"]))
+
+
+class FeatureCache:
+    """Per-text feature vectors on disk: ``cache_dir()/features/<key>/*.npz`` shards of
+    (sha1 of text -> vector).  Lets cross-fitting reuse a frozen backbone's features."""
+
+    def __init__(self, key: str):
+        self.dir = cache_dir() / "features" / key
+        self.mem: dict[str, np.ndarray] = {}
+        if self.dir.is_dir():
+            for f in sorted(self.dir.glob("*.npz")):
+                with np.load(f) as z:
+                    self.mem.update(zip(z["keys"].tolist(), z["vals"]))
+
+    @staticmethod
+    def h(text: str) -> str:
+        return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+    def get_many(self, texts, compute) -> np.ndarray:
+        hs = [self.h(t) for t in texts]
+        todo = sorted({h: t for h, t in zip(hs, texts) if h not in self.mem}.items())
+        if todo:
+            vals = compute([t for _, t in todo])
+            new = dict(zip([h for h, _ in todo], vals))
+            self.mem.update(new)
+            self.dir.mkdir(parents=True, exist_ok=True)
+            name = hashlib.sha1("".join(new).encode()).hexdigest()[:16]
+            tmp = self.dir / f".{name}.{os.getpid()}.tmp.npz"
+            np.savez(tmp, keys=np.array(list(new), dtype=str), vals=np.stack(list(new.values())))
+            os.replace(tmp, self.dir / f"{name}.npz")
+        return np.stack([self.mem[h] for h in hs]) if hs else np.zeros((0, 0), np.float32)
+
+
+@register
+class CausalLMClassifierRouter(Router):
+    """SmolLM2-135M (first ``num_layers`` blocks) + a head on the pooled last hidden state."""
+
+    name = "causal_llm"
+    SEARCH_SPACE = {"num_layers": [8, 12, 20, 30], "C": ("loguniform", 1e-3, 10.0), "pool": ["mean", "last"]}
+
+    def __init__(self, model: str = "smollm2-135m", num_layers: int = 12, pool: str = "mean",
+                 max_length: int = 128, train_layers: int = 0, C: float = 0.1, epochs: int = 1,
+                 lr: float = 5e-5, batch_size: int = 8, max_train: int | None = 2000, seed: int = 0,
+                 strong: str | None = None, weak: str | None = None):
+        self.model, self.num_layers, self.pool, self.max_length = model, num_layers, pool, max_length
+        self.train_layers, self.C, self.epochs, self.lr = train_layers, C, epochs, lr
+        self.batch_size, self.max_train, self.seed, self.strong, self.weak = batch_size, max_train, seed, strong, weak
+
+    # -- backbone ------------------------------------------------------------------------------
+    def _load(self):
+        if getattr(self, "lm_", None) is not None:
+            return
+        torch = _torch()
+        _set_threads()
+        from transformers import AutoModel, AutoTokenizer
+
+        from rayeval.models import resolve_model
+
+        path = resolve_model(self.model)
+        tok = AutoTokenizer.from_pretrained(str(path))
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+        tok.padding_side = "right"
+        lm = AutoModel.from_pretrained(str(path), dtype=torch.float32)
+        if self.num_layers and self.num_layers < len(lm.layers):
+            lm.layers = lm.layers[: self.num_layers]
+            lm.config.num_hidden_layers = self.num_layers
+            if hasattr(lm.config, "layer_types") and lm.config.layer_types:
+                lm.config.layer_types = lm.config.layer_types[: self.num_layers]
+        for p in lm.parameters():
+            p.requires_grad_(False)
+        if self.train_layers:
+            for blk in lm.layers[-self.train_layers:]:
+                for p in blk.parameters():
+                    p.requires_grad_(True)
+            for p in lm.norm.parameters():
+                p.requires_grad_(True)
+        lm.eval()
+        self.tok_, self.lm_ = tok, lm
+
+    def _pooled(self, texts):
+        x = self.tok_(list(texts), truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        h = self.lm_(**x).last_hidden_state
+        if self.pool == "last":
+            last = x["attention_mask"].sum(1) - 1
+            return h[_torch().arange(len(h)), last]
+        return _mean_pool(h, x["attention_mask"])
+
+    def _cache_key(self) -> str:
+        d = json.dumps([self.model, self.num_layers, self.pool, self.max_length])
+        return "causal_" + hashlib.sha1(d.encode()).hexdigest()[:16]
+
+    def features(self, texts) -> np.ndarray:
+        """Frozen-backbone pooled features (cached per text)."""
+        torch = _torch()
+        self._load()
+
+        def compute(tt):
+            out = []
+            with torch.no_grad():
+                order = np.argsort([len(t) for t in tt])  # length-bucketed batches
+                res = [None] * len(tt)
+                for s in range(0, len(tt), 16):
+                    b = order[s:s + 16]
+                    v = self._pooled([tt[i] for i in b]).float().numpy()
+                    for i, row in zip(b, v):
+                        res[i] = row
+                out = res
+            return out
+
+        return FeatureCache(self._cache_key()).get_many(list(texts), compute)
+
+    # -- fit/predict -----------------------------------------------------------------------------
+    def _fit(self, ts, emb, data):
+        texts, y, n = _soft_targets(ts, self.max_train, self.seed)
+        if not self.train_layers:
+            from sklearn.linear_model import LogisticRegression
+
+            F = self.features(texts)
+            self.mu_, self.sd_ = F.mean(0), F.std(0) + 1e-6
+            Z = (F - self.mu_) / self.sd_
+            XX = np.vstack([Z, Z])
+            yy = np.concatenate([np.ones(len(Z)), np.zeros(len(Z))])
+            ww = np.concatenate([y * n, (1 - y) * n])
+            keep = ww > 0
+            clf = LogisticRegression(C=self.C, max_iter=3000).fit(XX[keep], yy[keep], sample_weight=ww[keep])
+            self.head_w_, self.head_b_ = clf.coef_[0].astype(np.float32), np.float32(clf.intercept_[0])
+            return
+        torch = _torch()
+        torch.manual_seed(self.seed)
+        self._load()
+        hdim = self.lm_.config.hidden_size
+        head = torch.nn.Linear(hdim, 1)
+        params = [p for p in self.lm_.parameters() if p.requires_grad] + list(head.parameters())
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=0.01)
+        rng = np.random.default_rng(self.seed)
+        self.lm_.train()
+        for _ in range(self.epochs):
+            perm = rng.permutation(len(texts))
+            for s in range(0, len(texts), self.batch_size):
+                b = perm[s:s + self.batch_size]
+                logit = head(self._pooled([texts[i] for i in b])).squeeze(-1)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    logit, torch.tensor(y[b]), weight=torch.tensor(n[b]))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        self.lm_.eval()
+        self.mu_, self.sd_ = np.zeros(hdim, np.float32), np.ones(hdim, np.float32)
+        self.head_w_ = head.weight.detach().numpy()[0]
+        self.head_b_ = np.float32(head.bias.detach().numpy()[0])
+
+    def _predict(self, texts, emb, groups):
+        torch = _torch()
+        if not self.train_layers:
+            F = self.features(texts)
+        else:
+            self._load()
+            with torch.no_grad():
+                F = np.concatenate([self._pooled(texts[s:s + 16]).numpy() for s in range(0, len(texts), 16)])
+        z = ((F - self.mu_) / self.sd_) @ self.head_w_ + self.head_b_
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+
+    def _state(self):
+        st = {"mu": self.mu_, "sd": self.sd_, "head_w": self.head_w_, "head_b": np.array(self.head_b_)}
+        if self.train_layers:
+            for k, v in self.lm_.state_dict().items():
+                if any(k.startswith(f"layers.{i}.") for i in range(len(self.lm_.layers) - self.train_layers,
+                                                                      len(self.lm_.layers))) or k.startswith("norm."):
+                    st["lm::" + k] = v.numpy()
+        return st
+
+    def _set_state(self, s, folder):
+        self.mu_, self.sd_, self.head_w_, self.head_b_ = s["mu"], s["sd"], s["head_w"], np.float32(s["head_b"])
+        self.lm_ = None
+        if self.train_layers:
+            torch = _torch()
+            self._load()
+            sd = {k[4:]: torch.tensor(v) for k, v in s.items() if k.startswith("lm::")}
+            self.lm_.load_state_dict(sd, strict=False)

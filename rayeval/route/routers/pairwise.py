@@ -1,0 +1,189 @@
+"""Routers learned from pairwise battles (RouteLLM): similarity-weighted Bradley-Terry ranking
+and matrix factorisation.  Both use every model in the battles, and answer P(strong beats weak)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from rayeval.route.prefs import Outcomes, Preferences
+from rayeval.route.routers.base import Router, register
+
+
+def battles(data: Outcomes | Preferences, tie_eps: float = 0.0):
+    """(unique query_ids, per-battle query index, model_a idx, model_b idx, outcome for a, models)."""
+    prefs = data.to_preferences(tie_eps) if isinstance(data, Outcomes) else data
+    d = prefs.df
+    uq = prefs.unique_queries()["query_id"].astype(str).to_numpy()
+    qpos = pd.Series(np.arange(len(uq)), index=uq)
+    models = prefs.models
+    mpos = {m: i for i, m in enumerate(models)}
+    qi = qpos.loc[d["query_id"].astype(str)].to_numpy()
+    a = d["model_a"].map(mpos).to_numpy()
+    b = d["model_b"].map(mpos).to_numpy()
+    y = np.where(d["winner"] == "a", 1.0, np.where(d["winner"] == "b", 0.0, 0.5))
+    return uq, qi, a, b, y, models
+
+
+@register
+class SWRankingRouter(Router):
+    """Similarity-weighted Bradley-Terry (RouteLLM's sw_ranking).  For a query q, every training
+    battle gets weight gamma^(1 + S), S = cos(q, q_i) / max_j cos(q, q_j); a BT model is fitted
+    on the weighted battles (ties count half a win each way) and P(strong beats weak) returned.
+    The BT fit is exact (closed form) for two models and MM iterations otherwise."""
+
+    name = "sw_ranking"
+    needs_embeddings = True
+    SEARCH_SPACE = {"gamma": [2.0, 10.0, 100.0, 1000.0]}
+
+    def __init__(self, gamma: float = 10.0, mm_iters: int = 100, embedder: str = "minilm-l6",
+                 strong: str | None = None, weak: str | None = None):
+        self.gamma, self.mm_iters, self.embedder, self.strong, self.weak = gamma, mm_iters, embedder, strong, weak
+
+    def fit(self, data, embeddings=None):
+        from rayeval.route.routers.base import data_texts, resolve_pair
+
+        uq, qi, a, b, y, models = battles(data)
+        texts, qids = data_texts(data)
+        emb = self._embed(texts, embeddings)
+        pos = pd.Series(np.arange(len(qids)), index=qids)
+        self.X_ = emb[pos.loc[uq].to_numpy()].astype(np.float32)
+        self.strong_, self.weak_ = resolve_pair(data, self.strong, self.weak)
+        self.models_ = models
+        lo, hi = np.minimum(a, b), np.maximum(a, b)
+        y_lo = np.where(a < b, y, 1 - y)  # outcome for the lower-index model
+        pairs = sorted(set(zip(lo.tolist(), hi.tolist())))
+        ppos = {p: k for k, p in enumerate(pairs)}
+        self.pairs_ = np.array(pairs, dtype=np.int64).reshape(-1, 2)
+        self.qi_, self.pi_ = qi.astype(np.int64), np.array([ppos[p] for p in zip(lo.tolist(), hi.tolist())], np.int64)
+        self.ylo_ = y_lo.astype(np.float32)
+        self.fitted_ = True
+        return self
+
+    def _predict(self, texts, emb, groups):
+        s, w = self.models_.index(self.strong_), self.models_.index(self.weak_)
+        m, P = len(self.models_), len(self.pairs_)
+        out = np.empty(len(texts))
+        for c in range(0, len(texts), 256):
+            sim = emb[c:c + 256] @ self.X_.T  # (Q, U)
+            mx = np.maximum(sim.max(1, keepdims=True), 1e-6)
+            wq = self.gamma ** (1.0 + sim / mx)  # (Q, U)
+            wb = wq[:, self.qi_]  # (Q, B)
+            N = np.zeros((len(wb), P))
+            A = np.zeros((len(wb), P))
+            for k in range(P):  # few pairs; aggregate battles per pair
+                mk = self.pi_ == k
+                N[:, k] = wb[:, mk].sum(1)
+                A[:, k] = wb[:, mk] @ self.ylo_[mk]
+            out[c:c + 256] = self._bt(A, N, s, w, m)
+        return out
+
+    def _bt(self, A, N, s, w, m):
+        if m == 2:
+            p_lo = (A[:, 0] + 0.5) / (N[:, 0] + 1.0)  # tiny prior: one half-weight tie
+            return p_lo if s < w else 1 - p_lo
+        Q = len(A)
+        wins = np.full((Q, m), 0.5)  # prior
+        Nm = np.zeros((Q, m, m))
+        for k, (i, j) in enumerate(self.pairs_):
+            wins[:, i] += A[:, k]
+            wins[:, j] += N[:, k] - A[:, k]
+            Nm[:, i, j] += N[:, k]
+            Nm[:, j, i] += N[:, k]
+        Nm += 1.0 / m * (1 - np.eye(m))  # connect every pair weakly
+        pi = np.ones((Q, m))
+        for _ in range(self.mm_iters):
+            denom = (Nm / (pi[:, :, None] + pi[:, None, :])).sum(2)
+            pi = wins / denom
+            pi /= pi.sum(1, keepdims=True)
+        return pi[:, s] / (pi[:, s] + pi[:, w])
+
+    def _state(self):
+        return {"X": self.X_, "qi": self.qi_, "pi": self.pi_, "ylo": self.ylo_, "pairs": self.pairs_,
+                "models": np.array(self.models_, dtype=str)}
+
+    def _set_state(self, st, folder):
+        self.X_, self.qi_, self.pi_, self.ylo_, self.pairs_ = st["X"], st["qi"], st["pi"], st["ylo"], st["pairs"]
+        self.models_ = st["models"].tolist()
+
+
+@register
+class MFRouter(Router):
+    """RouteLLM's matrix factorisation: s(m, q) = w2^T (v_m (.) (W1 q + b)), v_m L2-normalised;
+    P(a beats b | q) = sigmoid(s(a, q) - s(b, q)); BCE on battles (ties as 0.5 targets, or dropped)."""
+
+    name = "mf"
+    needs_embeddings = True
+    SEARCH_SPACE = {"dim": [16, 64, 128], "lr": ("loguniform", 1e-4, 1e-2),
+                    "weight_decay": ("loguniform", 1e-6, 1e-2), "epochs": [10, 30, 60]}
+
+    def __init__(self, dim: int = 64, lr: float = 3e-3, weight_decay: float = 1e-4, epochs: int = 30,
+                 batch_size: int = 256, tie_mode: str = "half", seed: int = 0, embedder: str = "minilm-l6",
+                 strong: str | None = None, weak: str | None = None):
+        self.dim, self.lr, self.weight_decay, self.epochs = dim, lr, weight_decay, epochs
+        self.batch_size, self.tie_mode, self.seed = batch_size, tie_mode, seed
+        self.embedder, self.strong, self.weak = embedder, strong, weak
+
+    def fit(self, data, embeddings=None):
+        import torch
+
+        from rayeval.route.routers.base import data_texts, resolve_pair
+
+        uq, qi, a, b, y, models = battles(data)
+        texts, qids = data_texts(data)
+        emb = self._embed(texts, embeddings)
+        pos = pd.Series(np.arange(len(qids)), index=qids)
+        X = torch.tensor(emb[pos.loc[uq].to_numpy()], dtype=torch.float32)
+        if self.tie_mode == "drop":
+            keep = y != 0.5
+            qi, a, b, y = qi[keep], a[keep], b[keep], y[keep]
+        self.strong_, self.weak_ = resolve_pair(data, self.strong, self.weak)
+        self.models_ = models
+        g = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed)
+        d_q, m = X.shape[1], len(models)
+        W1 = torch.nn.Linear(d_q, self.dim)
+        V = torch.nn.Parameter(torch.randn(m, self.dim, generator=g) * 0.1)
+        w2 = torch.nn.Linear(self.dim, 1, bias=False)
+        params = [*W1.parameters(), V, *w2.parameters()]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        tq, ta, tb = (torch.tensor(v, dtype=torch.long) for v in (qi, a, b))
+        ty = torch.tensor(y, dtype=torch.float32)
+        n = len(ty)
+        for _ in range(self.epochs):
+            perm = torch.randperm(n, generator=g)
+            for s in range(0, n, self.batch_size):
+                idx = perm[s:s + self.batch_size]
+                h = W1(X[tq[idx]])
+                Vn = torch.nn.functional.normalize(V, dim=1)
+                logit = w2(h * Vn[ta[idx]]).squeeze(-1) - w2(h * Vn[tb[idx]]).squeeze(-1)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, ty[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            Vn = torch.nn.functional.normalize(V, dim=1)
+            # only the strong-minus-weak direction matters at prediction time
+            self.W_ = W1.weight.detach().numpy().astype(np.float64)
+            self.b_ = W1.bias.detach().numpy().astype(np.float64)
+            self.V_ = Vn.numpy().astype(np.float64)
+            self.w2_ = w2.weight.detach().numpy()[0].astype(np.float64)
+        self.fitted_ = True
+        return self
+
+    def scores(self, emb: np.ndarray) -> np.ndarray:
+        """s(m, q) for every model: (n, n_models)."""
+        h = emb @ self.W_.T + self.b_
+        return (h[:, None, :] * self.V_[None]) @ self.w2_
+
+    def _predict(self, texts, emb, groups):
+        s = self.scores(np.asarray(emb, np.float64))
+        i, j = self.models_.index(self.strong_), self.models_.index(self.weak_)
+        return 1.0 / (1.0 + np.exp(-(s[:, i] - s[:, j])))
+
+    def _state(self):
+        return {"W": self.W_, "b": self.b_, "V": self.V_, "w2": self.w2_, "models": np.array(self.models_, dtype=str)}
+
+    def _set_state(self, st, folder):
+        self.W_, self.b_, self.V_, self.w2_ = st["W"], st["b"], st["V"], st["w2"]
+        self.models_ = st["models"].tolist()
