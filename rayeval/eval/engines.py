@@ -9,6 +9,7 @@ Scoring methods (symbol / hybrid / cloze) only build requests and reduce these n
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
@@ -50,8 +51,6 @@ class FakeEngine:
         self.calls = 0
 
     def _h(self, *parts: str) -> float:
-        import hashlib
-
         h = hashlib.blake2b("\x1f".join((str(self.seed),) + parts).encode(), digest_size=8).digest()
         return -(int.from_bytes(h, "little") / 2**64) * 5.0  # in (-5, 0]
 
@@ -327,6 +326,10 @@ def make_engine(kind: str, model: str, engine_kwargs: dict | None = None):
     """The one front door: ``make_engine("vllm", "smollm2-135m", {"max_model_len": 1024})``."""
     if kind not in ENGINES:
         raise ValueError(f"unknown engine {kind!r}; choose one of {sorted(ENGINES)}")
-    if kind == "fake":
-        return FakeEngine(**(engine_kwargs or {}))
+    if kind == "fake":  # engine options of the real engines do not apply; the model name seeds it
+        kw = {k: v for k, v in (engine_kwargs or {}).items() if k in ("bias", "seed")}
+        kw.setdefault("seed", int(hashlib.sha1(model.encode()).hexdigest()[:8], 16))
+        eng = FakeEngine(**kw)
+        eng.name = model
+        return eng
     return ENGINES[kind](model, engine_kwargs)
