@@ -105,3 +105,10 @@ def test_eval_small_expands_on_real_rows():
     assert five and all(r["symbols"] == ["(1)", "(2)", "(3)", "(4)", "(5)"] for r in five)
     w = next(w for w in arc_works if w.setting == "baseline")
     assert w.prompt.text.startswith("The following are multiple choice questions (with answers) about science.")
+
+
+def test_report_kwargs():
+    kw = load_eval_config("eval_small").report_kwargs()
+    assert kw == {"baseline": ("baseline", "symbol"), "n_boot": 1000, "ci": 0.95, "seed": 0, "pride_fraction": 0.25}
+    c = EvalConfig.from_dict(with_(settings=[{"name": "baseline", "cyclic": 0.1}]))
+    assert c.report_kwargs()["pride_fraction"] == 0.1

@@ -89,3 +89,15 @@ def test_partial_cyclic_share():
     setting = {"name": "pride", "cyclic": 0.05}
     n_rot = sum(len({w.rotation for w in expand_item(it, setting, ["symbol"])}) > 1 for it in items)
     assert 5 <= n_rot <= 40
+
+
+def test_flatten_and_reduce_all_match_the_per_work_loop():
+    from rayeval.eval.scoring import flatten, reduce_all
+
+    items = [ITEM.replace(id=f"i{k}", gold=k % 4) for k in range(5)]
+    works = expand(items, [], {"scorings": ["symbol", "cloze"], "settings": [{"name": "b", "cyclic": 0.5}]})
+    eng = FakeEngine(bias=[0.3])
+    loop = [reduce(w, eng.score(w.requests), "fake") for w in works]
+    assert reduce_all(works, eng.score(flatten(works)), "fake") == loop
+    with pytest.raises(ValueError, match="expected"):
+        reduce_all(works, [], "fake")

@@ -70,6 +70,14 @@ class EvalConfig:
     def from_dict(cls, d: dict[str, Any]) -> "EvalConfig":
         return parse_config(d)
 
+    def report_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for metrics.compute_all / report.write_report from this config."""
+        frac = self.metrics.get("pride_fraction")
+        if frac is None:
+            frac = next((s.cyclic for s in self.settings if s.name == self.baseline.setting and s.cyclic > 0), 0.05)
+        return {"baseline": (self.baseline.setting, self.baseline.scoring), "n_boot": int(self.metrics.get("n_boot", 1000)),
+                "ci": float(self.metrics.get("ci", 0.95)), "seed": self.seed, "pride_fraction": float(frac)}
+
     def setting(self, name: str) -> Setting:
         for s in self.settings:
             if s.name == name:

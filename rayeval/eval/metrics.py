@@ -65,9 +65,10 @@ def accuracy(df: pd.DataFrame, by: Sequence[str] = GROUP, n_boot: int = 1000, ci
         # Resampling n Bernoulli outcomes with replacement: the count of correct ones is Binomial(n, k/n).
         boot = rng.binomial(n, k / n, size=n_boot) / n if n else np.zeros(1)
         lo, hi = np.quantile(boot, [(1 - ci) / 2, 1 - (1 - ci) / 2])
+        n_conflict = int(g["conflict"].sum()) if "conflict" in g.columns else 0
         out.append(dict(zip(by, key if isinstance(key, tuple) else (key,)), n=n, acc=100 * k / max(n, 1),
-                        acc_lo=100 * lo, acc_hi=100 * hi))
-    return pd.DataFrame(out, columns=list(by) + ["n", "acc", "acc_lo", "acc_hi"])
+                        acc_lo=100 * lo, acc_hi=100 * hi, n_conflict=n_conflict))
+    return pd.DataFrame(out, columns=list(by) + ["n", "acc", "acc_lo", "acc_hi", "n_conflict"])
 
 
 def delta_vs_baseline(table: pd.DataFrame, value: str, baseline: tuple[str, str],
@@ -258,7 +259,7 @@ def compute_all(rows: Iterable[dict] | pd.DataFrame, baseline: tuple[str, str] =
         "kendall": kendall(s, baseline),
         "rank_shift": rank_shift(s, baseline),
         "forced_gold": accuracy(forced, GROUP + ["forced_gold"], n_boot, ci, seed) if len(forced) else
-        pd.DataFrame(columns=GROUP + ["forced_gold", "n", "acc", "acc_lo", "acc_hi"]),
+        pd.DataFrame(columns=GROUP + ["forced_gold", "n", "acc", "acc_lo", "acc_hi", "n_conflict"]),
         "circular": circular(df) if (df["rotation"] > 0).any() else pd.DataFrame(
             columns=GROUP + ["n_items", "circular_acc", "perm_avg_acc", "acc_plain"]),
         "pride": pr_summary,

@@ -159,7 +159,9 @@ def write_report(rows: Iterable[dict] | pd.DataFrame, out_dir: str | Path,
           "rank 1 = best; shift > 0 = moved up vs the baseline.\n"]
     md += ["\n## Accuracy, Δacc, RStd and rank\n\n",
            md_table(s, ["model", "dataset", "setting", "scoring", "n", "acc", "acc_lo", "acc_hi", "delta_acc", "rstd",
-                        "delta_rstd", "rank", "baseline_rank", "shift"])]
+                        "delta_rstd", "rank", "baseline_rank", "shift", "n_conflict"]),
+           "\nn_conflict: items a perturbation could not fully apply without moving an \"all of the above\"-style "
+           "option (left in place; see the rows' conflict column).\n"]
     md += ["\n## Kendall τ vs the baseline ranking\n\n", "tau01 = (τ+1)/2; p_value from scipy.stats.kendalltau (tau-b).\n\n", md_table(tables["kendall"])]
     rs = tables["rank_shift"].copy()
     if not rs.empty:

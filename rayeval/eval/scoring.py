@@ -250,6 +250,23 @@ def reduce(work: Work, results: Sequence[ScoreResult], model: str = "") -> dict[
     return row
 
 
+def flatten(works: Sequence[Work]) -> list[ScoreRequest]:
+    """All requests of many works, in order, for one big ``engine.score`` call."""
+    return [r for w in works for r in w.requests]
+
+
+def reduce_all(works: Sequence[Work], results: Sequence[ScoreResult], model: str = "") -> list[dict[str, Any]]:
+    """Rows from the results of ``engine.score(flatten(works))``."""
+    n = sum(len(w.requests) for w in works)
+    if len(results) != n:
+        raise ValueError(f"expected {n} results for {len(works)} works, got {len(results)}")
+    rows, k = [], 0
+    for w in works:
+        rows.append(reduce(w, results[k:k + len(w.requests)], model))
+        k += len(w.requests)
+    return rows
+
+
 ROW_COLUMNS = (
     "model", "dataset", "setting", "scoring", "item_id", "subject", "rotation", "n_options", "gold", "orig_gold",
     "perm", "symbols", "template", "shots", "shots_source", "forced_gold", "conflict", "special", "refs_symbols", "prompt_sha",
