@@ -84,12 +84,15 @@ def _load(path: str) -> dict[str, Any]:
     return load_yaml(path)
 
 
+@lru_cache(maxsize=8)
+def _templates(path: str) -> dict[str, PromptTemplate]:
+    doc = _load(path)
+    return {name: from_dict(PromptTemplate, {"name": name, **d}, f"templates.{name}")
+            for name, d in (doc.get("templates") or {}).items()}
+
+
 def load_templates(path: str | Path | None = None) -> dict[str, PromptTemplate]:
-    doc = _load(str(path or CONFIG_DIR / "prompts.yaml"))
-    out = {}
-    for name, d in (doc.get("templates") or {}).items():
-        out[name] = from_dict(PromptTemplate, {"name": name, **d}, f"templates.{name}")
-    return out
+    return dict(_templates(str(path or CONFIG_DIR / "prompts.yaml")))
 
 
 def get_template(t: str | PromptTemplate | dict, path: str | Path | None = None) -> PromptTemplate:
@@ -97,16 +100,21 @@ def get_template(t: str | PromptTemplate | dict, path: str | Path | None = None)
         return t
     if isinstance(t, dict):
         return from_dict(PromptTemplate, {"name": "inline", **t}, "template")
-    templates = load_templates(path)
+    templates = _templates(str(path or CONFIG_DIR / "prompts.yaml"))
     if t not in templates:
         raise ValueError(f"unknown prompt template {t!r}; known: {sorted(templates)}")
     return templates[t]
 
 
 def trivial_examples(path: str | Path | None = None) -> list[MCQItem]:
-    doc = _load(str(path or CONFIG_DIR / "prompts.yaml"))
-    return [MCQItem(id=f"trivial-{i}", subject="trivial", question=d["question"], choices=tuple(d["choices"]),
-                    gold=int(d["gold"])) for i, d in enumerate(doc.get("trivial_examples") or [])]
+    return list(_trivial(str(path or CONFIG_DIR / "prompts.yaml")))
+
+
+@lru_cache(maxsize=8)
+def _trivial(path: str) -> tuple[MCQItem, ...]:
+    doc = _load(path)
+    return tuple(MCQItem(id=f"trivial-{i}", subject="trivial", question=d["question"], choices=tuple(d["choices"]),
+                    gold=int(d["gold"])) for i, d in enumerate(doc.get("trivial_examples") or []))
 
 
 # ----------------------------------------------------------------------------- formatting
