@@ -112,3 +112,17 @@ def test_report_kwargs():
     assert kw == {"baseline": ("baseline", "symbol"), "n_boot": 1000, "ci": 0.95, "seed": 0, "pride_fraction": 0.25}
     c = EvalConfig.from_dict(with_(settings=[{"name": "baseline", "cyclic": 0.1}]))
     assert c.report_kwargs()["pride_fraction"] == 0.1
+
+
+def test_per_dataset_baseline_config():
+    d = with_(datasets=[{"name": "mmlu"}, {"name": "arc_challenge"}], scorings=["symbol", "cloze"],
+              baseline={"setting": "baseline", "scoring": "symbol", "datasets": {"arc_challenge": {"scoring": "cloze"}}})
+    c = EvalConfig.from_dict(d)
+    assert c.report_kwargs()["baseline"] == {"*": ("baseline", "symbol"), "arc_challenge": ("baseline", "cloze")}
+    d["baseline"]["datasets"] = {"arc": {"scoring": "cloze"}}
+    with pytest.raises(ConfigError, match=r"baseline.datasets.arc: 'arc' is not one of the datasets"):
+        EvalConfig.from_dict(d)
+    d["baseline"]["datasets"] = {"arc_challenge": {"scoring": "hybrid"}}
+    with pytest.raises(ConfigError, match=r"baseline.datasets.arc_challenge.scoring: 'hybrid'"):
+        EvalConfig.from_dict(d)
+    assert load_eval_config("eval_paper_grid").report_kwargs()["baseline"]["arc_challenge"] == ("baseline", "cloze")

@@ -142,3 +142,17 @@ def test_compute_all_tables():
     assert {"summary", "recall", "kendall", "rank_shift", "forced_gold", "circular", "pride"} <= set(t)
     s = t["summary"].set_index("model")
     assert s.loc["m2", "rank"] == 1 and s.loc["m", "rank"] == 2 and s.loc["m2", "rstd"] == 0.0
+
+
+def test_per_dataset_baseline():
+    t = pd.concat([ranking_table(), ranking_table().assign(dataset="arc")])
+    t.loc[(t.dataset == "arc") & (t.setting == "reversed"), "scoring"] = "cloze"
+    base = {"*": ("baseline", "symbol"), "arc": ("reversed", "cloze")}
+    k = M.kendall(t, base).set_index(["dataset", "setting"])
+    assert k.loc[("d", "reversed"), "tau"] == pytest.approx(-1.0)
+    assert k.loc[("arc", "reversed"), "tau"] == pytest.approx(1.0)
+    assert k.loc[("arc", "baseline"), "tau"] == pytest.approx(-1.0)
+    d = M.delta_vs_baseline(t, "acc", base)
+    assert d[(t.dataset == "arc") & (t.setting == "baseline")].tolist() == [30, 10, -10, -30]
+    with pytest.raises(ValueError, match="no baseline for dataset"):
+        M.baseline_for({"d": ("b", "s")}, "arc")

@@ -59,3 +59,17 @@ def test_md_table():
     assert md_table(pd.DataFrame({"a": [1.0, float("nan")], "b": ["x|y", "z"]})) == \
         "| a | b |\n|---|---|\n| 1.00 | x\\|y |\n|  | z |\n"
     assert md_table(pd.DataFrame()) == "_(none)_\n"
+
+
+def test_write_report_per_dataset_baseline(tmp_path):
+    rows = synthetic_rows()
+    rows += [dict(r, dataset="toy2") for r in rows]
+    base = {"*": ("baseline", "symbol"), "toy2": ("baseline", "cloze")}
+    write_report(rows, tmp_path, baseline=base, n_boot=50, pride_fraction=0.5)
+    md = (tmp_path / "report.md").read_text()
+    assert "toy: `baseline / symbol`; toy2: `baseline / cloze`" in md
+    assert (tmp_path / "rank_shift_toy2.png").exists()
+    js = json.loads((tmp_path / "metrics.json").read_text())
+    assert js["baseline"] == {"*": ["baseline", "symbol"], "toy2": ["baseline", "cloze"]}
+    s = pd.DataFrame(js["tables"]["summary"])
+    assert (s[(s.dataset == "toy2") & (s.setting == "baseline") & (s.scoring == "cloze")]["delta_acc"] == 0).all()

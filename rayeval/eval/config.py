@@ -50,6 +50,16 @@ class Setting:
 class Baseline:
     setting: str = "baseline"
     scoring: str = "symbol"
+    # per-dataset overrides, e.g. {arc_challenge: {scoring: cloze}} (the paper's ARC baseline)
+    datasets: dict[str, dict[str, str]] = field(default_factory=dict)
+
+    def pairs(self) -> "tuple[str, str] | dict[str, tuple[str, str]]":
+        if not self.datasets:
+            return (self.setting, self.scoring)
+        out = {"*": (self.setting, self.scoring)}
+        for ds, o in self.datasets.items():
+            out[ds] = (o.get("setting", self.setting), o.get("scoring", self.scoring))
+        return out
 
 
 @dataclass(frozen=True)
@@ -75,7 +85,7 @@ class EvalConfig:
         frac = self.metrics.get("pride_fraction")
         if frac is None:
             frac = next((s.cyclic for s in self.settings if s.name == self.baseline.setting and s.cyclic > 0), 0.05)
-        return {"baseline": (self.baseline.setting, self.baseline.scoring), "n_boot": int(self.metrics.get("n_boot", 1000)),
+        return {"baseline": self.baseline.pairs(), "n_boot": int(self.metrics.get("n_boot", 1000)),
                 "ci": float(self.metrics.get("ci", 0.95)), "seed": self.seed, "pride_fraction": float(frac)}
 
     def setting(self, name: str) -> Setting:
@@ -197,10 +207,21 @@ def parse_config(d: dict[str, Any]) -> EvalConfig:
         raise ConfigError(f"engine: expected a mapping of engine options, got {engine!r}")
     b = d.get("baseline") or {}
     b = Baseline(**_check_keys(Baseline, b, "baseline"))
-    if b.setting not in names:
-        raise ConfigError(f"baseline.setting: {b.setting!r} is not one of the settings {names}")
-    if b.scoring not in labels:
-        raise ConfigError(f"baseline.scoring: {b.scoring!r} is not one of the scorings {labels}")
+    if not isinstance(b.datasets, dict):
+        raise ConfigError(f"baseline.datasets: expected a mapping {{dataset: {{setting, scoring}}}}, got {b.datasets!r}")
+    checks = [("baseline", b.setting, b.scoring)]
+    for ds, o in b.datasets.items():
+        where = f"baseline.datasets.{ds}"
+        if ds not in ds_names:
+            raise ConfigError(f"{where}: {ds!r} is not one of the datasets {ds_names}")
+        if not isinstance(o, dict) or set(o) - {"setting", "scoring"}:
+            raise ConfigError(f"{where}: expected a mapping with setting and/or scoring, got {o!r}")
+        checks.append((where, o.get("setting", b.setting), o.get("scoring", b.scoring)))
+    for where, st, sc in checks:
+        if st not in names:
+            raise ConfigError(f"{where}.setting: {st!r} is not one of the settings {names}")
+        if sc not in labels:
+            raise ConfigError(f"{where}.scoring: {sc!r} is not one of the scorings {labels}")
     metrics = d.get("metrics") or {}
     if not isinstance(metrics, dict):
         raise ConfigError(f"metrics: expected a mapping, got {metrics!r}")

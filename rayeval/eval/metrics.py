@@ -48,6 +48,27 @@ def main_rows(df: pd.DataFrame) -> pd.DataFrame:
     return df[df["rotation"] == 0]
 
 
+Baseline = "tuple[str, str] | dict[str, tuple[str, str]]"
+
+
+def baseline_for(baseline: Any, dataset: str) -> tuple[str, str]:
+    """The (setting, scoring) baseline of a dataset.  ``baseline`` is one pair for all datasets,
+    or a dict {dataset: pair} with an optional "*" default (the paper: cloze for ARC, symbol for MMLU)."""
+    if isinstance(baseline, dict):
+        b = baseline.get(dataset, baseline.get("*"))
+        if b is None:
+            raise ValueError(f"no baseline for dataset {dataset!r} (and no '*' default) in {baseline}")
+        return tuple(b)  # type: ignore[return-value]
+    return tuple(baseline)  # type: ignore[return-value]
+
+
+def baseline_mask(table: pd.DataFrame, baseline: Any) -> pd.Series:
+    """True on the rows of ``table`` that are their dataset's baseline condition."""
+    pairs = [baseline_for(baseline, d) for d in table["dataset"]]
+    return pd.Series([(st, sc) == p for st, sc, p in zip(table["setting"], table["scoring"], pairs)],
+                     index=table.index, dtype=bool)
+
+
 def _seed(seed: int, key: Any) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}\x1f{key}".encode(), digest_size=8).digest(), "little")
 
@@ -71,15 +92,17 @@ def accuracy(df: pd.DataFrame, by: Sequence[str] = GROUP, n_boot: int = 1000, ci
     return pd.DataFrame(out, columns=list(by) + ["n", "acc", "acc_lo", "acc_hi", "n_conflict"])
 
 
-def delta_vs_baseline(table: pd.DataFrame, value: str, baseline: tuple[str, str],
-                      same_scoring: bool = False) -> pd.Series:
+def delta_vs_baseline(table: pd.DataFrame, value: str, baseline: Any, same_scoring: bool = False) -> pd.Series:
     """``value`` minus the baseline condition's value for the same model and dataset.
 
-    baseline = (setting, scoring).  same_scoring=True compares with the baseline setting under the
-    row's own scoring instead (e.g. hybrid vs hybrid-baseline)."""
-    bs, bsc = baseline
+    baseline = (setting, scoring) or {dataset: (setting, scoring), "*": default}.  same_scoring=True
+    compares with the baseline setting under the row's own scoring instead (hybrid vs hybrid)."""
     keys = ["model", "dataset"] + (["scoring"] if same_scoring else [])
-    base = table[(table["setting"] == bs) & ((table["scoring"] == bsc) | same_scoring)]
+    if same_scoring:
+        bset = pd.Series([baseline_for(baseline, d)[0] for d in table["dataset"]], index=table.index)
+        base = table[table["setting"] == bset]
+    else:
+        base = table[baseline_mask(table, baseline)]
     base = base[keys + [value]].rename(columns={value: "_base"})
     merged = table[keys].merge(base, on=keys, how="left")
     return pd.Series(table[value].to_numpy() - merged["_base"].to_numpy(), index=table.index)
@@ -118,12 +141,12 @@ def rankings(table: pd.DataFrame, value: str = "acc") -> pd.Series:
     return table.groupby(COND)[value].rank(ascending=False, method="min").astype(int)
 
 
-def kendall(table: pd.DataFrame, baseline: tuple[str, str], value: str = "acc") -> pd.DataFrame:
+def kendall(table: pd.DataFrame, baseline: Any, value: str = "acc") -> pd.DataFrame:
     """Kendall's tau-b between each condition's model ordering and the baseline's (same dataset)."""
-    bs, bsc = baseline
+    base_all = table[baseline_mask(table, baseline)]
     out = []
     for (ds, st, sc), g in table.groupby(COND, sort=True):
-        base = table[(table["dataset"] == ds) & (table["setting"] == bs) & (table["scoring"] == bsc)]
+        base = base_all[base_all["dataset"] == ds]
         m = g[["model", value]].merge(base[["model", value]], on="model", suffixes=("", "_base"))
         if len(m) >= 2:
             tau, p = kendalltau(m[value + "_base"], m[value])
@@ -134,11 +157,11 @@ def kendall(table: pd.DataFrame, baseline: tuple[str, str], value: str = "acc") 
     return pd.DataFrame(out, columns=COND + ["n_models", "tau", "tau01", "p_value"])
 
 
-def rank_shift(table: pd.DataFrame, baseline: tuple[str, str], value: str = "acc") -> pd.DataFrame:
+def rank_shift(table: pd.DataFrame, baseline: Any, value: str = "acc") -> pd.DataFrame:
     """Each model's rank in the baseline and in each condition; shift > 0 means it moved up."""
     t = table[COND + ["model", value]].copy()
     t["rank"] = rankings(t, value)
-    base = t[(t["setting"] == baseline[0]) & (t["scoring"] == baseline[1])][["dataset", "model", "rank"]]
+    base = t[baseline_mask(t, baseline)][["dataset", "model", "rank"]]
     t = t.merge(base.rename(columns={"rank": "baseline_rank"}), on=["dataset", "model"], how="left")
     t["shift"] = t["baseline_rank"] - t["rank"]
     return t
@@ -232,10 +255,10 @@ def pride(df: pd.DataFrame, fraction: float = 0.05, seed: int = 0,
 
 # ----------------------------------------------------------------------------- everything
 
-def summary(df: pd.DataFrame, baseline: tuple[str, str] = ("baseline", "symbol"), n_boot: int = 1000,
+def summary(df: pd.DataFrame, baseline: Any = ("baseline", "symbol"), n_boot: int = 1000,
             ci: float = 0.95, seed: int = 0) -> pd.DataFrame:
     """One row per (model, dataset, setting, scoring): n, acc (+CI), delta_acc, rstd, delta_rstd,
-    rank, baseline_rank, shift; deltas are against the baseline (setting, scoring)."""
+    rank, baseline_rank, shift; deltas are against the baseline (setting, scoring), or per dataset."""
     df = to_frame(df)
     t = accuracy(df, GROUP, n_boot, ci, seed).merge(rstd(df), on=GROUP, how="left")
     t["delta_acc"] = delta_vs_baseline(t, "acc", baseline)
@@ -244,7 +267,7 @@ def summary(df: pd.DataFrame, baseline: tuple[str, str] = ("baseline", "symbol")
     return t.merge(rs, on=GROUP, how="left")
 
 
-def compute_all(rows: Iterable[dict] | pd.DataFrame, baseline: tuple[str, str] = ("baseline", "symbol"),
+def compute_all(rows: Iterable[dict] | pd.DataFrame, baseline: Any = ("baseline", "symbol"),
                 n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
                 pride_fraction: float = 0.05) -> dict[str, pd.DataFrame]:
     """Every metric table, by name."""

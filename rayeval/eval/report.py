@@ -45,11 +45,12 @@ def _cond(df: pd.DataFrame) -> pd.Series:
 
 # ----------------------------------------------------------------------------- plots
 
-def plot_rank_shift(rs: pd.DataFrame, baseline: tuple[str, str], path: Path, dataset: str) -> None:
+def plot_rank_shift(rs: pd.DataFrame, baseline: Any, path: Path, dataset: str) -> None:
     """Paper Figure 1: one column per condition, a line per model through its ranks."""
     d = rs[rs["dataset"] == dataset].copy()
     d["cond"] = _cond(d)
-    base = f"{baseline[0]} / {baseline[1]}"
+    b = M.baseline_for(baseline, dataset)
+    base = f"{b[0]} / {b[1]}"
     conds = [base] + sorted(c for c in d["cond"].unique() if c != base)
     wide = d.pivot_table(index="model", columns="cond", values="rank").reindex(columns=conds)
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(conds)), max(3, 0.5 * len(wide) + 1.5)))
@@ -114,6 +115,14 @@ def plot_rstd(summary: pd.DataFrame, path: Path, recall: pd.DataFrame | None = N
 
 # ----------------------------------------------------------------------------- report
 
+def _baseline_text(baseline: Any, datasets: list[str]) -> str:
+    return "; ".join(f"{ds or 'all'}: `{' / '.join(M.baseline_for(baseline, ds))}`" for ds in datasets)
+
+
+def _baseline_json(baseline: Any) -> Any:
+    return {k: list(v) for k, v in baseline.items()} if isinstance(baseline, dict) else list(baseline)
+
+
 def _long(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """All tables stacked for parquet: one column 'table', nested values as JSON strings."""
     parts = []
@@ -134,7 +143,7 @@ def _long(tables: dict[str, pd.DataFrame]) -> pd.DataFrame:
 
 
 def write_report(rows: Iterable[dict] | pd.DataFrame, out_dir: str | Path,
-                 baseline: tuple[str, str] = ("baseline", "symbol"), tables: dict[str, pd.DataFrame] | None = None,
+                 baseline: Any = ("baseline", "symbol"), tables: dict[str, pd.DataFrame] | None = None,
                  title: str = "rayeval report", **metric_kw: Any) -> dict[str, Path]:
     """Compute (unless given) the metrics and write report.md, the plots, metrics.parquet/json."""
     out = Path(out_dir)
@@ -155,7 +164,8 @@ def write_report(rows: Iterable[dict] | pd.DataFrame, out_dir: str | Path,
     files["rstd"] = out / "rstd.png"
 
     md = [f"# {title}\n\n", f"{len(df)} rows; models: {', '.join(sorted(df['model'].unique()))}; "
-          f"baseline: setting `{baseline[0]}`, scoring `{baseline[1]}`.  Accuracy, recall and RStd in points; "
+          f"baseline (setting / scoring): {_baseline_text(baseline, sorted(s['dataset'].unique()))}.  "
+          "Accuracy, recall and RStd in points; "
           "rank 1 = best; shift > 0 = moved up vs the baseline.\n"]
     md += ["\n## Accuracy, Δacc, RStd and rank\n\n",
            md_table(s, ["model", "dataset", "setting", "scoring", "n", "acc", "acc_lo", "acc_hi", "delta_acc", "rstd",
@@ -187,7 +197,7 @@ def write_report(rows: Iterable[dict] | pd.DataFrame, out_dir: str | Path,
     _long(tables).to_parquet(out / "metrics.parquet", index=False)
     files["parquet"] = out / "metrics.parquet"
     js = {k: json.loads(v.to_json(orient="records")) for k, v in tables.items()}
-    (out / "metrics.json").write_text(json.dumps({"baseline": list(baseline), "tables": js}, indent=1,
+    (out / "metrics.json").write_text(json.dumps({"baseline": _baseline_json(baseline), "tables": js}, indent=1,
                                                  ensure_ascii=False), encoding="utf-8")
     files["json"] = out / "metrics.json"
     return files
