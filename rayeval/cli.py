@@ -97,6 +97,27 @@ def data_inspect(path: str = typer.Argument(..., help="MMLU folder, ARC .jsonl, 
         console.print(f"[yellow]{len(res.rejects)} row(s) rejected -> {rejects}[/]")
 
 
+@app.command("eval")
+def eval_cmd(config: str = typer.Argument(..., help="Eval YAML, or a packaged config name (eval_small, eval_paper_grid)"),
+             out: Path = typer.Option(..., "--out", "-o", help="Output directory (rows, metrics, report)"),
+             engine: Optional[str] = typer.Option(None, help="Engine kind override: vllm | hf | fake"),
+             actors: Optional[int] = typer.Option(None, help="Actor-pool size override"),
+             address: Optional[str] = typer.Option(None, help="Ray address (default $RAY_ADDRESS or a local cluster)"),
+             resume: bool = typer.Option(True, help="Reuse finished shards in --out"),
+             ) -> None:
+    """Evaluate models x datasets x perturbations x scorings on Ray Data; write rows, metrics and a report."""
+    from rayeval.eval.config import ConfigError
+    from rayeval.eval.pipeline import run_eval
+
+    over = {k: v for k, v in {"kind": engine, "actors": actors}.items() if v is not None}
+    try:
+        res = run_eval(config, out, engine=over, resume=resume, address=address)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        err.print(f"error: {e}", markup=False)
+        raise typer.Exit(2)
+    console.print_json(json.dumps(res))
+
+
 def _mount_optional() -> None:
     """Sub-apps owned by the later stages; mounted when present."""
     for mod, name in (("rayeval.route.cli", "route"),):
