@@ -249,9 +249,7 @@ def run_eval(config: str | Path | EvalConfig, out_dir: str | Path, *, engine: di
     if report:
         from rayeval.eval.report import write_report
 
-        m = dict(cfg.metrics)
-        files_ = write_report(rows, out, baseline=(cfg.baseline.setting, cfg.baseline.scoring),
-                              title=f"rayeval: {cfg.name}", seed=cfg.seed, **m)
+        files_ = write_report(rows, out, title=f"rayeval: {cfg.name}", **cfg.report_kwargs())
         result["report"] = str(files_["report"])
     (out / "run.json").write_text(json.dumps(result, indent=1))
     return result
