@@ -51,7 +51,7 @@ def test_write_report(tmp_path):
     assert {"summary", "kendall", "rank_shift", "recall", "forced_gold"} <= set(pq["table"])
     fg = pd.DataFrame(js["tables"]["forced_gold"])
     assert sorted(fg["forced_gold"].unique()) == [0, 1]
-    assert len(pd.DataFrame(js["tables"]["pride"])) == 3 * 3
+    assert len(pd.DataFrame(js["tables"]["pride"])) == 3 * 2  # symbol, hybrid (cloze is not rotated)
     assert files["report"] == tmp_path / "report.md"
 
 

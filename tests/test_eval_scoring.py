@@ -69,7 +69,7 @@ def test_expand_reduce_loop_with_fake_engine():
            "settings": [{"name": "baseline"}, {"name": "rare", "perturbations": [{"name": "symbols", "set": "rare"}]},
                         {"name": "circ", "cyclic": 1.0}]}
     works = expand(items, [], cfg, dataset="toy")
-    assert len(works) == 6 * 3 + 6 * 3 + 6 * 4 * 3
+    assert len(works) == 6 * 3 + 6 * 3 + 6 * 4 * 3 - 6 * 3  # no cloze for rotations 1..3
     eng = FakeEngine(bias=[1.0, 0, 0, 0])
     rows = [reduce(w, eng.score(w.requests), model=eng.name) for w in works]
     assert set(ROW_COLUMNS) == set(rows[0])

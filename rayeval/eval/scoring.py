@@ -155,7 +155,9 @@ def in_calibration(item_id: str, seed: int, fraction: float) -> bool:
 
 
 def rotations_for(item: MCQItem, cyclic: float | bool | None, seed: int) -> list[int]:
-    """Which cyclic rotations of this item to evaluate: [0], or all of them for chosen items."""
+    """Which cyclic rotations of this item to evaluate: [0], or all of them for chosen items.
+    (Pinned "all of the above" options stay put, so with m < n movable options some of the n
+    rotations repeat an order.)"""
     frac = 1.0 if cyclic is True else float(cyclic or 0)
     if frac > 0 and in_calibration(item.id, seed, frac):
         return list(range(item.n_choices))
@@ -175,6 +177,8 @@ def expand_item(item: MCQItem, setting: Any, scorings: Sequence[Any], dev_items:
         prompt = build_prompt(it, get("template", None) or default_template, get("shots", None), dev_items, seed)
         for sc in scorings:
             sc = get_scoring(sc)
+            if r and sc.name == "cloze":
+                continue  # cloze never shows the options: every rotation would score the same
             out.append(Work(dataset, name, sc, r, prompt, sc.build_requests(prompt)))
     return out
 
