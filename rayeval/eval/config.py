@@ -31,7 +31,7 @@ class DatasetSpec:
     split: str = "test"
     dev_split: str = "dev"             # where in-context examples come from
     subjects: list[str] | None = None  # None: all subjects
-    limit: int | None = None           # items per subject (None: all)
+    limit: int | None = None           # items per subject (MMLU) or in total (ARC); None: all
     template: str = "mmlu"             # default prompt template for settings that name none
 
 

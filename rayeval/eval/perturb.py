@@ -236,7 +236,8 @@ def _swap(i: int = 0, j: int = 1, keep_special: bool = True):
         n = item.n_choices
         a, b = i % n, j % n
         rec = {"name": "swap", "i": i, "j": j}
-        if a in _free(item, True) and b in _free(item, True) or not keep_special:
+        free = _free(item, keep_special)
+        if a in free and b in free:
             perm = list(range(n))
             perm[a], perm[b] = perm[b], perm[a]
             return permute(item, perm, rec)
