@@ -162,3 +162,10 @@ def test_fix_gold_position_beyond_option_count_is_flagged():
     it = MCQItem(id="three", subject="s", question="q", choices=("a", "b", "c"), gold=0)
     out = perturb.apply(it, [{"name": "fix_gold", "position": 3}], seed=0)
     assert out.choices == it.choices and "does not exist" in out.meta["conflicts"][0]
+
+
+def test_options_naming_other_options_pin_everything():
+    it = MCQItem(id="ab", subject="s", question="q", choices=("x", "y", "Both A and B", "z"), gold=2)
+    for spec in ["shuffle", "derange", {"name": "rotate", "r": 1}, {"name": "fix_gold", "position": 0}]:
+        out = perturb.apply(it, [spec], seed=0)
+        assert out.choices == it.choices and out.meta["refs_symbols"] and out.meta["conflicts"], spec

@@ -8,7 +8,8 @@ combine orders (CircularEval, PriDe):
   meta["orig_gold"]      the gold index before any perturbation
   meta["symbols"]        the symbol shown at each position (absent: the prompt template's default)
   meta["pinned"]         positions that order perturbations leave alone ("all of the above", ...)
-  meta["refs_symbols"]   True when an option names other options by letter ("both A and B")
+  meta["refs_symbols"]   True when an option names other options by letter ("both A and B"):
+                         then every position is pinned (order perturbations flag a conflict)
   meta["applied"]        one record per perturbation: {"name", **params, "perm"/"symbols"/...}
   meta["conflicts"]      why a perturbation could not do its job without moving a pinned option
 
@@ -83,8 +84,9 @@ def init_meta(item: MCQItem) -> MCQItem:
     meta = dict(item.meta)
     meta["perm"] = list(range(item.n_choices))
     meta["orig_gold"] = item.gold
-    meta["pinned"] = list(special_positions(item.choices))
     meta["refs_symbols"] = any(REFS_SYMBOLS.search(str(c)) for c in item.choices)
+    # "Both A and B" names other options by position: moving anything would break it, so pin all.
+    meta["pinned"] = list(range(item.n_choices)) if meta["refs_symbols"] else list(special_positions(item.choices))
     meta["applied"] = []
     meta["conflicts"] = []
     return item.replace(meta=meta)
@@ -252,6 +254,8 @@ def _shuffle(keep_special: bool = True):
 
     def fn(item, rng):
         free = _free(item, keep_special)
+        if len(free) < 2:
+            return _note(item, {"name": "shuffle"}, f"only {len(free)} movable option(s)")
         sub = rng.permutation(len(free)).tolist()
         return permute(item, _embed(item.n_choices, free, sub), {"name": "shuffle"})
 
@@ -284,6 +288,8 @@ def _rotate(r: int = 1, keep_special: bool = True):
 
     def fn(item, rng):
         free = _free(item, keep_special)
+        if len(free) < 2:
+            return _note(item, {"name": "rotate", "r": r}, f"only {len(free)} movable option(s)")
         return permute(item, _rotation(item.n_choices, free, r), {"name": "rotate", "r": r})
 
     return fn
