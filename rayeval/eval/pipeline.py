@@ -88,11 +88,14 @@ def load_config_items(cfg: EvalConfig) -> list[tuple[str, list[MCQItem], list[MC
     return out
 
 
-def build_work(cfg: EvalConfig) -> list[Work]:
+def build_work(cfg: EvalConfig) -> tuple[list[Work], dict[tuple[str, str], str]]:
+    """Every work unit of the config, and each (dataset, item id)'s question text."""
     works: list[Work] = []
+    questions: dict[tuple[str, str], str] = {}
     for name, items, dev in load_config_items(cfg):
         works.extend(expand(items, dev, cfg, dataset=name))
-    return works
+        questions.update({(name, it.id): it.question for it in items})
+    return works, questions
 
 
 def make_shards(works: Sequence[Work], shard_size: int) -> list[list[Work]]:
@@ -190,7 +193,7 @@ def run_eval(config: str | Path | EvalConfig, out_dir: str | Path, *, engine: di
     (out / "shards").mkdir(parents=True, exist_ok=True)
 
     t0 = time.time()
-    works = build_work(cfg)
+    works, questions = build_work(cfg)
     shards = make_shards(works, cfg.batch_size)
     fp = fingerprint(cfg, shards)
     manifest = out / "manifest.json"
@@ -241,6 +244,8 @@ def run_eval(config: str | Path | EvalConfig, out_dir: str | Path, *, engine: di
                 print(f"[rayeval] stopping after {written} new shard(s) as asked", flush=True)
                 return {"out": str(out), "complete": False, "written": written, "shards": len(shards)}
     rows = read_rows(out)
+    # The question text rides along so the rows are gold preference data for routers as they are.
+    rows["question"] = [questions.get((d, i), "") for d, i in zip(rows["dataset"], rows["item_id"])]
     rows = rows.sort_values(["model", "dataset", "setting", "scoring", "item_id", "rotation"], ignore_index=True)
     pq.write_table(pa.Table.from_pandas(rows, preserve_index=False).replace_schema_metadata(None),
                    out / "rows.parquet")
