@@ -120,7 +120,8 @@ def eval_cmd(config: str = typer.Argument(..., help="Eval YAML, or a packaged co
 
 def _mount_optional() -> None:
     """Sub-apps owned by the later stages; mounted when present."""
-    for mod, name in (("rayeval.route.cli", "route"),):
+    for mod, name in (("rayeval.route.cli", "route"), ("rayeval.route.augment_cli", "augment"),
+                      ("rayeval.tune", "tune")):
         try:
             sub = __import__(mod, fromlist=["app"]).app
         except ImportError:

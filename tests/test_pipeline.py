@@ -86,3 +86,43 @@ def test_crashed_actor_is_restarted_and_rows_exactly_once(clean_run, tmp_path):
     assert marker.exists(), "the fault hook never fired"
     assert got["complete"] and got["rows"] == res["rows"]
     pd.testing.assert_frame_equal(_rows(tmp_path / "run"), _rows(out))
+
+
+@pytest.mark.engine
+@pytest.mark.ray
+def test_real_vllm_pipeline_both_models(tmp_path):
+    """Both packaged models through Ray Data + real vLLM engines: every perturbation family,
+    all three scorings, real MMLU and ARC items; then the rows train a router as gold data."""
+    cfg = small_config(
+        name="real_small", models=["smollm2-135m", "gemma3-270m"], batch_size=16,
+        datasets=[{"name": "mmlu", "split": "test", "subjects": ["marketing"], "limit": 4},
+                  {"name": "arc_challenge", "split": "test", "limit": 3, "template": "arc"}],
+        settings=[{"name": "baseline"},
+                  {"name": "derange", "perturbations": ["derange"], "scorings": ["symbol"]},
+                  {"name": "gold_C", "perturbations": [{"name": "fix_gold", "position": 2}], "scorings": ["symbol"]},
+                  {"name": "rare", "perturbations": [{"name": "symbols", "set": "rare"}], "scorings": ["symbol"]},
+                  {"name": "shot1", "shots": {"k": 1, "source": "dev"}, "scorings": ["symbol"]}],
+        engine={"max_model_len": 1024})
+    res = run_eval(cfg, tmp_path, engine={"kind": "vllm"})
+    rows = _rows(tmp_path)
+    assert res["complete"] and not rows.duplicated(KEY).any()
+    assert set(rows.model) == {"smollm2-135m", "gemma3-270m"}
+    assert set(rows.scoring) == {"symbol", "hybrid", "cloze"}
+    assert len(rows) == 2 * (7 * 3 + 4 * 7)
+    finite = rows.per_option_raw_logprob.map(lambda xs: all(-1e8 < x < 0 for x in xs))
+    assert finite.all(), rows[~finite][["model", "setting", "scoring", "per_option_raw_logprob"]]
+    # two different real models do not produce identical scores
+    a = rows[rows.model == "smollm2-135m"].per_option_raw_logprob.map(tuple).tolist()
+    b = rows[rows.model == "gemma3-270m"].per_option_raw_logprob.map(tuple).tolist()
+    assert a != b
+    assert (tmp_path / "report.md").read_text().count("smollm2-135m") >= 1
+
+    from rayeval.route.prefs import outcomes_from_eval
+    from rayeval.route.routers import ROUTERS
+
+    gold = rows[(rows.setting == "baseline") & (rows.scoring == "symbol") & (rows.rotation == 0)]
+    outcomes = outcomes_from_eval(gold)
+    assert len(outcomes.queries) == 7
+    router = ROUTERS["length"]().fit(outcomes)
+    p = router.win_probability(gold.question.unique().tolist())
+    assert p.shape == (7,) and ((p >= 0) & (p <= 1)).all()

@@ -23,6 +23,7 @@ import logging
 import os
 import pickle
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -114,6 +115,24 @@ def fingerprint(cfg: EvalConfig, shards: Sequence[Sequence[Work]]) -> str:
 
 # ----------------------------------------------------------------------------- the actor
 
+def default_cpu_cores(models: Sequence[str]) -> dict[str, str]:
+    """On a CPU-only host with several models in one actor, give each engine its own core(s)
+    (vLLM pins its OpenMP threads; unpinned engines would all land on core 0)."""
+    from rayeval.eval.engines import on_cpu
+
+    if not on_cpu() or len(models) < 2:
+        return {}
+    avail = sorted(os.sched_getaffinity(0))
+    if len(avail) < len(models):
+        return {}
+    per = len(avail) // len(models)
+    out = {}
+    for i, m in enumerate(models):
+        mine = avail[i * per: (i + 1) * per]
+        out[m] = ",".join(str(c) for c in mine)
+    return out
+
+
 class ScoreActor:
     """One engine per model; scores whole shards.  Used as a Ray Data ``map_batches`` class."""
 
@@ -123,11 +142,13 @@ class ScoreActor:
         ex = Execution(**execution)
         self.fault = ex.fault
         self.engines = {}
+        cores = default_cpu_cores(models) if ex.kind == "vllm" and not ex.cpu_cores else ex.cpu_cores
         for m in models:
             kw = dict(ex.engine_kwargs)
-            if ex.kind == "vllm" and m in ex.cpu_cores:
-                kw["cpu_cores"] = ex.cpu_cores[m]
+            if ex.kind == "vllm" and m in cores:
+                kw["cpu_cores"] = cores[m]
             self.engines[m] = make_engine(ex.kind, m, kw)
+        self.pool = ThreadPoolExecutor(max(1, len(self.engines)))
 
     def _maybe_crash(self, shard: int) -> None:
         f = self.fault
@@ -144,8 +165,10 @@ class ScoreActor:
             self._maybe_crash(shard)
             works: list[Work] = pickle.loads(blob)
             reqs = [r for w in works for r in w.requests]
-            for model, engine in self.engines.items():
-                results = engine.score(reqs)
+            # Engines of different models run side by side (each vLLM engine core is its own
+            # process, pinned to its own cores), so one shard costs max(), not sum(), of them.
+            scored = list(self.pool.map(lambda eng: eng.score(reqs), self.engines.values()))
+            for model, results in zip(self.engines, scored):
                 i = 0
                 for w in works:
                     n = len(w.requests)
