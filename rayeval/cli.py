@@ -118,6 +118,22 @@ def eval_cmd(config: str = typer.Argument(..., help="Eval YAML, or a packaged co
     console.print_json(json.dumps(res))
 
 
+@app.command("pipeline")
+def pipeline_cmd(config: Optional[str] = typer.Argument(None, help="Pipeline YAML or packaged name (default pipeline_small)"),
+                 out: Path = typer.Option(Path("runs/main"), "--out", "-o", help="Output directory"),
+                 serve: Optional[bool] = typer.Option(None, "--serve/--no-serve", help="Deploy and query the Serve graph"),
+                 engine: Optional[str] = typer.Option(None, help="Eval engine override: vllm | hf | fake")) -> None:
+    """The whole pipeline: evaluate -> gold preference data -> router -> thresholds -> Serve -> report."""
+    from rayeval.workflow import run_workflow
+
+    try:
+        res = run_workflow(config, out, serve=serve, engine={"kind": engine} if engine else None)
+    except (ValueError, FileNotFoundError) as e:
+        err.print(f"error: {e}", markup=False)
+        raise typer.Exit(2)
+    console.print_json(json.dumps(res))
+
+
 def _mount_optional() -> None:
     """Sub-apps owned by the later stages; mounted when present."""
     for mod, name in (("rayeval.route.cli", "route"), ("rayeval.route.augment_cli", "augment"),
