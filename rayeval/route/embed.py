@@ -70,9 +70,50 @@ def _encode_local(texts: list[str], model: str, batch_size: int) -> np.ndarray:
     return np.asarray(out, dtype=np.float32)
 
 
+def text_hash(text: str) -> str:
+    return hashlib.sha1(str(text).encode("utf-8", "surrogatepass")).hexdigest()
+
+
+def _write(path: Path, arr: np.ndarray, texts: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npy")
+    np.save(tmp, arr)
+    os.replace(tmp, path)
+    keys = path.with_name(path.stem + ".keys.npy")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.keys.tmp.npy")
+    np.save(tmp, np.array([text_hash(t) for t in texts], dtype="U40"))
+    os.replace(tmp, keys)
+
+
+def _lookup_known(texts: list[str], folder: Path) -> tuple[np.ndarray | None, np.ndarray]:
+    """Rows already embedded in other cached sets (via their ``.keys.npy``): (array, found mask)."""
+    want = {text_hash(t): i for i, t in enumerate(texts)}
+    found = np.zeros(len(texts), bool)
+    out = None
+    if not folder.is_dir():
+        return out, found
+    for kf in folder.glob("*.keys.npy"):
+        keys = np.load(kf)
+        hit = [(j, want[k]) for j, k in enumerate(keys.tolist()) if k in want]
+        if not hit:
+            continue
+        vec = np.load(kf.with_name(kf.name[: -len(".keys.npy")] + ".npy"), mmap_mode="r")
+        if out is None:
+            out = np.zeros((len(texts), vec.shape[1]), np.float32)
+        src, dst = np.array([h[0] for h in hit]), np.array([h[1] for h in hit])
+        out[dst] = vec[src]
+        found[dst] = True
+        if found.all():
+            break
+    return out, found
+
+
 def embed(texts: Sequence[str], model: str = DEFAULT_EMBEDDER, *, use_cache: bool = True,
           batch_size: int = 64, use_ray: bool = False, num_actors: int = 2) -> np.ndarray:
-    """(n, d) float32 normalised embeddings of ``texts``; cached on disk by content hash."""
+    """(n, d) float32 normalised embeddings of ``texts``, cached on disk by content hash.
+
+    A set seen before is one file read; a new set reuses every text embedded in any cached set
+    (subsets and folds cost nothing) and only encodes the rest."""
     texts = [str(t) for t in texts]
     if not texts:
         return np.zeros((0, 0), np.float32)
@@ -81,15 +122,21 @@ def embed(texts: Sequence[str], model: str = DEFAULT_EMBEDDER, *, use_cache: boo
         arr = np.load(path)
         if arr.shape[0] == len(texts):
             return arr
-    if use_ray:
-        arr = embed_with_ray(texts, model, batch_size=batch_size, num_actors=num_actors)
-    else:
-        arr = _encode_local(texts, model, batch_size)
+    known, found = (None, np.zeros(len(texts), bool))
     if use_cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, arr)
-        os.replace(tmp, path)
+        known, found = _lookup_known(texts, path.parent)
+    todo = [t for t, f in zip(texts, found) if not f]
+    if todo:
+        if use_ray:
+            new = embed_with_ray(todo, model, batch_size=batch_size, num_actors=num_actors)
+        else:
+            new = _encode_local(todo, model, batch_size)
+        arr = np.zeros((len(texts), new.shape[1]), np.float32) if known is None else known
+        arr[~found] = new
+    else:
+        arr = known
+    if use_cache:
+        _write(path, arr, texts)
     return arr
 
 

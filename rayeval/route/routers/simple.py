@@ -71,34 +71,52 @@ class KNNRouter(Router):
 
     name = "knn"
     needs_embeddings = True
-    SEARCH_SPACE = {"k": [10, 20, 50, 100, 200], "weighting": ["uniform", "similarity"]}
+    SEARCH_SPACE = {"k": [10, 20, 50, 100, 200], "weighting": ["uniform", "similarity"],
+                    "within_group": [False, True], "shrinkage": [0.0, 5.0, 20.0]}
 
-    def __init__(self, k: int = 50, weighting: str = "uniform", embedder: str = "minilm-l6",
-                 strong: str | None = None, weak: str | None = None):
+    def __init__(self, k: int = 50, weighting: str = "uniform", within_group: bool = False, shrinkage: float = 0.0,
+                 embedder: str = "minilm-l6", strong: str | None = None, weak: str | None = None):
         self.k, self.weighting, self.embedder, self.strong, self.weak = k, weighting, embedder, strong, weak
+        self.within_group, self.shrinkage = within_group, shrinkage
 
     def _fit(self, ts, emb, data):
         self.X_ = emb.astype(np.float32)
         self.y_ = ts.y.astype(np.float32)
         self.n_ = ts.n.astype(np.float32)
+        self.g_ = np.asarray(ts.groups, dtype=str)
 
-    def _predict(self, texts, emb, groups):
-        k = min(self.k, len(self.y_))
-        out = np.empty(len(texts))
-        for s in range(0, len(texts), 1024):
-            sim = emb[s:s + 1024] @ self.X_.T
+    def _knn(self, emb, X, y, n, prior):
+        k = min(self.k, len(y))
+        out = np.empty(len(emb))
+        for s in range(0, len(emb), 1024):
+            sim = emb[s:s + 1024] @ X.T
             idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]
-            w = self.n_[idx]
+            w = n[idx]
             if self.weighting == "similarity":
                 w = w * np.maximum(np.take_along_axis(sim, idx, 1), 0)
-            out[s:s + 1024] = (w * self.y_[idx]).sum(1) / np.maximum(w.sum(1), 1e-12)
+            out[s:s + 1024] = ((w * y[idx]).sum(1) + self.shrinkage * prior) / np.maximum(w.sum(1) + self.shrinkage, 1e-12)
+        return out
+
+    def _predict(self, texts, emb, groups):
+        glob = float(np.average(self.y_, weights=self.n_))
+        if not self.within_group:
+            return self._knn(emb, self.X_, self.y_, self.n_, glob)
+        out = np.empty(len(texts))
+        for g in np.unique(groups):
+            q = groups == g
+            pool = self.g_ == g
+            if not pool.any():  # unknown group: all training queries
+                out[q] = self._knn(emb[q], self.X_, self.y_, self.n_, glob)
+            else:
+                prior = float(np.average(self.y_[pool], weights=self.n_[pool]))
+                out[q] = self._knn(emb[q], self.X_[pool], self.y_[pool], self.n_[pool], prior)
         return out
 
     def _state(self):
-        return {"X": self.X_, "y": self.y_, "n": self.n_}
+        return {"X": self.X_, "y": self.y_, "n": self.n_, "g": self.g_}
 
     def _set_state(self, s, folder):
-        self.X_, self.y_, self.n_ = s["X"], s["y"], s["n"]
+        self.X_, self.y_, self.n_, self.g_ = s["X"], s["y"], s["n"], s["g"]
 
 
 @register
@@ -133,50 +151,90 @@ class GroupPriorRouter(Router):
         self.global_ = float(s["global"])
 
 
+def _soft_logistic(X, y, n, C):
+    """L2 logistic regression with soft targets y in [0, 1] (each row split into a weighted
+    positive and negative copy).  Returns (coef, intercept)."""
+    from sklearn.linear_model import LogisticRegression
+
+    XX = np.vstack([X, X])
+    yy = np.concatenate([np.ones(len(X)), np.zeros(len(X))])
+    ww = np.concatenate([y * n, (1 - y) * n])
+    keep = ww > 0
+    clf = LogisticRegression(C=C, max_iter=2000)
+    clf.fit(XX[keep], yy[keep], sample_weight=ww[keep])
+    return clf.coef_[0].astype(np.float64), float(clf.intercept_[0])
+
+
 @register
 class LogisticRouter(Router):
-    """L2 logistic regression on the query embedding (optionally + one-hot group), soft labels."""
+    """L2 logistic regression on the query embedding (+ one-hot group, + log length).
+
+    ``target="win"``: one model of P(strong wins) (soft labels 1/.5/0).  ``target="pair"``
+    (Outcomes only): one model per routed model predicting its (min-max scaled) score, and
+    P = (1 + q_strong - q_weak) / 2 -- twice the labels, since each model's correctness varies
+    on many more questions than the win/loss does."""
 
     name = "logistic"
     needs_embeddings = True
-    SEARCH_SPACE = {"C": ("loguniform", 1e-3, 10.0), "use_groups": [True, False]}
+    SEARCH_SPACE = {"C": ("loguniform", 1e-3, 10.0), "use_groups": [True, False], "use_length": [True, False],
+                    "target": ["win", "pair"]}
 
-    def __init__(self, C: float = 0.1, use_groups: bool = False, embedder: str = "minilm-l6",
-                 strong: str | None = None, weak: str | None = None):
-        self.C, self.use_groups, self.embedder, self.strong, self.weak = C, use_groups, embedder, strong, weak
+    def __init__(self, C: float = 0.1, use_groups: bool = False, use_length: bool = False, target: str = "win",
+                 embedder: str = "minilm-l6", strong: str | None = None, weak: str | None = None):
+        self.C, self.use_groups, self.use_length, self.target = C, use_groups, use_length, target
+        self.embedder, self.strong, self.weak = embedder, strong, weak
 
-    def _features(self, emb, groups):
-        if not self.use_groups:
-            return emb
-        oh = np.zeros((len(emb), len(self.groups_)), np.float32)
-        pos = {g: i for i, g in enumerate(self.groups_)}
-        for i, g in enumerate(groups):
-            if g in pos:
-                oh[i, pos[g]] = 1.0
-        return np.hstack([emb, oh])
+    def _features(self, texts, emb, groups):
+        parts = [emb]
+        if self.use_groups:
+            oh = np.zeros((len(emb), len(self.groups_)), np.float32)
+            pos = {g: i for i, g in enumerate(self.groups_)}
+            for i, g in enumerate(groups):
+                if g in pos:
+                    oh[i, pos[g]] = 1.0
+            parts.append(oh)
+        if self.use_length:
+            L = np.log1p(np.array([len(t) for t in texts], float))[:, None]
+            parts.append((L - self.len_mu_) / self.len_sd_)
+        return np.hstack(parts)
 
     def _fit(self, ts, emb, data):
-        from sklearn.linear_model import LogisticRegression
+        from rayeval.route.prefs import Outcomes
 
         self.groups_ = sorted(set(ts.groups.tolist())) if self.use_groups else []
-        X = self._features(emb, ts.groups)
-        XX = np.vstack([X, X])
-        yy = np.concatenate([np.ones(len(X)), np.zeros(len(X))])
-        ww = np.concatenate([ts.y * ts.n, (1 - ts.y) * ts.n])
-        keep = ww > 0
-        clf = LogisticRegression(C=self.C, max_iter=2000)
-        clf.fit(XX[keep], yy[keep], sample_weight=ww[keep])
-        self.coef_, self.intercept_ = clf.coef_[0].astype(np.float64), float(clf.intercept_[0])
+        L = np.log1p(np.array([len(t) for t in ts.texts], float))
+        self.len_mu_, self.len_sd_ = float(L.mean()), float(L.std() or 1.0)
+        X = self._features(ts.texts, emb, ts.groups)
+        if self.target == "pair":
+            if not isinstance(data, Outcomes):
+                raise ValueError("target='pair' needs Outcomes (per-model scores), not Preferences")
+            pos = {q: i for i, q in enumerate(data.queries["query_id"].astype(str))}
+            rows = np.array([pos[q] for q in ts.query_ids])
+            S = data.scores[[ts.strong, ts.weak]].to_numpy(float)[rows]
+            lo, hi = np.nanmin(S), np.nanmax(S)
+            S = (S - lo) / max(hi - lo, 1e-12)
+            self.coef_ = np.zeros((2, X.shape[1]))
+            self.intercept_ = np.zeros(2)
+            for j in range(2):
+                self.coef_[j], self.intercept_[j] = _soft_logistic(X, S[:, j], ts.n, self.C)
+        elif self.target == "win":
+            c, b = _soft_logistic(X, ts.y, ts.n, self.C)
+            self.coef_, self.intercept_ = c[None], np.array([b])
+        else:
+            raise ValueError(f"target must be 'win' or 'pair', got {self.target!r}")
 
     def _predict(self, texts, emb, groups):
-        return _sigmoid(self._features(emb, groups) @ self.coef_ + self.intercept_)
+        p = _sigmoid(self._features(texts, emb, groups) @ self.coef_.T + self.intercept_)
+        return p[:, 0] if self.target == "win" else (1 + p[:, 0] - p[:, 1]) / 2
 
     def _state(self):
-        return {"coef": self.coef_, "intercept": np.array(self.intercept_), "groups": np.array(self.groups_, dtype=str)}
+        return {"coef": self.coef_, "intercept": self.intercept_, "groups": np.array(self.groups_, dtype=str),
+                "len": np.array([self.len_mu_, self.len_sd_])}
 
     def _set_state(self, s, folder):
-        self.coef_, self.intercept_ = s["coef"], float(s["intercept"])
+        self.coef_, self.intercept_ = s["coef"], s["intercept"]
         self.groups_ = s["groups"].tolist()
+        self.len_mu_, self.len_sd_ = (float(v) for v in s["len"])
 
 
 @register
