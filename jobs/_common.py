@@ -1,0 +1,68 @@
+"""What every ``jobs/*.py`` entrypoint shares: make ``rayeval`` importable from the job's working
+dir, read a YAML ``--config``, and run one ``rayeval`` CLI command in-process.
+
+The entrypoints build an argv for the CLI (``rayeval/cli.py``) and nothing else, so a job and the
+command line can never disagree.  Exit codes pass through: ``ray job submit`` reports SUCCEEDED
+only when the command exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # `python jobs/x.py` puts jobs/ (not the repo) on sys.path
+    sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_config(path: str | None) -> dict[str, Any]:
+    """A YAML mapping (empty without a path).  Packaged names are left to the CLI."""
+    if not path:
+        return {}
+    import yaml
+
+    p = Path(path)
+    if not p.exists():
+        return {}
+    doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    if not isinstance(doc, dict):
+        raise SystemExit(f"{path}: top level must be a mapping")
+    return doc
+
+
+def pick(args: argparse.Namespace, cfg: dict[str, Any], name: str, default: Any = None) -> Any:
+    """Command line beats the YAML config beats the default."""
+    v = getattr(args, name, None)
+    if v is not None:
+        return v
+    return cfg.get(name, default)
+
+
+def run_cli(argv: Sequence[str]) -> int:
+    """``rayeval <argv>`` in this process; returns its exit code (0 on success)."""
+    import click
+
+    from rayeval.cli import app
+
+    argv = [str(a) for a in argv]
+    print("[jobs] rayeval " + " ".join(argv), flush=True)
+    try:
+        rv = app(args=argv, prog_name="rayeval", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return int(e.exit_code or 0)
+    except click.ClickException as e:
+        e.show()
+        return int(e.exit_code)
+    except click.exceptions.Abort:
+        return 1
+    return rv if isinstance(rv, int) else 0
+
+
+def main_exit(code: int) -> None:
+    sys.exit(code)
