@@ -107,67 +107,111 @@ class SWRankingRouter(Router):
         self.models_ = st["models"].tolist()
 
 
+class _torch_threads:
+    """Run small torch models single-threaded (tiny matmuls on a busy CPU are far faster so),
+    restoring the caller's setting afterwards."""
+
+    def __init__(self, n: int = 1):
+        self.n = n
+
+    def __enter__(self):
+        import torch
+
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.old)
+
+
 @register
 class MFRouter(Router):
-    """RouteLLM's matrix factorisation: s(m, q) = w2^T (v_m (.) (W1 q + b)), v_m L2-normalised;
-    P(a beats b | q) = sigmoid(s(a, q) - s(b, q)); BCE on battles (ties as 0.5 targets, or dropped)."""
+    """RouteLLM's matrix factorisation: s(m, q) = w2^T (v_m (.) (W1 q + b)), v_m L2-normalised.
+
+    ``objective="pairwise"`` (RouteLLM): P(a beats b | q) = sigmoid(s(a, q) - s(b, q)), BCE on
+    battles (ties as 0.5 targets, or dropped with ``tie_mode="drop"``); works from Preferences.
+    ``objective="pointwise"`` (Outcomes only): sigmoid(s(m, q) + c_m) predicts model m's min-max
+    scaled score on q, and P(strong wins) = (1 + p_strong - p_weak) / 2."""
 
     name = "mf"
     needs_embeddings = True
     SEARCH_SPACE = {"dim": [16, 64, 128], "lr": ("loguniform", 1e-4, 1e-2),
-                    "weight_decay": ("loguniform", 1e-6, 1e-2), "epochs": [10, 30, 60]}
+                    "weight_decay": ("loguniform", 1e-6, 1e-1), "epochs": [5, 10, 30],
+                    "objective": ["pairwise", "pointwise"]}
 
     def __init__(self, dim: int = 64, lr: float = 3e-3, weight_decay: float = 1e-4, epochs: int = 30,
-                 batch_size: int = 256, tie_mode: str = "half", seed: int = 0, embedder: str = "minilm-l6",
-                 strong: str | None = None, weak: str | None = None):
+                 batch_size: int = 256, tie_mode: str = "half", objective: str = "pairwise", seed: int = 0,
+                 embedder: str = "minilm-l6", strong: str | None = None, weak: str | None = None):
         self.dim, self.lr, self.weight_decay, self.epochs = dim, lr, weight_decay, epochs
-        self.batch_size, self.tie_mode, self.seed = batch_size, tie_mode, seed
+        self.batch_size, self.tie_mode, self.objective, self.seed = batch_size, tie_mode, objective, seed
         self.embedder, self.strong, self.weak = embedder, strong, weak
+
+    def _examples(self, data, emb_all, qids_all):
+        """(X per unique query, query idx, model idx a, model idx b or -1, target) arrays."""
+        if self.objective == "pointwise":
+            if not isinstance(data, Outcomes):
+                raise ValueError("objective='pointwise' needs Outcomes (per-model scores)")
+            S = data.scores.to_numpy(float)
+            lo, hi = np.nanmin(S), np.nanmax(S)
+            S = (S - lo) / max(hi - lo, 1e-12)
+            qi, mi = np.nonzero(~np.isnan(S))
+            return emb_all, qi, mi, np.full(len(qi), -1), S[qi, mi], data.models
+        uq, qi, a, b, y, models = battles(data)
+        pos = pd.Series(np.arange(len(qids_all)), index=qids_all)
+        pos = pos[~pos.index.duplicated()]
+        if self.tie_mode == "drop":
+            keep = y != 0.5
+            qi, a, b, y = qi[keep], a[keep], b[keep], y[keep]
+        return emb_all[pos.loc[uq].to_numpy()], qi, a, b, y, models
 
     def fit(self, data, embeddings=None):
         import torch
 
         from rayeval.route.routers.base import data_texts, resolve_pair
 
-        uq, qi, a, b, y, models = battles(data)
         texts, qids = data_texts(data)
         emb = self._embed(texts, embeddings)
-        pos = pd.Series(np.arange(len(qids)), index=qids)
-        X = torch.tensor(emb[pos.loc[uq].to_numpy()], dtype=torch.float32)
-        if self.tie_mode == "drop":
-            keep = y != 0.5
-            qi, a, b, y = qi[keep], a[keep], b[keep], y[keep]
+        Xn, qi, a, b, y, models = self._examples(data, emb, qids)
         self.strong_, self.weak_ = resolve_pair(data, self.strong, self.weak)
         self.models_ = models
-        g = torch.Generator().manual_seed(self.seed)
-        torch.manual_seed(self.seed)
-        d_q, m = X.shape[1], len(models)
-        W1 = torch.nn.Linear(d_q, self.dim)
-        V = torch.nn.Parameter(torch.randn(m, self.dim, generator=g) * 0.1)
-        w2 = torch.nn.Linear(self.dim, 1, bias=False)
-        params = [*W1.parameters(), V, *w2.parameters()]
-        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-        tq, ta, tb = (torch.tensor(v, dtype=torch.long) for v in (qi, a, b))
-        ty = torch.tensor(y, dtype=torch.float32)
-        n = len(ty)
-        for _ in range(self.epochs):
-            perm = torch.randperm(n, generator=g)
-            for s in range(0, n, self.batch_size):
-                idx = perm[s:s + self.batch_size]
-                h = W1(X[tq[idx]])
+        with _torch_threads(1):
+            g = torch.Generator().manual_seed(self.seed)
+            torch.manual_seed(self.seed)
+            X = torch.tensor(np.asarray(Xn), dtype=torch.float32)
+            m = len(models)
+            W1 = torch.nn.Linear(X.shape[1], self.dim)
+            V = torch.nn.Parameter(torch.randn(m, self.dim, generator=g) * 0.1)
+            w2 = torch.nn.Linear(self.dim, 1, bias=False)
+            cb = torch.nn.Parameter(torch.zeros(m))
+            params = [*W1.parameters(), V, *w2.parameters(), cb]
+            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+            tq, ta, tb = (torch.tensor(v, dtype=torch.long) for v in (qi, a, b))
+            ty = torch.tensor(y, dtype=torch.float32)
+            n = len(ty)
+            for _ in range(self.epochs):
+                perm = torch.randperm(n, generator=g)
+                for s in range(0, n, self.batch_size):
+                    idx = perm[s:s + self.batch_size]
+                    h = W1(X[tq[idx]])
+                    Vn = torch.nn.functional.normalize(V, dim=1)
+                    logit = w2(h * Vn[ta[idx]]).squeeze(-1)
+                    if self.objective == "pointwise":
+                        logit = logit + cb[ta[idx]]
+                    else:
+                        logit = logit - w2(h * Vn[tb[idx]]).squeeze(-1)
+                    loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, ty[idx])
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+            with torch.no_grad():
                 Vn = torch.nn.functional.normalize(V, dim=1)
-                logit = w2(h * Vn[ta[idx]]).squeeze(-1) - w2(h * Vn[tb[idx]]).squeeze(-1)
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, ty[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        with torch.no_grad():
-            Vn = torch.nn.functional.normalize(V, dim=1)
-            # only the strong-minus-weak direction matters at prediction time
-            self.W_ = W1.weight.detach().numpy().astype(np.float64)
-            self.b_ = W1.bias.detach().numpy().astype(np.float64)
-            self.V_ = Vn.numpy().astype(np.float64)
-            self.w2_ = w2.weight.detach().numpy()[0].astype(np.float64)
+                self.W_ = W1.weight.detach().numpy().astype(np.float64)
+                self.b_ = W1.bias.detach().numpy().astype(np.float64)
+                self.V_ = Vn.numpy().astype(np.float64)
+                self.w2_ = w2.weight.detach().numpy()[0].astype(np.float64)
+                self.c_ = cb.detach().numpy().astype(np.float64)
         self.fitted_ = True
         return self
 
@@ -179,11 +223,15 @@ class MFRouter(Router):
     def _predict(self, texts, emb, groups):
         s = self.scores(np.asarray(emb, np.float64))
         i, j = self.models_.index(self.strong_), self.models_.index(self.weak_)
+        if self.objective == "pointwise":
+            p = 1.0 / (1.0 + np.exp(-(s + self.c_)))
+            return (1 + p[:, i] - p[:, j]) / 2
         return 1.0 / (1.0 + np.exp(-(s[:, i] - s[:, j])))
 
     def _state(self):
-        return {"W": self.W_, "b": self.b_, "V": self.V_, "w2": self.w2_, "models": np.array(self.models_, dtype=str)}
+        return {"W": self.W_, "b": self.b_, "V": self.V_, "w2": self.w2_, "c": self.c_,
+                "models": np.array(self.models_, dtype=str)}
 
     def _set_state(self, st, folder):
-        self.W_, self.b_, self.V_, self.w2_ = st["W"], st["b"], st["V"], st["w2"]
+        self.W_, self.b_, self.V_, self.w2_, self.c_ = st["W"], st["b"], st["V"], st["w2"], st["c"]
         self.models_ = st["models"].tolist()

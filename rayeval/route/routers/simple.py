@@ -39,12 +39,13 @@ class RandomRouter(Router):
 
 @register
 class LengthRouter(Router):
-    """Longer prompt -> strong model.  P = len / (len + median training length)."""
+    """Longer prompt -> strong model.  P = len / (len + scale): a fixed monotone map (no fitted
+    state), so scores from different cross-fitting folds stay comparable."""
 
     name = "length"
 
-    def __init__(self, unit: str = "chars"):
-        self.unit = unit
+    def __init__(self, unit: str = "chars", scale: float = 500.0):
+        self.unit, self.scale = unit, scale
 
     def _len(self, texts):
         if self.unit == "words":
@@ -52,17 +53,11 @@ class LengthRouter(Router):
         return np.array([len(t) for t in texts], float)
 
     def _fit(self, ts, emb, data):
-        self.median_ = float(np.median(self._len(ts.texts))) or 1.0
+        pass
 
     def _predict(self, texts, emb, groups):
         L = self._len(texts)
-        return L / (L + self.median_)
-
-    def _state(self):
-        return {"median": np.array(self.median_)}
-
-    def _set_state(self, s, folder):
-        self.median_ = float(s["median"])
+        return L / (L + self.scale)
 
 
 @register
