@@ -46,21 +46,23 @@ def pick(args: argparse.Namespace, cfg: dict[str, Any], name: str, default: Any 
 
 def run_cli(argv: Sequence[str]) -> int:
     """``rayeval <argv>`` in this process; returns its exit code (0 on success)."""
-    import click
-
     from rayeval.cli import app
 
     argv = [str(a) for a in argv]
     print("[jobs] rayeval " + " ".join(argv), flush=True)
     try:
         rv = app(args=argv, prog_name="rayeval", standalone_mode=False)
-    except click.exceptions.Exit as e:
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except Exception as e:
+        # Typer's (vendored click's) Exit / usage errors carry an exit code; anything else is a crash.
+        if type(e).__name__ == "Abort":
+            return 1
+        if not hasattr(e, "exit_code"):
+            raise
+        if hasattr(e, "show"):
+            e.show()
         return int(e.exit_code or 0)
-    except click.ClickException as e:
-        e.show()
-        return int(e.exit_code)
-    except click.exceptions.Abort:
-        return 1
     return rv if isinstance(rv, int) else 0
 
 

@@ -22,12 +22,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def argv(a: argparse.Namespace) -> list[str]:
-    res = ["tune", a.config]
+    # Options before CONFIG: `rayeval tune` is a group whose callback is the command, and a
+    # group stops parsing options at its first positional argument.
+    res = ["tune"]
     if a.out:
         res += ["--out", a.out]
     if a.resume:
         res.append("--resume")
-    return res
+    return res + [a.config]
 
 
 if __name__ == "__main__":
