@@ -285,13 +285,15 @@ class GenerateActor:
     """One generator per model; answers whole shards.  A Ray Data ``map_batches`` class."""
 
     def __init__(self, models: list[str], execution: dict[str, Any], sampling: dict[str, Any],
-                 system_prompt: str | None = None):
+                 system_prompt: str | None = None, generators: dict | None = None):
         ex = Execution(**execution)
         self.sampling = Sampling(**sampling)
         self.system = system_prompt
         cores = default_cpu_cores(models) if ex.kind == "vllm" and not ex.cpu_cores else ex.cpu_cores
-        self.gens = {}
+        self.gens = dict(generators or {})  # ready generators (e.g. engines shared in one process)
         for m in models:
+            if m in self.gens:
+                continue
             kw = dict(ex.engine_kwargs)
             if ex.kind == "vllm" and m in cores:
                 kw["cpu_cores"] = cores[m]

@@ -35,23 +35,28 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 
 def best_similarities(eval_emb: np.ndarray, train_emb: np.ndarray, *, exclude_identical: bool = False,
-                      chunk: int = 2048) -> np.ndarray:
+                      exclude: np.ndarray | None = None, chunk: int = 2048) -> np.ndarray:
     """Per evaluation row, the best cosine similarity to any training row (rows need not be
     normalised).  ``exclude_identical`` skips training rows identical to the evaluation row
-    (cosine >= 1 - 1e-6): leave-one-out when the sets overlap."""
+    (cosine >= 1 - 1e-6): leave-one-out when the sets overlap.  ``exclude`` (bool, n_eval x
+    n_train) skips chosen pairs, e.g. the other turns of the same conversation."""
     E, T = _normalise(eval_emb), _normalise(train_emb)
     if E.shape[1] != T.shape[1]:
         raise ValueError(f"embedding sizes differ: eval {E.shape[1]}, train {T.shape[1]}")
     if len(T) == 0 or len(E) == 0:
         raise ValueError("empty set")
+    if exclude is not None and exclude.shape != (len(E), len(T)):
+        raise ValueError(f"exclude mask {exclude.shape} != {(len(E), len(T))}")
     out = np.empty(len(E))
     for s in range(0, len(E), chunk):
         sim = E[s:s + chunk] @ T.T
         if exclude_identical:
             sim = np.where(sim >= 1 - 1e-6, -np.inf, sim)
+        if exclude is not None:
+            sim = np.where(exclude[s:s + chunk], -np.inf, sim)
         out[s:s + chunk] = sim.max(1)
     if not np.isfinite(out).all():
-        raise ValueError("an evaluation query has no training query other than itself")
+        raise ValueError("an evaluation query has no training query left to compare with")
     return out
 
 
@@ -85,58 +90,72 @@ SOURCES = {
 }
 
 
-def query_set(name: str, sample: int | None = None, seed: int = 0) -> list[str]:
-    """The distinct query texts of a named set (see ``SOURCES``), optionally a seeded sample."""
+def query_set(name: str, sample: int | None = None, seed: int = 0) -> pd.DataFrame:
+    """The distinct queries of a named set (see ``SOURCES``; ``a+b`` is the union of two sets):
+    columns ``id`` (item / conversation id: the two MT-Bench turns of a question share it) and
+    ``text``; optionally a seeded sample of ``sample`` rows."""
     from rayeval.route import prefs as P
     from rayeval.route.generate import load_prompts
 
+    if "+" in name:
+        parts = [query_set(n, None, seed) for n in name.split("+")]
+        df = pd.concat(parts, ignore_index=True).drop_duplicates("text")
+        return _sample(df, sample, seed)
     kind, _, rest = name.partition(":")
-    if name == "mt_bench":
-        texts = load_prompts("mt_bench", turn=1)["prompt"].tolist()
-    elif name == "mt_bench_turn2":
-        texts = load_prompts("mt_bench", turn=2)["prompt"].tolist()
+    if name in ("mt_bench", "mt_bench_turn2"):
+        d = load_prompts("mt_bench", turn=1 if name == "mt_bench" else 2)
+        df = pd.DataFrame({"id": d["prompt_id"], "text": d["prompt"]})
     elif name in ("mmlu", "gsm8k"):
-        texts = P.load_routellm(name).texts
+        o = P.load_routellm(name)
+        df = pd.DataFrame({"id": o.queries["query_id"], "text": o.texts})
     elif kind == "routerbench":
-        if rest:
-            task, _, split = rest.partition(":")
-            texts = P.load_routerbench(task, split or "train").texts
-        else:
-            texts = [t for task in P.ROUTERBENCH_TASKS for t in P.load_routerbench(task, "train").texts]
+        tasks = [rest.partition(":")[0]] if rest else list(P.ROUTERBENCH_TASKS)
+        split = rest.partition(":")[2] or "train"
+        os_ = [P.load_routerbench(t, split) for t in tasks]
+        df = pd.concat([pd.DataFrame({"id": o.queries["query_id"], "text": o.texts}) for o in os_], ignore_index=True)
     elif kind == "judge":
         p = Path(rest)
-        texts = P.Preferences.load(p / "preferences.parquet" if p.is_dir() else p).unique_queries()["query"].tolist()
+        q = P.Preferences.load(p / "preferences.parquet" if p.is_dir() else p).unique_queries()
+        df = pd.DataFrame({"id": q["query_id"], "text": q["query"]})
     else:
-        texts = load_prompts(name)["prompt"].tolist()
-    texts = list(dict.fromkeys(str(t) for t in texts))  # distinct, first-seen order
-    if sample is not None and len(texts) > sample:
-        idx = np.sort(np.random.default_rng(seed).choice(len(texts), sample, replace=False))
-        texts = [texts[i] for i in idx]
-    return texts
+        d = load_prompts(name)
+        df = pd.DataFrame({"id": d["prompt_id"], "text": d["prompt"]})
+    df = df.astype(str).drop_duplicates("text").reset_index(drop=True)
+    return _sample(df, sample, seed)
+
+
+def _sample(df: pd.DataFrame, sample: int | None, seed: int) -> pd.DataFrame:
+    if sample is not None and len(df) > sample:
+        idx = np.sort(np.random.default_rng(seed).choice(len(df), sample, replace=False))
+        df = df.iloc[idx]
+    return df.reset_index(drop=True)
 
 
 def similarity_study(train: Sequence[str], bench: Sequence[str], *, sample: int | None = 1000, seed: int = 0,
                      embedder: str = DEFAULT_EMBEDDER) -> dict[str, Any]:
     """S(bench, train) for every (training proxy, benchmark).  Sets are sampled to ``sample``
-    queries (seeded) to bound the cost; a benchmark that is also (part of) the training set is
-    scored leave-one-out.  Returns {"rows": [...], "sources": {...}, "embedder", "sample"}."""
+    queries (seeded) to bound the cost.  Where a benchmark query also occurs in the training
+    set -- the same text, or the same item/conversation id (MT-Bench's two turns) -- those
+    training queries are left out for it.  Returns {"rows": [...], "sources", "embedder", ...}."""
     from rayeval.route.embed import embed
 
     names = list(dict.fromkeys(list(train) + list(bench)))
     sets = {n: query_set(n, sample, seed) for n in names}
-    embs = {n: embed(t, embedder, use_cache=True) for n, t in sets.items()}
+    embs = {n: embed(sets[n]["text"].tolist(), embedder, use_cache=True) for n in names}
     rows = []
     for t in train:
-        tset = set(sets[t])
+        T = sets[t]
         for b in bench:
-            overlap = sum(q in tset for q in sets[b])
-            loo = overlap > 0
-            sims = best_similarities(embs[b], embs[t], exclude_identical=loo)
+            B = sets[b]
+            mask = (B["id"].to_numpy()[:, None] == T["id"].to_numpy()[None, :]) | \
+                   (B["text"].to_numpy()[:, None] == T["text"].to_numpy()[None, :])
+            excluded = int(mask.any(1).sum())
+            sims = best_similarities(embs[b], embs[t], exclude_identical=excluded > 0, exclude=mask if excluded else None)
             rows.append({"train": t, "bench": b, "score": float(sims.mean()), "median": float(np.median(sims)),
-                         "n_eval": len(sets[b]), "n_train": len(sets[t]), "overlap": overlap, "leave_one_out": loo})
+                         "n_eval": len(B), "n_train": len(T), "held_out": excluded})
     return {"rows": rows, "embedder": embedder, "sample": sample, "seed": seed,
-            "sources": {n: SOURCES.get(n, SOURCES.get(n.split(":")[0] + (":<task>[:split]" if n.startswith("routerbench:") else ""), n))
-                        for n in names}}
+            "sources": {n: " + ".join(SOURCES.get(p, SOURCES.get(p.split(":")[0] + ":<task>[:split]", p))
+                                      for p in n.split("+")) for n in names}}
 
 
 def similarity_markdown(res: dict[str, Any], title: str = "Benchmark-dataset similarity") -> str:
@@ -144,7 +163,8 @@ def similarity_markdown(res: dict[str, Any], title: str = "Benchmark-dataset sim
     lines = [f"## {title}", "",
              f"S(B, T) = mean over benchmark queries of the best cosine similarity to any training query "
              f"(`{res['embedder']}` embeddings, the routers'; at most {res['sample']} queries per set, seed "
-             f"{res['seed']}; leave-one-out where the sets overlap).", ""]
+             f"{res['seed']}).  * = some benchmark queries are also in the training set (same text or same "
+             f"conversation id): for those, their own copies are left out of the training set.", ""]
     trains = list(dict.fromkeys(df["train"]))
     benches = list(dict.fromkeys(df["bench"]))
     lines.append("| training set (proxy) | " + " | ".join(benches) + " |")
@@ -153,7 +173,7 @@ def similarity_markdown(res: dict[str, Any], title: str = "Benchmark-dataset sim
         cells = []
         for b in benches:
             r = df[(df.train == t) & (df.bench == b)].iloc[0]
-            cells.append(f"{r.score:.4f}" + (" (LOO)" if r.leave_one_out else ""))
+            cells.append(f"{r.score:.4f}" + (" *" if r.held_out else ""))
         lines.append(f"| {t} (n={int(df[df.train == t].n_train.iloc[0])}) | " + " | ".join(cells) + " |")
     lines += ["", "RouteLLM (paper, Chatbot Arena battles as the training data, OpenAI embeddings): MT-Bench is "
                   "the most similar benchmark, MMLU and GSM8K clearly less -- and its routers do best on MT-Bench."]
