@@ -54,7 +54,12 @@ HF_GRID = [
     ("bf16/2t/b64", {"dtype": "bfloat16", "num_threads": 2, "batch_size": 64}),
     ("fp32/2t/b64", {"dtype": "float32", "num_threads": 2, "batch_size": 64}),
 ]
-HF_DEFAULT = "bf16/2t/b16"  # HFEngine's defaults on CPU (bf16, batch 16, torch's default threads = cores)
+HF_DEFAULT = "bf16/2t/b16"
+# Proposed HFEngine change, measured here as a variant: symbol requests need the logits of ONE
+# position, so left-pad, pass position_ids, and ask the model for ``logits_to_keep=1`` instead of
+# computing (and holding) logits over the whole vocabulary at every position.
+HF_LAST = {"bf16/1t/b16/last": {"dtype": "bfloat16", "num_threads": 1, "batch_size": 16},
+           "bf16/2t/b16/last": {"dtype": "bfloat16", "num_threads": 2, "batch_size": 16}}  # HFEngine's defaults on CPU (bf16, batch 16, torch's default threads = cores)
 
 
 def log(msg: str) -> None:
@@ -101,6 +106,30 @@ def best(times: list[float]) -> float:
     return min(times)
 
 
+def cpu_now() -> float:
+    """CPU seconds (user + system) used so far by this process and all its live descendants (the
+    vLLM engine-core processes).  Under contention, CPU seconds per question are far steadier
+    than wall time (OpenMP spin-waits still count, so oversubscribed threads show up here too)."""
+    import psutil
+
+    me = psutil.Process()
+    tot = 0.0
+    for p in [me] + me.children(recursive=True):
+        try:
+            t = p.cpu_times()
+            tot += t.user + t.system
+        except psutil.Error:
+            pass
+    return tot
+
+
+def timed(fn):
+    """(wall seconds, CPU seconds, result) of fn()."""
+    c0, t0 = cpu_now(), time.perf_counter()
+    r = fn()
+    return time.perf_counter() - t0, cpu_now() - c0, r
+
+
 # ----------------------------------------------------------------------------- in-process engines
 
 class VLLMUnderTest:
@@ -133,28 +162,59 @@ class VLLMUnderTest:
 
     def bare(self):
         self.eng.llm.reset_prefix_cache()
-        t0 = time.perf_counter()
-        outs = self.eng.llm.generate(self.prompts, self.params, use_tqdm=False)
-        dt = time.perf_counter() - t0
+        dt, cpu, outs = timed(lambda: self.eng.llm.generate(self.prompts, self.params, use_tqdm=False))
         vals = []
         for o, tids in zip(outs, self.tids):
             lp = o.outputs[0].logprobs[0]
             vals.append([lp[t].logprob if t in lp else -1e9 for t in tids])
-        return dt, vals
+        return dt, cpu, vals
 
     def score(self, reqs, chunk: int | None = None):
         self.eng.llm.reset_prefix_cache()
-        t0 = time.perf_counter()
-        if chunk:
+
+        def run():
+            if not chunk:
+                return self.eng.score(reqs)
             res = []
             for i in range(0, len(reqs), chunk):
                 res.extend(self.eng.score(reqs[i: i + chunk]))
-        else:
-            res = self.eng.score(reqs)
-        return time.perf_counter() - t0, res
+            return res
+        return timed(run)
 
     def close(self):
         self.eng.close()
+
+
+def make_hf_last(model: str, kw: dict):
+    """HFEngine whose symbol scoring computes logits at the last position only (see HF_LAST)."""
+    from rayeval.eval.engines import HFEngine, _assemble, _expand
+
+    class HFEngineLastLogits(HFEngine):
+        def score(self, requests):
+            torch = self._torch
+            jobs = _expand(requests, self.tokenizer, self._sym_cache)
+            if any(j[0] != "sym" for j in jobs):
+                return super().score(requests)
+            seqs = [j[2] for j in jobs]
+            values: list = [None] * len(jobs)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            with torch.inference_mode():
+                for b in self._batches(seqs):
+                    L = max(len(seqs[k]) for k in b)
+                    ids = torch.full((len(b), L), pad, dtype=torch.long)
+                    mask = torch.zeros((len(b), L), dtype=torch.long)
+                    for r, k in enumerate(b):  # left padding; positions from the mask
+                        ids[r, L - len(seqs[k]):] = torch.tensor(seqs[k])
+                        mask[r, L - len(seqs[k]):] = 1
+                    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                    logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                        position_ids=pos.to(self.device), logits_to_keep=1).logits
+                    lp = torch.log_softmax(logits[:, -1].float(), -1)
+                    for r, k in enumerate(b):
+                        values[k] = [float(lp[r, t]) for t in jobs[k][3]]
+            return _assemble(requests, jobs, values)
+
+    return HFEngineLastLogits(model, dict(kw))
 
 
 def bare_preds(works, vals) -> dict[str, int]:
@@ -202,10 +262,21 @@ else:
     from lm_eval.models.vllm_causallms import VLLM
     lm = VLLM(pretrained=a["model_path"], dtype="bfloat16", max_model_len=2048, enforce_eager=True,
               batch_size="auto", seed=0, kv_cache_memory_bytes=1 << 30)
+import psutil
+def cpu_now():
+    me = psutil.Process(); tot = 0.0
+    for p in [me] + me.children(recursive=True):
+        try:
+            t = p.cpu_times(); tot += t.user + t.system
+        except psutil.Error:
+            pass
+    return tot
+c1 = cpu_now()
 t1 = time.perf_counter()
 res = lm_eval.simple_evaluate(model=lm, tasks=a["tasks"], task_manager=TaskManager(include_path=a["task_dir"]),
                               num_fewshot=0, log_samples=True)
 t2 = time.perf_counter()
+c2 = cpu_now()
 preds, nreq = {}, 0
 for task, samples in res["samples"].items():
     for s in samples:
@@ -213,7 +284,7 @@ for task, samples in res["samples"].items():
         nreq += len(lls)
         preds[f"{task}/{s['doc_id']}"] = max(range(len(lls)), key=lambda i: lls[i])
 acc = {t: r.get("acc,none") for t, r in res["results"].items()}
-json.dump({"load_s": t1 - t0, "eval_s": t2 - t1, "acc": acc, "preds": preds, "n_requests": nreq},
+json.dump({"load_s": t1 - t0, "eval_s": t2 - t1, "cpu_s": c2 - c1, "acc": acc, "preds": preds, "n_requests": nreq},
           open(a["out"], "w"))
 '''
 
@@ -314,6 +385,10 @@ def main(argv=None) -> dict:
                          "pipeline-vllm, pipeline-hf")
     ap.add_argument("--vllm-cores", default="default,0-1",
                     help="comma list of vLLM pinnings to try: 'default' (vLLM's own) or a core list like 0-1")
+    ap.add_argument("--hf-grid", default=",".join([l for l, _ in HF_GRID] + list(HF_LAST)),
+                    help="comma list of HF configurations (dtype/threads/batch[/last]) from: "
+                         + ", ".join([l for l, _ in HF_GRID] + list(HF_LAST)))
+    ap.add_argument("--lm-eval-backends", default="hf,vllm")
     ap.add_argument("--reps", type=int, default=2, help="interleaved rounds; the best round is reported")
     ap.add_argument("--shard-size", type=int, default=64, help="pipeline shard size (the config's batch_size)")
     ap.add_argument("--skip-lm-eval", action="store_true")
@@ -344,6 +419,11 @@ def main(argv=None) -> dict:
                "loadavg_start": os.getloadavg(), "rows": {}, "preds": {}}
     rows = R["rows"]
 
+    def save():
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(R, indent=1, default=str))
+
     def add(name: str, times: list[float], preds: dict | None, **kw):
         t = best(times)
         rows[name] = {"q_per_s": n / t, "seconds": t, "all_seconds": [round(x, 2) for x in times],
@@ -351,9 +431,25 @@ def main(argv=None) -> dict:
         if preds:
             R["preds"][name] = preds
         log(f"{name}: {n / t:.1f} q/s (best of {[round(x, 1) for x in times]} s), acc {rows[name]['acc']}")
+        save()
 
     # --- start every in-process engine, then interleave the timed passes
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally: engine cores stop too
     vl: dict[str, VLLMUnderTest] = {}
+    try:
+        return _run(args, R, vl, engines, works, reqs, gold, n, cfg, subjects, model_path, tmp, add, save, torch)
+    finally:
+        for v in vl.values():
+            try:
+                v.close()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+def _run(args, R, vl, engines, works, reqs, gold, n, cfg, subjects, model_path, tmp, add, save, torch):
+    rows = R["rows"]
     if "vllm" in engines:
         for cores in [c.strip() for c in args.vllm_cores.split(",") if c.strip()]:
             log(f"starting VLLMEngine (cpu_cores={cores})")
@@ -366,44 +462,53 @@ def main(argv=None) -> dict:
     if "hf" in engines:
         from rayeval.eval.engines import make_engine
 
-        for label, kw in HF_GRID:
+        for label, kw in [(l, k) for l, k in list(HF_GRID) + list(HF_LAST.items()) if l in args.hf_grid.split(",")]:
             t0 = time.perf_counter()
-            hf[label] = make_engine("hf", args.model, dict(kw))
+            hf[label] = make_hf_last(args.model, kw) if label in HF_LAST else make_engine("hf", args.model, dict(kw))
             R.setdefault("start_s", {})[f"hf[{label}]"] = round(time.perf_counter() - t0, 1)
             torch.set_num_threads(kw["num_threads"])
             hf[label].score(reqs[:16])  # warm-up
     torch.set_num_threads(default_threads)
 
     times: dict[str, list[float]] = {}
+    cpus: dict[str, list[float]] = {}
     preds: dict[str, dict] = {}
     for rnd in range(args.reps):
         passes = []
         for cores, v in vl.items():
-            passes.append((f"bare-vllm[{cores}]", lambda v=v: (lambda dt_vals: (dt_vals[0], bare_preds(works, dt_vals[1])))(v.bare())))
-            passes.append((f"rayeval-vllm[{cores}]", lambda v=v: (lambda r: (r[0], preds_from_results(works, r[1])))(v.score(reqs))))
+            def bare_pass(v=v):
+                dt, cpu, vals = v.bare()
+                return dt, cpu, bare_preds(works, vals)
+
+            def eng_pass(v=v, chunk=None):
+                dt, cpu, res = v.score(reqs, chunk)
+                return dt, cpu, preds_from_results(works, res)
+            passes.append((f"bare-vllm[{cores}]", bare_pass))
+            passes.append((f"rayeval-vllm[{cores}]", eng_pass))
             if cores == "default" and "pipeline-vllm" in engines:
                 passes.append((f"rayeval-vllm[{cores}] {args.shard_size}/call",
-                               lambda v=v: (lambda r: (r[0], preds_from_results(works, r[1])))(v.score(reqs, args.shard_size))))
+                               lambda v=v: eng_pass(v, args.shard_size)))
         for label, eng in hf.items():
-            def hf_pass(eng=eng, th=dict(HF_GRID)[label]["num_threads"]):
+            def hf_pass(eng=eng, th={**dict(HF_GRID), **HF_LAST}[label]["num_threads"]):
                 torch.set_num_threads(th)
-                t0 = time.perf_counter()
-                res = eng.score(reqs)
-                return time.perf_counter() - t0, preds_from_results(works, res)
+                dt, cpu, res = timed(lambda: eng.score(reqs))
+                return dt, cpu, preds_from_results(works, res)
             passes.append((f"rayeval-hf[{label}]", hf_pass))
         if rnd % 2:
             passes.reverse()
         for name, fn in passes:
-            dt, p = fn()
+            dt, cpu, p = fn()
             times.setdefault(name, []).append(dt)
+            cpus.setdefault(name, []).append(cpu)
             preds[name] = p
-            log(f"round {rnd + 1}: {name} {dt:.1f}s ({n / dt:.1f} q/s)")
+            log(f"round {rnd + 1}: {name} {dt:.1f}s ({n / dt:.1f} q/s), {cpu:.1f} CPU-s "
+                f"({n / max(cpu, 1e-9):.1f} q/CPU-s), load {os.getloadavg()[0]:.1f}")
     torch.set_num_threads(default_threads)
     for name, ts in times.items():
-        add(name, ts, preds[name])
-    for v in vl.values():
+        add(name, ts, preds[name], cpu_s=min(cpus[name]), q_per_cpu_s=n / max(min(cpus[name]), 1e-9))
+    for v in list(vl.values()):
         v.close()
-    del vl
+    vl.clear()
     hf.clear()
 
     # --- the Ray Data pipeline (its own Ray cluster, actor and engine start)
@@ -411,7 +516,13 @@ def main(argv=None) -> dict:
         if f"pipeline-{kind}" not in engines:
             continue
         log(f"pipeline ({kind}, actors=1, shards of {args.shard_size})")
-        p = run_pipeline(cfg, kind, tmp / f"pipeline_{kind}")
+        try:
+            p = run_pipeline(cfg, kind, tmp / f"pipeline_{kind}")
+        except Exception as ex:  # noqa: BLE001 - report and go on
+            log(f"pipeline-{kind} failed: {ex!r}")
+            rows[f"pipeline-{kind}"] = {"error": repr(ex)[-500:]}
+            save()
+            continue
         rows[f"pipeline-{kind} (wall, incl. start)"] = {"q_per_s": p["qps_wall"], "seconds": p["wall_s"],
                                                          "acc": accuracy(p["preds"], gold),
                                                          "first_shard_s": p["first_shard_s"]}
@@ -420,6 +531,7 @@ def main(argv=None) -> dict:
         R["preds"][f"pipeline-{kind}"] = p["preds"]
         log(f"  wall {p['wall_s']:.1f}s ({p['qps_wall']:.1f} q/s), first shard at {p['first_shard_s']:.1f}s, "
             f"steady {p['steady_qps']:.1f} q/s")
+        save()
 
     # --- lm-eval
     if not args.skip_lm_eval:
@@ -434,11 +546,11 @@ def main(argv=None) -> dict:
             items = load_items(data_root() / "mmlu", split="test", subjects=subjects,
                                limit=per_subject_limit(args.n_questions, subjects)).items
             tasks, idmap = write_lmeval_tasks(items, tmp)
-            hf_rows = {k: v for k, v in rows.items() if k.startswith("rayeval-hf[")}
+            hf_rows = {k: v for k, v in rows.items() if k.startswith("rayeval-hf[") and "/last" not in k}
             best_hf = max(hf_rows, key=lambda k: hf_rows[k]["q_per_s"]) if hf_rows else f"rayeval-hf[{HF_DEFAULT}]"
             lab = best_hf[len("rayeval-hf["):-1]
             hf_kw = dict(HF_GRID).get(lab, dict(HF_GRID)[HF_DEFAULT])
-            for backend in ("hf", "vllm"):
+            for backend in [b.strip() for b in args.lm_eval_backends.split(",") if b.strip()]:
                 name = f"lm-eval-{backend}"
                 try:
                     e = dict(env)
@@ -453,23 +565,26 @@ def main(argv=None) -> dict:
                 except Exception as ex:  # noqa: BLE001 - report and go on
                     log(f"{name} failed: {ex}")
                     rows[name] = {"error": str(ex)[-500:]}
+                    save()
                     continue
                 cfg_txt = (f"{hf_kw['dtype']}, batch {hf_kw['batch_size']}, {hf_kw['num_threads']} threads"
                            if backend == "hf" else "bf16, vLLM default pinning, batch auto")
                 rows[name] = {"q_per_s": n / d["eval_s"], "seconds": d["eval_s"], "acc": accuracy(d["preds"], gold),
                               "load_s": d["load_s"], "wall_s": d["wall_s"], "q_per_s_wall": n / d["wall_s"],
-                              "n_requests": d["n_requests"], "config": cfg_txt}
+                              "n_requests": d["n_requests"], "config": cfg_txt,
+                              "cpu_s": d["cpu_s"], "q_per_cpu_s": n / max(d["cpu_s"], 1e-9)}
                 R["preds"][name] = d["preds"]
                 log(f"  {name}: eval {d['eval_s']:.1f}s ({n / d['eval_s']:.1f} q/s), load {d['load_s']:.1f}s, "
                     f"{d['n_requests']} requests, acc {rows[name]['acc']:.4f}")
+                save()
 
     R["loadavg_end"] = os.getloadavg()
     R["summary"] = summarize(R)
     print(render(R), flush=True)
+    save()
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(R, indent=1, default=str))
-        log(f"wrote {args.out}")
+        Path(args.out).with_suffix(".md").write_text(render(R) + "\n")
+        log(f"wrote {args.out} and {Path(args.out).with_suffix('.md')}")
     return R
 
 
@@ -484,7 +599,7 @@ def summarize(R: dict) -> dict:
     rows, P = R["rows"], R["preds"]
     S: dict = {}
     vllm_eng = {k: v["q_per_s"] for k, v in rows.items() if k.startswith("rayeval-vllm[") and "/call" not in k}
-    hf_eng = {k: v["q_per_s"] for k, v in rows.items() if k.startswith("rayeval-hf[")}
+    hf_eng = {k: v["q_per_s"] for k, v in rows.items() if k.startswith("rayeval-hf[") and "/last" not in k}
     if vllm_eng:
         S["fastest_vllm"] = max(vllm_eng, key=vllm_eng.get)
     if hf_eng:
@@ -501,9 +616,10 @@ def summarize(R: dict) -> dict:
     for k in ("pipeline-vllm (steady)", "pipeline-vllm (wall, incl. start)"):
         if b and _q(rows, k):
             ratios[f"{k} / bare vLLM [default]"] = _q(rows, k) / b
-    if _q(rows, "pipeline-vllm (steady)") and _q(rows, "rayeval-vllm[default] 64/call"):
-        ratios["pipeline-vllm (steady) / VLLMEngine 64 per call"] = (_q(rows, "pipeline-vllm (steady)")
-                                                                      / _q(rows, "rayeval-vllm[default] 64/call"))
+    chunked = next((k for k in rows if k.startswith("rayeval-vllm[default] ") and k.endswith("/call")), None)
+    if _q(rows, "pipeline-vllm (steady)") and chunked:
+        ratios[f"pipeline-vllm (steady) / VLLMEngine {chunked.split()[-1]}"] = (
+            _q(rows, "pipeline-vllm (steady)") / _q(rows, chunked))
     if _q(rows, "pipeline-hf (steady)") and hf_eng:
         ratios["pipeline-hf (steady) / HFEngine default"] = _q(rows, "pipeline-hf (steady)") / (
             _q(rows, f"rayeval-hf[{HF_DEFAULT}]") or max(hf_eng.values()))
@@ -516,6 +632,10 @@ def summarize(R: dict) -> dict:
     lm = [_q(rows, k) for k in ("lm-eval-hf", "lm-eval-vllm") if _q(rows, k)]
     if lm and ours:
         ratios["rayeval fastest / lm-eval fastest"] = max(ours.values()) / max(lm)
+    for lab in HF_LAST:
+        base = lab.rsplit("/", 1)[0]
+        if _q(rows, f"rayeval-hf[{lab}]") and _q(rows, f"rayeval-hf[{base}]"):
+            ratios[f"HF last-position logits / HFEngine [{base}]"] = _q(rows, f"rayeval-hf[{lab}]") / _q(rows, f"rayeval-hf[{base}]")
     S["ratios"] = ratios
     agree = {}
     ref = "bare-vllm[default]" if "bare-vllm[default]" in P else next((k for k in P if k.startswith("bare-vllm")), None)
@@ -527,6 +647,10 @@ def summarize(R: dict) -> dict:
             pairs.append((f"rayeval-hf[{HF_DEFAULT}]", k))
     if "lm-eval-hf" in P and "lm-eval-vllm" in P:
         pairs.append(("lm-eval-hf", "lm-eval-vllm"))
+    hd = f"rayeval-hf[{HF_DEFAULT}]"
+    if hd in P:
+        pairs += [(hd, k) for k in P if k.startswith("rayeval-hf[") and k != hd and (ref is None or (hd, k) not in pairs)]
+    pairs = list(dict.fromkeys(pairs))
     for a, b in pairs:
         agree[f"{a} vs {b}"] = agreement(P[a], P[b])
     S["agreement"] = agree
@@ -538,10 +662,10 @@ def render(R: dict) -> str:
     out = [f"\n## {R['model']}: {R['n_questions']} zero-shot MMLU questions ({', '.join(R['subjects'])}), {R['date']}",
            f"{R['cpus']} CPUs; load average at start {R['loadavg_start'][0]:.1f}, at end {R['loadavg_end'][0]:.1f} "
            "(other work shared the cores: compare ratios)", "",
-           "| run | questions/s | seconds | accuracy | notes |", "|---|---:|---:|---:|---|"]
+           "| run | questions/s | seconds | questions/CPU-s | accuracy | notes |", "|---|---:|---:|---:|---:|---|"]
     for name, r in rows.items():
         if "error" in r:
-            out.append(f"| {name} | - | - | - | failed: {r['error'][:80]} |")
+            out.append(f"| {name} | - | - | - | - | failed: {r['error'][:80]} |")
             continue
         notes = []
         if "all_seconds" in r and len(r["all_seconds"]) > 1:
@@ -556,7 +680,8 @@ def render(R: dict) -> str:
         if "config" in r:
             notes.append(r["config"])
         acc = f"{r['acc']:.4f}" if r.get("acc") is not None else "-"
-        out.append(f"| {name} | {r['q_per_s']:.1f} | {r['seconds']:.1f} | {acc} | {'; '.join(notes)} |")
+        qc = f"{r['q_per_cpu_s']:.1f}" if r.get("q_per_cpu_s") else "-"
+        out.append(f"| {name} | {r['q_per_s']:.1f} | {r['seconds']:.1f} | {qc} | {acc} | {'; '.join(notes)} |")
     if R.get("start_s"):
         out += ["", "Engine start (s): " + ", ".join(f"{k} {v}" for k, v in R["start_s"].items())]
     out += ["", "| ratio | value |", "|---|---:|"]
