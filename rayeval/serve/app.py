@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import json
 import math
 import os
@@ -32,6 +33,7 @@ from ray import serve
 from rayeval.serve.llm import LLMServer
 from rayeval.serve.routing import Embedder, RouterServer, default_router_dir
 
+log = logging.getLogger("ray.serve")
 ROLES = {"system", "user", "assistant", "developer"}
 
 
@@ -116,6 +118,10 @@ def _content_text(c: Any, i: int) -> str:
     raise BadRequest(f"messages[{i}].content must be a string or a list of text parts", "invalid_content")
 
 
+async def _awaited(resp):
+    return await resp
+
+
 def parse_model(model: str) -> tuple[str, str | None, float | None]:
     """("direct", name, None) | ("router", router or None, threshold or None)."""
     if model in ("router", "auto"):
@@ -137,6 +143,8 @@ def parse_model(model: str) -> tuple[str, str | None, float | None]:
     return "direct", model, None
 
 
+# NB: everything the ingress methods use must be defined above this class: Serve pickles the
+# FastAPI-wrapped class (by value) when the decorator runs.
 @serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=64, max_queued_requests=128)
 @serve.ingress(api)
 class Ingress:
@@ -249,6 +257,7 @@ class Ingress:
             resp.cancel()
             return self._fallback("timeout", router)
         except Exception as e:  # router or embedder down / overloaded / crashed
+            log.warning("routing failed, falling back to %s: %s", self.fallback, e)
             return self._fallback(type(e).__name__, router)
         if "error" in d:
             raise BadRequest(d["error"], "model_not_found")
@@ -404,10 +413,6 @@ class Ingress:
             self.stats["errors_5xx"] += 1
             yield f"data: {json.dumps({'error': {'message': f'{type(e).__name__}: {e}'[:300], 'type': 'server_error'}})}\n\n"
         yield "data: [DONE]\n\n"
-
-
-async def _awaited(resp):
-    return await resp
 
 
 # --------------------------------------------------------------------------------------------

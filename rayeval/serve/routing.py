@@ -86,7 +86,7 @@ class EmbedderCore:
                 self.cache.put(k, e)
                 for i in todo[k]:
                     out[i] = e
-        dim = self.model.get_sentence_embedding_dimension()
+        dim = (getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension)()
         return np.stack(out) if out else np.zeros((0, dim), np.float32)
 
 

@@ -1,0 +1,109 @@
+"""Fast checks of the gateway's pure logic (no Ray, no engines): model-name parsing, request
+validation, argument validation, the embedder's cache, and config files that `serve` accepts."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+from rayeval.config import REPO_ROOT
+from rayeval.serve.app import AppArgs, BadRequest, Ingress, app_args_for, parse_args, parse_model
+
+
+def test_parse_model():
+    assert parse_model("router-knn-0.5") == ("router", "knn", 0.5)
+    assert parse_model("router-knn-1.01") == ("router", "knn", 1.01)
+    assert parse_model("router-knn") == ("router", "knn", None)
+    assert parse_model("router-sw-ranking-0.3") == ("router", "sw-ranking", 0.3)
+    assert parse_model("router-sw-ranking") == ("router", "sw-ranking", None)
+    assert parse_model("router") == ("router", None, None)
+    assert parse_model("auto") == ("router", None, None)
+    assert parse_model("smollm2-135m") == ("direct", "smollm2-135m", None)
+    with pytest.raises(BadRequest):
+        parse_model("router-knn-nan")
+
+
+def _fake_ingress():
+    s = {k: getattr(AppArgs(), k) for k in ("max_prompt_chars", "max_tokens_limit", "default_max_tokens")}
+    return types.SimpleNamespace(s=s, llms={"smollm2-135m": None, "gemma3-270m": None})
+
+
+def _v(body):
+    return Ingress.func_or_class._validate(_fake_ingress(), body)
+
+
+def test_validate_ok_and_normalises():
+    v = _v({"model": "router-knn-0.2", "messages": [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
+        "max_tokens": 5, "stop": "x"})
+    assert v["kind"] == "router" and v["name"] == "knn" and v["threshold"] == 0.2
+    assert v["req"]["messages"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
+    assert v["req"]["max_tokens"] == 5 and v["req"]["stop"] == ["x"]
+    assert _v({"model": "smollm2-135m", "messages": [{"role": "user", "content": "hi"}]})["req"]["max_tokens"] == 128
+
+
+@pytest.mark.parametrize("body,code", [
+    ([], "invalid_request"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "missing_model"),
+    ({"model": "smollm2-135m"}, "empty_messages"),
+    ({"model": "smollm2-135m", "messages": []}, "empty_messages"),
+    ({"model": "smollm2-135m", "messages": [{"role": "user", "content": "  "}]}, "empty_messages"),
+    ({"model": "smollm2-135m", "messages": ["hi"]}, "invalid_message"),
+    ({"model": "smollm2-135m", "messages": [{"role": "tool", "content": "hi"}]}, "invalid_role"),
+    ({"model": "smollm2-135m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "invalid_content"),
+    ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, "model_not_found"),
+    ({"model": "smollm2-135m", "messages": [{"role": "user", "content": "x" * 40000}]}, "prompt_too_long"),
+    ({"model": "smollm2-135m", "max_tokens": True, "messages": [{"role": "user", "content": "hi"}]}, "invalid_max_tokens"),
+    ({"model": "smollm2-135m", "max_tokens": 5000, "messages": [{"role": "user", "content": "hi"}]}, "invalid_max_tokens"),
+    ({"model": "smollm2-135m", "temperature": 3, "messages": [{"role": "user", "content": "hi"}]}, "invalid_temperature"),
+    ({"model": "smollm2-135m", "top_p": 0, "messages": [{"role": "user", "content": "hi"}]}, "invalid_top_p"),
+    ({"model": "smollm2-135m", "stream": 1, "messages": [{"role": "user", "content": "hi"}]}, "invalid_stream"),
+    ({"model": "smollm2-135m", "n": 3, "messages": [{"role": "user", "content": "hi"}]}, "invalid_n"),
+    ({"model": "smollm2-135m", "stop": [1], "messages": [{"role": "user", "content": "hi"}]}, "invalid_stop"),
+    ({"model": "smollm2-135m", "seed": "x", "messages": [{"role": "user", "content": "hi"}]}, "invalid_seed"),
+])
+def test_validate_rejects(body, code):
+    with pytest.raises(BadRequest) as e:
+        _v(body)
+    assert e.value.code == code and e.value.status == 400 and e.value.message
+
+
+def test_args_validation():
+    parse_args({})
+    with pytest.raises(ValueError, match="unknown key"):
+        parse_args({"bogus": 1})
+    with pytest.raises(ValueError, match="strong_model"):
+        parse_args({"strong_model": "gpt-4"})
+    with pytest.raises(ValueError, match="default_router"):
+        parse_args({"routers": {"length": None}, "default_router": "knn"})
+    with pytest.raises(ValueError, match="clashes"):
+        parse_args({"llms": {"router-x": {}, "smollm2-135m": {}, "gemma3-270m": {}}})
+    a = app_args_for({}, "trained", "/tmp/r", 0.3, "gemma3-270m", "smollm2-135m")
+    assert a["default_router"] == "trained" and a["thresholds"]["trained"] == 0.3
+    assert parse_args(a).routers["trained"] == "/tmp/r"
+
+
+@pytest.mark.parametrize("name", ["local_cpu.yaml", "gpu_cluster.yaml"])
+def test_configs_validate(name):
+    from ray.serve.schema import ServeDeploySchema
+
+    from rayeval.serve.deploy import app_config, load_config, set_user_config
+
+    cfg = load_config(REPO_ROOT / "serve_configs" / name)
+    ServeDeploySchema.model_validate(cfg)
+    app = app_config(cfg)
+    assert app["import_path"] == "rayeval.serve.app:build_app"
+    parse_args(app["args"])
+    hot = set_user_config(cfg, "Router", {"thresholds": {"knn": 0.9}})
+    assert app_config(hot)["deployments"][0]["user_config"] == {"thresholds": {"knn": 0.9}}
+    assert app_config(cfg)["deployments"][0]["user_config"] != {"thresholds": {"knn": 0.9}}
+
+
+def test_lru():
+    from rayeval.serve.routing import LRU
+
+    c = LRU(2)
+    c.put("a", 1), c.put("b", 2), c.get("a"), c.put("c", 3)
+    assert c.get("b") is None and c.get("a") == 1 and c.get("c") == 3
