@@ -225,3 +225,49 @@ def test_generate_and_judge_jobs_on_ray_resume_and_train(tmp_path, shared_data):
     r = make_router("knn", k=3, strong="model-a", weak="model-b").fit(prefs)
     p = r.win_probability(prefs.unique_queries()["query"].tolist())
     assert p.shape == (6,) and np.all((0 <= p) & (p <= 1))
+
+
+@pytest.mark.engine
+def test_tiny_real_run_generate_judge_train(tmp_path, shared_data):
+    """Real vLLM on CPU, engines shared within the test: SmolLM2-135M and Gemma-3-270M answer 3
+    MT-Bench questions (16 tokens), Gemma-3-270M's engine then judges both orders -> a
+    Preferences file that a router trains on."""
+    from rayeval.route.generate import GenerateActor, Sampling, VLLMGenerator, write_parquet
+    from rayeval.route.routers import make_router
+
+    import pickle
+
+    models = ["smollm2-135m", "gemma3-270m"]
+    gens = {m: VLLMGenerator(m, {"max_model_len": 1024, "cpu_cores": str(i % 2)}) for i, m in enumerate(models)}
+    try:
+        prompts = load_prompts("mt_bench", limit=3)
+        sampling = Sampling(temperature=0.7, max_tokens=16, seed=0, stop=["\nQuestion:"])
+        actor = GenerateActor(models, {"kind": "vllm"}, sampling.__dict__, generators=gens)
+        batch = {"shard": np.array([0]), "payload": np.array([pickle.dumps(prompts.to_dict("records"))], dtype=object)}
+        resp = actor(batch).drop(columns=["shard"])
+        assert len(resp) == 6 and (resp.tokens > 0).all() and (resp.tokens <= 16).all()
+        assert (resp.response.str.len() > 0).all()
+        # the same seed gives the same text (each request carries its own seed)
+        again = gens["smollm2-135m"].generate([[{"role": "user", "content": prompts.prompt[0]}]], sampling)[0]
+        assert again["response"] == resp[(resp.model == "smollm2-135m")].response.iloc[0]
+        write_parquet(resp, tmp_path / "responses.parquet")
+
+        cfg = load_judge_config("judge_mt_bench")
+        judge = JudgeActor(cfg.model, {"kind": "vllm"}, {**cfg.pairwise.__dict__}, "pairwise",
+                           engine=gens[cfg.model].engine)
+        items = pairwise_items(pd.read_parquet(tmp_path / "responses.parquet"))
+        assert len(items) == 6
+        assert judge.build(items[0]).startswith("<bos>")  # the base model gets its BOS token
+        calls = pd.DataFrame(judge.judge(items))
+        lp = calls[["lp_first", "lp_second", "lp_tie"]].to_numpy()
+        assert np.isfinite(lp).all() and (lp < 0).all() and (lp > -50).all()
+        prefs, st = aggregate_pairwise(calls)
+        prefs.save(tmp_path / "preferences.parquet")
+        back = Preferences.load(tmp_path / "preferences.parquet")
+        assert len(back) == 3 and set(back.models) == set(models)
+        assert 0 <= st["position_bias_rate"] <= 1
+        r = make_router("knn", k=2, strong="gemma3-270m", weak="smollm2-135m").fit(back)
+        assert r.win_probability(["Write a poem about the sea."]).shape == (1,)
+    finally:
+        for g in gens.values():
+            g.close()
