@@ -1,0 +1,195 @@
+"""A real multi-node Ray cluster on one machine (``ray.cluster_utils.Cluster``: a head and two
+worker nodes, each its own raylet).  The worker nodes carry the custom resource ``gpu_node`` that
+cluster.yaml and the KubeRay manifests give GPU nodes, so work pinned to it lands where engines
+would on a GPU cluster:
+
+* Ray Data ``map_batches`` with an actor pool (one actor per ``gpu_node``) scores real MMLU prompts
+  with rayeval's FakeEngine, and its shards run on both worker nodes;
+* a Serve deployment needing one ``gpu_node`` per replica spreads over both nodes when scaled.
+
+Token auth stays on (its own token); RAY_TMPDIR points at a private folder so that neither the
+sessions nor the ``ray_current_cluster`` address file meet the other clusters on this machine.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from rayeval.config import data_root
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
+
+AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR", "RAY_ADDRESS")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _reload_auth_config() -> None:
+    """Make this process re-read RAY_AUTH_MODE / RAY_AUTH_TOKEN (Ray caches both)."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    saved = {k: os.environ.get(k) for k in AUTH_VARS}
+    base = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
+    os.environ.pop("RAY_ADDRESS", None)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_TMPDIR=str(base))
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    _reload_auth_config()
+    c = None
+    try:
+        c = Cluster(initialize_head=True, connect=False, head_node_args={
+            "num_cpus": 1, "include_dashboard": False, "object_store_memory": 100 * 2**20,
+            "dashboard_agent_listen_port": free_port(), "metrics_export_port": free_port(),
+            "ray_client_server_port": free_port()})
+        for _ in range(2):
+            c.add_node(num_cpus=1, resources={"gpu_node": 1}, object_store_memory=100 * 2**20,
+                       metrics_export_port=free_port())
+        c.wait_for_nodes()
+        ray.init(address=c.address, log_to_driver=False)
+        # Workers cannot import this test module: ship its classes (FakeScorer) by value.
+        ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+        from ray._raylet import AuthenticationMode, get_authentication_mode
+
+        assert get_authentication_mode() == AuthenticationMode.TOKEN
+        nodes = [n for n in ray.nodes() if n["Alive"]]
+        workers = {n["NodeID"] for n in nodes if n["Resources"].get("gpu_node")}
+        head = {n["NodeID"] for n in nodes} - workers
+        assert len(workers) == 2 and len(head) == 1
+        yield {"workers": workers, "head": head.pop()}
+    finally:
+        try:
+            from ray import serve
+
+            if ray.is_initialized():
+                serve.shutdown()
+        except Exception:
+            pass
+        ray.shutdown()
+        try:
+            ray.cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+        except ValueError:
+            pass
+        if c is not None:
+            c.shutdown()
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        _reload_auth_config()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def mmlu_prompts():
+    from rayeval.data.loaders import load_items
+    from rayeval.eval.prompts import build_prompt
+
+    items = load_items(data_root() / "mmlu", split="test", subjects=["marketing"], limit=20).items
+    assert len(items) == 20
+    return [build_prompt(it, "mmlu") for it in items]
+
+
+class FakeScorer:
+    """A Ray Data actor holding one engine, as rayeval's ScoreActor does; reports where it runs."""
+
+    def __init__(self):
+        import ray
+
+        from rayeval.eval.engines import FakeEngine
+
+        self.engine = FakeEngine()
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def __call__(self, batch):
+        from rayeval.eval.engines import ScoreRequest
+
+        reqs = [ScoreRequest(p, symbols=tuple(s)) for p, s in zip(batch["prompt"], batch["symbols"])]
+        res = self.engine.score(reqs)
+        time.sleep(0.3)  # a batch takes a while, as on an engine: the pool must use both actors
+        batch["pred"] = [int(np.argmax(r.symbol_logprobs)) for r in res]
+        batch["node"] = [self.node] * len(batch)
+        batch["pid"] = [os.getpid()] * len(batch)
+        return batch
+
+
+def test_data_actor_pool_shards_run_on_both_gpu_nodes(cluster, mmlu_prompts):
+    import ray
+
+    from rayeval.eval.engines import FakeEngine, ScoreRequest
+
+    rows = [{"id": p.item_id, "prompt": p.text, "symbols": list(p.symbols), "gold": p.gold} for p in mmlu_prompts]
+    ds = ray.data.from_items(rows, override_num_blocks=10)
+    out = ds.map_batches(FakeScorer, batch_size=2, batch_format="pandas",
+                         compute=ray.data.ActorPoolStrategy(size=2, max_tasks_in_flight_per_actor=1),
+                         num_cpus=0.25, resources={"gpu_node": 1}).to_pandas()
+    assert sorted(out["id"]) == sorted(r["id"] for r in rows)
+    # every shard ran on a GPU node, and both GPU nodes ran shards (one actor on each)
+    assert set(out["node"]) == cluster["workers"]
+    assert out.groupby("node")["pid"].nunique().eq(1).all()
+    # the numbers are the engine's, wherever it ran
+    ref = FakeEngine().score([ScoreRequest(r["prompt"], symbols=tuple(r["symbols"])) for r in rows])
+    want = {r["id"]: int(np.argmax(x.symbol_logprobs)) for r, x in zip(rows, ref)}
+    assert dict(zip(out["id"], out["pred"])) == want
+
+
+def test_serve_replicas_spread_over_gpu_nodes_when_scaled(cluster):
+    import ray
+    from ray import serve
+
+    serve.start(proxy_location="Disabled")
+
+    @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0, "resources": {"gpu_node": 1}})
+    class Where:
+        def __call__(self) -> str:
+            return ray.get_runtime_context().get_node_id()
+
+    def replica_nodes() -> set[str]:
+        from ray._private.state import actors
+
+        return {a["Address"]["NodeID"] for a in actors().values()
+                if a["State"] == "ALIVE" and a["ActorClassName"].startswith("ServeReplica:where:Where")}
+
+    h = serve.run(Where.bind(), name="where", route_prefix=None)
+    first = {h.remote().result(timeout_s=60) for _ in range(5)}
+    assert len(first) == 1 and first <= cluster["workers"]
+    assert replica_nodes() == first
+
+    h = serve.run(Where.options(num_replicas=2).bind(), name="where", route_prefix=None)
+    deadline = time.time() + 90
+    while replica_nodes() != cluster["workers"] and time.time() < deadline:
+        time.sleep(1)
+    # one replica per GPU node: the second one could not fit beside the first
+    assert replica_nodes() == cluster["workers"]
+    seen: set[str] = set()
+    for _ in range(40):
+        seen.add(h.remote().result(timeout_s=60))
+        if seen == cluster["workers"]:
+            break
+    assert seen == cluster["workers"], "requests reach replicas on both nodes"
+    assert cluster["head"] not in seen
+    serve.delete("where")
