@@ -522,7 +522,8 @@ def tune_router(cfg: TuneConfig, spec: RouterSpec, data_ref: TuneData, exp_dir: 
         d = default_params(spec.name, space)
         if d:
             points.append(d)
-    max_t = max_epochs(spec.name, space)
+    max_t = max([max_epochs(spec.name, space)] + [int(p["epochs"]) for p in points
+                                                   if is_iterative(spec.name) and "epochs" in p])
     trainable = tune.with_resources(
         tune.with_parameters(train_router_trial, data=data_ref, fail_once_marker=cfg.fail_once_marker,
                              schedule=_schedule(cfg)),
@@ -649,6 +650,7 @@ def run(config: TuneConfig | str | Path | dict, out: str | Path | None = None, r
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, default=_json))
     t0 = time.time()
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     init_ray(num_cpus=cfg.num_cpus, log_to_driver=False)
     data = prepare_data(cfg.data, outcomes)
     log(f"[tune] data {data.info}")
@@ -751,8 +753,10 @@ def report_md(summary: dict, trials: pd.DataFrame, cal: pd.DataFrame) -> str:
 # ============================================================================================
 # CLI: ``rayeval tune CONFIG.yaml [--out DIR] [--resume]``.
 # ============================================================================================
+# A group whose callback is the command (so ``rayeval tune CONFIG`` works once mounted with
+# ``add_typer``); interspersed args let options follow the CONFIG argument.
 app = typer.Typer(help="Tune routers with Ray Tune (search + ASHA), calibrate thresholds, export the best.",
-                  pretty_exceptions_show_locals=False)
+                  pretty_exceptions_show_locals=False, context_settings={"allow_interspersed_args": True})
 
 
 @app.callback(invoke_without_command=True)
