@@ -88,6 +88,28 @@ def _json_default(o):
     raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
+class torch_threads:
+    """Context: run torch with ``n`` threads (default ``$RAYEVAL_TORCH_THREADS`` or 1) and restore
+    the caller's setting.  Small models on a shared, busy CPU run many times faster single-
+    threaded (measured: MiniLM training steps 6x faster at load 40 on 2 cores)."""
+
+    def __init__(self, n: int | None = None):
+        import os
+
+        self.n = n or int(os.environ.get("RAYEVAL_TORCH_THREADS", "1") or 1)
+
+    def __enter__(self):
+        import torch
+
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        import torch
+
+        torch.set_num_threads(self.old)
+
+
 class Router:
     """Base class.  Subclasses set ``name``, define ``__init__`` with keyword hyperparameters
     (stored as same-named attributes), and implement ``_fit`` and ``_predict``."""
@@ -146,7 +168,8 @@ class Router:
             pos = pd.Series(np.arange(len(qids)), index=qids)
             pos = pos[~pos.index.duplicated()]
             emb = all_emb[pos.loc[ts.query_ids].to_numpy()]
-        self._fit(ts, emb, data)
+        with torch_threads():
+            self._fit(ts, emb, data)
         self.fitted_ = True
         return self
 
@@ -161,7 +184,8 @@ class Router:
         queries = [str(q) for q in queries]
         emb = self._embed(queries, embeddings) if self.needs_embeddings else None
         g = np.asarray(groups if groups is not None else [""] * len(queries), dtype=object).astype(str)
-        p = np.asarray(self._predict(queries, emb, g), float)
+        with torch_threads():
+            p = np.asarray(self._predict(queries, emb, g), float)
         return p
 
     def __call__(self, query: str) -> float:

@@ -41,10 +41,7 @@ def _mean_pool(hidden, mask):
 
 
 def _set_threads():
-    torch = _torch()
-    n = int(os.environ.get("RAYEVAL_TORCH_THREADS", "0") or 0)
-    if n > 0:
-        torch.set_num_threads(n)
+    """Thread count is handled by ``base.torch_threads`` around fit/predict."""
 
 
 @register

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from rayeval.route.prefs import Outcomes, Preferences
-from rayeval.route.routers.base import Router, register
+from rayeval.route.routers.base import Router, register, torch_threads
 
 
 def battles(data: Outcomes | Preferences, tie_eps: float = 0.0):
@@ -107,25 +107,6 @@ class SWRankingRouter(Router):
         self.models_ = st["models"].tolist()
 
 
-class _torch_threads:
-    """Run small torch models single-threaded (tiny matmuls on a busy CPU are far faster so),
-    restoring the caller's setting afterwards."""
-
-    def __init__(self, n: int = 1):
-        self.n = n
-
-    def __enter__(self):
-        import torch
-
-        self.old = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        import torch
-
-        torch.set_num_threads(self.old)
-
-
 @register
 class MFRouter(Router):
     """RouteLLM's matrix factorisation: s(m, q) = w2^T (v_m (.) (W1 q + b)), v_m L2-normalised.
@@ -176,7 +157,7 @@ class MFRouter(Router):
         Xn, qi, a, b, y, models = self._examples(data, emb, qids)
         self.strong_, self.weak_ = resolve_pair(data, self.strong, self.weak)
         self.models_ = models
-        with _torch_threads(1):
+        with torch_threads():
             g = torch.Generator().manual_seed(self.seed)
             torch.manual_seed(self.seed)
             X = torch.tensor(np.asarray(Xn), dtype=torch.float32)
