@@ -69,3 +69,17 @@ def test_augment_report_files(tmp_path):
     from rayeval.route.evaluate import EvalResult, write_report
 
     assert "extra_md" in write_report.__code__.co_varnames and EvalResult
+
+
+def test_fewshot_prompts_are_cut_to_their_final_question(shared_data):
+    from rayeval.route.similarity import final_question
+    from rayeval.route.transfer import routed_queries
+
+    assert final_question("Q1\nA) x\nAnswer:\nA\n\nQ2\nA) y\nAnswer:") == "Q2\nA) y\nAnswer:"
+    assert final_question("single block") == "single block"
+    raw = load_routerbench("arc_challenge", "test")
+    cut = routed_queries(raw)
+    # the raw prompts share a long 5-shot prefix; the final questions are (nearly) all distinct
+    assert cut.queries["query"].nunique() > 0.95 * len(cut)
+    assert cut.queries["query"].str.len().mean() < 0.3 * raw.queries["query"].str.len().mean()
+    assert (cut.scores.to_numpy() == raw.scores.to_numpy()).all()

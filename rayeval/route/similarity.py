@@ -83,7 +83,7 @@ SOURCES = {
     "mt_bench_turn2": "MT-Bench second turns (80, follow-up requests)",
     "mmlu": "MMLU test prompts (RouteLLM's files, 14,037)",
     "gsm8k": "GSM8K test prompts (RouteLLM's files, 1,307)",
-    "routerbench": "RouterBench zero-shot train prompts: ARC-Challenge + MBPP + Winogrande (2,225)",
+    "routerbench": "RouterBench train prompts, ARC-Challenge + MBPP + Winogrande (2,225; final question of each few-shot prompt)",
     "routerbench:<task>[:split]": "one RouterBench task",
     "judge:<run dir>": "the prompts of a D_judge preference file (judge run folder or preferences.parquet)",
     "<file>": "any .jsonl/.parquet/.csv of prompts (as for generation)",
@@ -112,7 +112,8 @@ def query_set(name: str, sample: int | None = None, seed: int = 0) -> pd.DataFra
         tasks = [rest.partition(":")[0]] if rest else list(P.ROUTERBENCH_TASKS)
         split = rest.partition(":")[2] or "train"
         os_ = [P.load_routerbench(t, split) for t in tasks]
-        df = pd.concat([pd.DataFrame({"id": o.queries["query_id"], "text": o.texts}) for o in os_], ignore_index=True)
+        df = pd.concat([pd.DataFrame({"id": o.queries["query_id"], "text": [final_question(x) for x in o.texts]})
+                        for o in os_], ignore_index=True)
     elif kind == "judge":
         p = Path(rest)
         q = P.Preferences.load(p / "preferences.parquet" if p.is_dir() else p).unique_queries()
@@ -122,6 +123,14 @@ def query_set(name: str, sample: int | None = None, seed: int = 0) -> pd.DataFra
         df = pd.DataFrame({"id": d["prompt_id"], "text": d["prompt"]})
     df = df.astype(str).drop_duplicates("text").reset_index(drop=True)
     return _sample(df, sample, seed)
+
+
+def final_question(text: str) -> str:
+    """The last blank-line-separated block of a few-shot prompt: RouterBench's ARC and Winogrande
+    prompts repeat the same 5-shot examples first, and the embedder (all-MiniLM-L6-v2 reads at
+    most 256 word pieces) would see only that shared prefix -- every query would embed alike."""
+    text = str(text).strip()
+    return text.rsplit("\n\n", 1)[-1] if "\n\n" in text else text
 
 
 def _sample(df: pd.DataFrame, sample: int | None, seed: int) -> pd.DataFrame:

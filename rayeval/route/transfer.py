@@ -103,13 +103,26 @@ def transfer_table(train: Outcomes, test: Outcomes, pairs: Sequence[tuple[str, s
     return pd.DataFrame(rows)
 
 
+def routed_queries(oc: Outcomes) -> Outcomes:
+    """The same outcomes with each query cut to its final question (``final_question``): what a
+    router should embed for RouterBench's few-shot prompts."""
+    from rayeval.route.similarity import final_question
+
+    q = oc.queries.copy()
+    q["query"] = [final_question(t) for t in q["query"]]
+    return Outcomes(q, oc.scores, oc.costs, oc.name, dict(oc.meta))
+
+
 def transfer_study(tasks: Sequence[str] = ("arc_challenge", "mbpp", "winograde"), router: str = "knn",
                    params: dict | None = None, ranks: Sequence[tuple[int, int]] = DEFAULT_RANK_PAIRS,
-                   n_boot: int = 200, seed: int = 0) -> pd.DataFrame:
-    """RouterBench train/test split per task; pairs by rank of mean train quality."""
+                   n_boot: int = 200, seed: int = 0, final_only: bool = True) -> pd.DataFrame:
+    """RouterBench train/test split per task; pairs by rank of mean train quality.  With
+    ``final_only`` routers see each prompt's final question, not the shared few-shot prefix."""
     parts = []
     for t in tasks:
         tr, te = load_routerbench(t, "train"), load_routerbench(t, "test")
+        if final_only:
+            tr, te = routed_queries(tr), routed_queries(te)
         parts.append(transfer_table(tr, te, rank_pairs(tr, ranks), router, params, n_boot, seed, task=t))
     return pd.concat(parts, ignore_index=True)
 
