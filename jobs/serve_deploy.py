@@ -5,8 +5,9 @@ Deploy the rayeval Serve app(s) described by a Serve config file (Ray Serve's ow
 ``serveConfigV2`` take), wait until every application is RUNNING, and exit.  Serve applications
 outlive the job; ``serve shutdown`` (or another deploy) replaces them.
 
-    --app-arg router_dir=/data/runs/main/router   # override an args key of every rayeval app
-    --app-arg target_share=0.3                     # (JSON values: numbers, lists, ...)
+    --app-arg 'routers={"knn": "/data/runs/main/router"}'   # override a key of every rayeval
+    --app-arg 'thresholds={"knn": 0.3}'                     # app's args (rayeval.serve.app.AppArgs;
+                                                            # JSON values)
 """
 
 from __future__ import annotations

@@ -250,13 +250,28 @@ def test_serve_config_v2_is_a_valid_serve_config():
     (app,) = parsed.applications
     assert app.import_path == "rayeval.serve.app:build_app"
     assert app.route_prefix == "/"
-    assert {"strong", "weak", "router_dir"} <= set(app.args)
-    # the router folder lives on the mounted PVC
-    assert app.args["router_dir"].startswith("/data/")
-    # when the Serve app exists in this checkout, the import path must resolve to a callable
-    if importlib.util.find_spec("rayeval.serve.app") is not None:
-        mod, _, attr = app.import_path.partition(":")
-        assert callable(getattr(importlib.import_module(mod), attr))
+    # the args are the Serve app's own AppArgs (unknown keys, missing models fail there)
+    from rayeval.serve.app import parse_args
+
+    a = parse_args(app.args)
+    assert a.strong_model != a.weak_model
+    # trained routers live on the mounted PVC
+    assert all(d is None or d.startswith("/data/") for d in a.routers.values())
+    assert a.routers[a.default_router]
+    # every LLM replica fits one GPU worker of the group, and the Router's user_config is a real deployment
+    gpus = max(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+               for g in doc["spec"]["rayClusterConfig"]["workerGroupSpecs"])
+    for name, spec in a.llms.items():
+        opts = spec["deployment"]["ray_actor_options"]
+        assert 0 < opts["num_gpus"] <= gpus, name
+        assert spec["engine_kwargs"].get("tensor_parallel_size", 1) <= opts["num_gpus"], name
+    assert [d.name for d in app.deployments] == ["Router"]
+    # the gateway's API key comes from a Secret on every container that can host the ingress
+    for group, g in groups(doc):
+        env = {e["name"]: e for e in g["template"]["spec"]["containers"][0]["env"]}
+        assert env[a.api_key_env]["valueFrom"]["secretKeyRef"]["name"] == "rayeval-api-key", group
+    mod, _, attr = app.import_path.partition(":")
+    assert callable(getattr(importlib.import_module(mod), attr))
 
 
 def test_rayjob_entrypoint_and_runtime_env():

@@ -126,10 +126,14 @@ def test_serve_deploy_validates_with_serve_schema_and_applies_overrides(tmp_path
     f = tmp_path / "serve.yaml"
     f.write_text(doc["spec"]["serveConfigV2"])
     job = load_job("serve_deploy")
-    cfg = job.load_deploy_config(str(f), ["router_dir=/x/router", "target_share=0.3"])
+    cfg = job.load_deploy_config(str(f), ['routers={"knn": "/x/router"}', "default_router=knn"])
     assert isinstance(cfg, ServeDeploySchema)
-    assert cfg.applications[0].args["router_dir"] == "/x/router"
-    assert cfg.applications[0].args["target_share"] == 0.3
+    assert cfg.applications[0].args["routers"] == {"knn": "/x/router"}
+    from rayeval.serve.app import parse_args
+
+    assert parse_args(cfg.applications[0].args).routers == {"knn": "/x/router"}
+    for name in ("gpu_cluster.yaml", "local_cpu.yaml"):  # the repo's Serve configs load too
+        parse_args(job.load_deploy_config(str(REPO_ROOT / "serve_configs" / name), []).applications[0].args)
     bad = tmp_path / "bad.yaml"
     bad.write_text("applications: [{name: x}]\n")  # no import_path
     with pytest.raises(Exception):
