@@ -210,6 +210,15 @@ def _ci(row, m, pct=False):
     return f"{100 * v:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]" if pct else f"{v:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def df_markdown(df: pd.DataFrame) -> str:
+    """A plain markdown table (no tabulate dependency)."""
+    cols = [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(str(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
 def markdown_table(table: pd.DataFrame) -> str:
     lines = ["| router | benchmark | APGR (RouteLLM code) | APGR (paper, 10-pt) | CPT(50%) | CPT(80%) |",
              "|---|---|---|---|---|---|"]
