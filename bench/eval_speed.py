@@ -52,6 +52,7 @@ HF_GRID = [
     ("fp32/2t/b16", {"dtype": "float32", "num_threads": 2, "batch_size": 16}),
     ("fp32/1t/b16", {"dtype": "float32", "num_threads": 1, "batch_size": 16}),
     ("bf16/2t/b64", {"dtype": "bfloat16", "num_threads": 2, "batch_size": 64}),
+    ("bf16/1t/b64", {"dtype": "bfloat16", "num_threads": 1, "batch_size": 64}),
     ("fp32/2t/b64", {"dtype": "float32", "num_threads": 2, "batch_size": 64}),
 ]
 HF_DEFAULT = "bf16/2t/b16"
