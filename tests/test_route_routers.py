@@ -124,7 +124,7 @@ def test_nway_router_routes_by_lambda():
 
 def test_bert_classifier_trains_and_round_trips(tmp_path, mmlu_split):
     tr, etr, te, ete = mmlu_split
-    r = make_router("bert", epochs=1, max_train=64, batch_size=16, max_length=48).fit(tr.subset(np.arange(64)))
+    r = make_router("bert", epochs=1, max_train=32, batch_size=16, max_length=32).fit(tr.subset(np.arange(32)))
     p = r.win_probability(te.texts[:16])
     r2 = load_router(r.save(tmp_path / "bert"))
     np.testing.assert_allclose(r2.win_probability(te.texts[:16]), p, atol=1e-6)
@@ -149,7 +149,7 @@ def test_embed_with_ray_matches_local():
 
     from rayeval.route.embed import _encode_local, embed_with_ray
 
-    texts = [f"question number {i}: what is {i} plus {i * 3}?" for i in range(300)]
+    texts = [f"question number {i}: what is {i} plus {i * 3}?" for i in range(200)]
     started = not ray.is_initialized()
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
