@@ -59,7 +59,7 @@ def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
+            proc.wait(timeout=10)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
     try:
@@ -180,3 +180,48 @@ def test_failing_job_reports_failed(head, tmp_path):
         runtime_env=runtime_env())
     assert str(wait_job(client, job_id, timeout=120)) == "FAILED"
     assert "No such file or directory" in client.get_job_logs(job_id)
+
+
+HELLO_APP = '''
+from ray import serve
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class Hello:
+    def __init__(self, greeting: str):
+        self.greeting = greeting
+
+    async def __call__(self, request) -> str:
+        return self.greeting
+
+
+def build(args: dict):
+    return Hello.bind(args.get("greeting", "hi"))
+'''
+
+
+def test_serve_deploy_job_brings_an_app_to_running(head, tmp_path):
+    """jobs/serve_deploy.py as a Ray job: a Serve config deployed, RUNNING, answering HTTP after
+    the job has exited (the app is a stand-in; the rayeval gateway needs real engines)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    mod_dir = tmp_path / "mods"
+    mod_dir.mkdir()
+    (mod_dir / "hello_app.py").write_text(HELLO_APP)
+    (port,) = free_ports(1)
+    cfg = {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": port},
+           "applications": [{"name": "hello", "route_prefix": "/hello", "import_path": "hello_app:build",
+                             "args": {"greeting": "from the job"},
+                             "runtime_env": {"env_vars": {"PYTHONPATH": str(mod_dir)}}}]}
+    ServeDeploySchema.model_validate(cfg)
+    f = tmp_path / "serve.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    client = head.client()
+    job_id = client.submit_job(entrypoint=f"python jobs/serve_deploy.py --config {f} --timeout 240",
+                               runtime_env=runtime_env())
+    status = wait_job(client, job_id, timeout=300)
+    logs = client.get_job_logs(job_id)
+    assert str(status) == "SUCCEEDED", logs[-4000:]
+    assert '"hello": "ApplicationStatus.RUNNING"' in logs or '"hello": "RUNNING"' in logs, logs[-2000:]
+    r = requests.get(f"http://127.0.0.1:{port}/hello", timeout=30)
+    assert r.status_code == 200 and r.text == "from the job"
