@@ -98,7 +98,7 @@ def main():
         for name, params in [("knn_quality", {"k": 20}), ("knn_quality", {"k": 50}), ("linear_quality", {"alpha": 10.0})]:
             r = nway_study(name, params, tr, te, target=0.95)
             rows.append({"task": task, "router": f"{name}{params}", "best model": r["best_model"],
-                         "best q": round(r["best_quality"], 3), "AIQ": round(r["aiq"], 3),
+                         "best q": round(r["best_quality"], 3), "AIQ [95% CI]": f"{r['aiq']:.3f} [{r['aiq_ci'][0]:.3f}, {r['aiq_ci'][1]:.3f}]",
                          "AIQ single models": round(r["aiq_single_models"], 3),
                          "cost to 95% of best (x best cost)": round(r["cost_frac_at_target"], 3),
                          "single-model mix": round(r["single_cost_frac_at_target"], 3),

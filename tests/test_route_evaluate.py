@@ -91,8 +91,9 @@ def test_evaluate_routers_report(tmp_path):
 
 def test_nway_study_routerbench():
     tr, te = load_routerbench("mbpp", "train"), load_routerbench("mbpp", "test")
-    r = nway_study("knn_quality", {"k": 20}, tr, te)
+    r = nway_study("knn_quality", {"k": 20}, tr, te, n_boot=30)
     assert r["best_model"] in te.models and 0 < r["aiq"] <= 1
+    assert r["aiq_ci"][0] <= r["aiq"] <= r["aiq_ci"][1]
     assert r["oracle_quality"] >= r["best_quality"]
     assert r["router_max_quality"] <= r["oracle_quality"] + 1e-9
 

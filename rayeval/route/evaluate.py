@@ -275,7 +275,7 @@ def write_report(res: EvalResult, out_dir: str | Path, extra_md: str = "") -> Pa
 # N-way (RouterBench).
 # --------------------------------------------------------------------------------------------
 def nway_study(name: str, params: dict | None, train: Outcomes, test: Outcomes, target: float = 0.95,
-               train_embeddings=None, test_embeddings=None) -> dict:
+               train_embeddings=None, test_embeddings=None, n_boot: int = 100, seed: int = 0) -> dict:
     """Fit an N-way router on ``train``; on ``test`` sweep lambda, build the frontier, and report
     AIQ (between the cheapest and the best single model's cost) and the cost needed to reach
     ``target`` x the best single model's quality, as a fraction of that model's cost."""
@@ -303,6 +303,13 @@ def nway_study(name: str, params: dict | None, train: Outcomes, test: Outcomes, 
         "router_max_quality": float(curve["quality"].max()),
         "oracle_quality": oq, "oracle_cost_frac": oc / float(best["cost"]),
     }
+    if n_boot:
+        def _aiq(pq_, S_, C_):
+            c = M.nway_curve(pq_, S_, C_, cost_for_choice=r.cost_)
+            return M.aiq(c["cost"], c["quality"], c_lo, c_hi)
+
+        ci = M.bootstrap(_aiq, pq, S, C, n_boot=n_boot, seed=seed)
+        res["aiq_ci"] = (ci.lo, ci.hi)
     res["curve"] = curve
     res["single"] = single
     return res
