@@ -109,3 +109,18 @@ def test_start_commands_use_real_ray_start_flags(raw):
         for tok in shlex.split(c.split(";")[-1]):
             if tok.startswith("--"):
                 assert tok.split("=")[0] in known, tok
+
+
+def test_file_mounts_point_at_real_local_paths(raw):
+    """`ray up` runs from the repo root: every local side of file_mounts must exist there (the
+    token file is per user: ~/.ray/auth_token, created by `ray get-auth-token --generate`)."""
+    for remote, local in raw["file_mounts"].items():
+        assert remote.startswith("/home/ubuntu/"), remote
+        if local.startswith("~"):
+            assert local == "~/.ray/auth_token"
+            continue
+        assert (REPO_ROOT / local).resolve().is_dir(), local
+    # the data mount is where rayeval looks for it on the nodes
+    setup = " ".join(raw["setup_commands"])
+    data_remote = next(r for r, local in raw["file_mounts"].items() if local.endswith("shared/data"))
+    assert f"RAYEVAL_DATA={data_remote}" in setup
