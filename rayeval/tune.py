@@ -101,7 +101,7 @@ class TuneConfig:
     scheduler: SchedulerSpec = field(default_factory=SchedulerSpec)
     resources_per_trial: dict[str, float] = field(default_factory=lambda: {"cpu": 1})
     max_concurrent_trials: Optional[int] = None
-    max_failures: int = 0  # per-trial automatic retries (from the last checkpoint)
+    max_failures: int = 2  # per-trial automatic retries (from the last checkpoint), e.g. after an OOM kill
     calibration: CalibrationSpec = field(default_factory=CalibrationSpec)
     out: str = "runs/tune"
     num_cpus: Optional[float] = None  # local Ray cluster size (ignored when connecting)
@@ -618,7 +618,8 @@ def calibrate_router(cfg: TuneConfig, router_dir: Path, data_ref: TuneData, exp_
     def make():
         return tune.Tuner(trainable, param_space={"target": tune.grid_search(targets)},
                           tune_config=tune.TuneConfig(max_concurrent_trials=cfg.max_concurrent_trials, reuse_actors=True),
-                          run_config=tune.RunConfig(name="calibrate", storage_path=str(exp_dir), verbose=0))
+                          run_config=tune.RunConfig(name="calibrate", storage_path=str(exp_dir), verbose=0,
+                                                    failure_config=tune.FailureConfig(max_failures=3)))
 
     tuner, restored = _tuner(trainable, exp_dir / "calibrate", resume, make, {"resume_errored": True})
     log(f"[tune] calibration: {'resuming' if restored else 'starting'} {len(targets)} targets")

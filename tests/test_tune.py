@@ -21,8 +21,8 @@ SMALL = {
     "max_concurrent_trials": 1,  # sequential: ASHA's decisions do not depend on timing
     "routers": [
         {"name": "knn", "num_samples": 3},
-        {"name": "mf", "num_samples": 5, "params": {"batch_size": 128},
-         "space": {"dim": [16, 64], "lr": {"loguniform": [1e-3, 1e-2]}, "epochs": [4]}},
+        {"name": "mf", "num_samples": 6, "params": {"batch_size": 128},
+         "space": {"dim": [16, 64], "lr": {"loguniform": [1e-4, 1e-2]}, "epochs": [4]}},
     ],
     "calibration": {"targets": [0.2, 0.5, 0.8], "budgets": [0.3]},
     "num_cpus": 2,
@@ -101,7 +101,7 @@ def small_run(ray_cluster, tmp_path_factory):
 def test_small_run_asha_and_best_beats_default(small_run):
     s, out = small_run
     trials = pd.read_csv(out / "trials.csv")
-    assert s["trials_per_router"] == {"knn": 3, "mf": 5}
+    assert s["trials_per_router"] == {"knn": 3, "mf": 6}
     assert trials["error"].isna().all()
     assert s["n_stopped_early"] >= 1  # ASHA stopped at least one MF trial before its last epoch
     stopped = trials[trials["stopped_early"]]
