@@ -47,7 +47,7 @@ def gateway():
     init_ray(num_cpus=4)  # 2 cores; logical CPUs: 2 engines + fractional routing path
     t0 = time.time()
     try:
-        deploy(cfg, wait_s=420)
+        deploy(cfg, wait_s=1200)  # engine starts take 1-2 min each when the machine is idle, far more when shared
         print(f"[test_serve] app RUNNING in {time.time() - t0:.0f}s", flush=True)
         yield {"url": f"http://127.0.0.1:{port}", "cfg": cfg}
     finally:
