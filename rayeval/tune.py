@@ -5,13 +5,14 @@
 1. **Search** (one Tune experiment per router, ``<out>/experiments/<router>``): the router's
    declared ``SEARCH_SPACE`` (overridable in the config) becomes ``ray.tune`` domains; every
    trial fits the router on the *train* split and reports validation APGR/CPT on the *valid*
-   split.  Iterative routers (MF) report after every epoch, so the ASHA scheduler stops weak
-   trials early; one-shot routers (kNN, logistic, SW ranking, ...) report once.  Every report
-   carries a checkpoint (the router in its ``save`` format, plus the optimiser state for MF), so
-   errored or interrupted trials resume (``--resume`` -> ``Tuner.restore``).  The data
-   (Outcomes + cached embeddings) is shipped once to the object store (``tune.with_parameters``).
-   The router's default configuration is always one of the trials (``points_to_evaluate``), and
-   it is also fitted outside the search so its held-out APGR can be compared with the winner's.
+   split.  Iterative routers (those with an ``epochs`` argument: MF, the classifiers) report
+   at ASHA's rungs (or every epoch), so the ASHA scheduler stops weak trials early; one-shot
+   routers (kNN, logistic, SW ranking, ...) report once.  Every report carries a checkpoint
+   (the router in its ``save`` format + the epoch reached), so errored or interrupted trials
+   resume (``--resume`` -> ``Tuner.restore``).  The data (Outcomes + cached embeddings) is
+   shipped once to the object store (``tune.with_parameters``).  The router's default
+   configuration is one of the trials (``points_to_evaluate``), and it is also fitted outside
+   the search so its held-out APGR can be compared with the winner's.
 2. **Export**: the best trial over all routers (by validation APGR) -> ``<out>/best/``: the router
    folder (``Router.load(<out>/best)`` works) with ``thresholds.json``.
 3. **Calibration** (Tune experiment ``<out>/experiments/calibrate``, one trial per target
@@ -34,13 +35,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import pandas as pd
 import typer
 
-from rayeval.config import REPO_ROOT, from_dict, load_yaml
+from rayeval.config import from_dict, load_yaml
 
 METRIC = "valid_apgr"  # what the search maximises
 THRESHOLDS_FILE = "thresholds.json"
@@ -637,8 +638,6 @@ def run(config: TuneConfig | str | Path | dict, out: str | Path | None = None, r
         log=print, outcomes=None) -> dict[str, Any]:
     """The whole tuning job (see the module docstring).  Returns the summary also written to
     ``<out>/summary.json``."""
-    import ray
-
     from rayeval.cluster import init_ray
     from rayeval.route.routers import Router, make_router
 
@@ -718,7 +717,6 @@ def run(config: TuneConfig | str | Path | dict, out: str | Path | None = None, r
     (out_dir / "report.md").write_text(report_md(summary, trials, cal))
     log(f"[tune] best {spec.name} {router.get_params()}: valid APGR {best_valid['apgr']:.4f}, "
         f"test APGR {best_test['apgr']:.4f} (default: test {defaults[spec.name]['test']['apgr']:.4f}) -> {best_dir}")
-    del ray
     return summary
 
 
