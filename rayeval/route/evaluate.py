@@ -281,8 +281,7 @@ def nway_study(name: str, params: dict | None, train: Outcomes, test: Outcomes, 
     ``target`` x the best single model's quality, as a fraction of that model's cost."""
     r = make_router(name, **(params or {}))
     r.fit(train, train_embeddings)
-    te = test_embeddings if test_embeddings is not None else embeddings_for(test)
-    pq = r.predict_quality(test.texts, te)
+    pq = r.predict_quality(test.texts, test_embeddings)  # the router embeds its own view of the text
     S, C = test.scores.to_numpy(float), test.costs.to_numpy(float)
     curve = M.nway_curve(pq, S, C, cost_for_choice=r.cost_)
     single = M.single_models(S, C, test.models)

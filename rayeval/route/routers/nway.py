@@ -12,8 +12,21 @@ from rayeval.route.prefs import Outcomes
 from rayeval.route.routers.base import Router, register
 
 
+def last_block(text: str) -> str:
+    """The last blank-line-separated block: RouterBench prompts share a long few-shot prefix, and
+    MiniLM (256 word pieces) would embed only that prefix -- every query alike."""
+    text = str(text).strip()
+    return text.rsplit("\n\n", 1)[-1] if "\n\n" in text else text
+
+
 class QualityRouter(Router):
     needs_embeddings = True
+    last_block: bool = False
+
+    def _embed(self, texts, embeddings):
+        if embeddings is None and self.last_block:
+            texts = [last_block(t) for t in texts]
+        return super()._embed(texts, embeddings)
 
     def fit(self, data: Outcomes, embeddings=None):
         if not isinstance(data, Outcomes):
@@ -68,10 +81,10 @@ class KNNQualityRouter(QualityRouter):
     """Each model's quality = mean score on the k nearest training queries."""
 
     name = "knn_quality"
-    SEARCH_SPACE = {"k": [10, 20, 50, 100]}
+    SEARCH_SPACE = {"k": [10, 20, 50, 100], "last_block": [True, False]}
 
-    def __init__(self, k: int = 50, embedder: str = "minilm-l6"):
-        self.k, self.embedder = k, embedder
+    def __init__(self, k: int = 50, last_block: bool = True, embedder: str = "minilm-l6"):
+        self.k, self.last_block, self.embedder = k, last_block, embedder
 
     def _fit_quality(self, emb, S):
         self.X_, self.S_ = emb.astype(np.float32), np.nan_to_num(S).astype(np.float32)
@@ -97,10 +110,10 @@ class LinearQualityRouter(QualityRouter):
     """Ridge regression of each model's score on the query embedding."""
 
     name = "linear_quality"
-    SEARCH_SPACE = {"alpha": ("loguniform", 1e-2, 1e3)}
+    SEARCH_SPACE = {"alpha": ("loguniform", 1e-2, 1e3), "last_block": [True, False]}
 
-    def __init__(self, alpha: float = 10.0, embedder: str = "minilm-l6"):
-        self.alpha, self.embedder = alpha, embedder
+    def __init__(self, alpha: float = 10.0, last_block: bool = True, embedder: str = "minilm-l6"):
+        self.alpha, self.last_block, self.embedder = alpha, last_block, embedder
 
     def _fit_quality(self, emb, S):
         X = np.hstack([emb, np.ones((len(emb), 1))]).astype(np.float64)
