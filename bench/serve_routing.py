@@ -81,7 +81,13 @@ def bench_handle(args) -> list[dict]:
             asyncio.run(drive(call, texts[:32], 8))  # warm-up (also fills the text cache: use fresh texts below)
             for conc in args.concurrency:
                 fresh = prompts(kind, args.n, seed=1000 + conc) if args.cache_size else texts
+                e0 = h.describe.remote().result()["embedder"] or {}
                 r = asyncio.run(drive(call, fresh, conc))
+                e1 = h.describe.remote().result()["embedder"] or {}
+                if e1.get("encoded", 0) > e0.get("encoded", 0):
+                    n_enc = e1["encoded"] - e0["encoded"]
+                    r["embedder_cpu_ms_per_text"] = 1e3 * (e1["encode_cpu_s"] - e0["encode_cpu_s"]) / n_enc
+                    r["embedder_wall_ms_per_text"] = 1e3 * (e1["encode_s"] - e0["encode_s"]) / n_enc
                 r.update(router=args.router, prompts=kind, max_seq_length=msl, path="handle")
                 print(json.dumps(r), flush=True)
                 rows.append(r)
@@ -106,13 +112,14 @@ def quality(args) -> list[dict]:
         for msl in args.quality_lengths:
             core = EmbedderCore(max_seq_length=msl or None, cache_size=0, threads=args.threads)
             core.encode(texts[:64])  # warm-up
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             emb = core.encode(texts)
-            dt = time.perf_counter() - t0
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             for params in ({"k": 50}, {"k": 10}):
                 apgr = cross_val_apgr("knn", params, oc, emb)
                 r = {"bench": bench, "n": len(texts), "router": f"knn(k={params['k']})",
                      "max_seq_length": msl or core.model.max_seq_length, "encode_per_s": len(texts) / dt,
+                     "encode_cpu_ms_per_prompt": 1e3 * cpu / len(texts),
                      "apgr": apgr}
                 print(json.dumps(r), flush=True)
                 rows.append(r)

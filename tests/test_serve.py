@@ -36,7 +36,7 @@ def gateway():
     from ray import serve
 
     from rayeval.cluster import init_ray, shutdown
-    from rayeval.serve.deploy import app_config, deploy, load_config
+    from rayeval.serve.deploy import SERVE_ENV, app_config, deploy, load_config
 
     os.environ["RAYEVAL_API_KEY"] = KEY  # read by the ingress replica (inherited by the local Ray)
     cfg = copy.deepcopy(load_config(REPO_ROOT / "serve_configs" / "local_cpu.yaml"))
@@ -44,7 +44,19 @@ def gateway():
     cfg["http_options"]["port"] = port
     args = app_config(cfg)["args"]
     args["ingress"] = {**args["ingress"], "max_ongoing_requests": 4, "max_queued_requests": 4}
-    init_ray(num_cpus=4)  # 2 cores; logical CPUs: 2 engines + fractional routing path
+    for k, v in SERVE_ENV.items():
+        os.environ.setdefault(k, v)
+    for attempt in range(3):  # a shared, overloaded machine can miss Ray's fixed 30 s raylet start wait
+        try:
+            init_ray(num_cpus=4)  # logical CPUs: a budget (the graph asks for <= 1.8)
+            break
+        except Exception:
+            import ray
+
+            ray.shutdown()
+            if attempt == 2:
+                raise
+            time.sleep(5)
     t0 = time.time()
     try:
         deploy(cfg, wait_s=1200)  # engine starts take 1-2 min each when the machine is idle, far more when shared
@@ -144,6 +156,10 @@ def test_threshold_user_config_hot_update(gateway):
     for thr in (0.0, 1.01):
         cfg = set_user_config(gateway["cfg"], "Router", {"default_router": "knn", "thresholds": {"knn": thr}})
         deploy(cfg, wait_s=120)
+        t0 = time.time()  # the controller applies the new user_config asynchronously
+        while _stats(gateway)["router"]["thresholds"].get("knn") != thr:
+            assert time.time() - t0 < 120, "user_config not applied"
+            time.sleep(0.5)
         # hot update: the same replicas, reconfigured
         raw = c.chat.completions.with_raw_response.create(model="router-knn", messages=msg, max_tokens=4)
         served[thr] = (raw.parse().model, raw.headers["x-rayeval-threshold"])

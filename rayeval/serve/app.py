@@ -145,7 +145,8 @@ def parse_model(model: str) -> tuple[str, str | None, float | None]:
 
 # NB: everything the ingress methods use must be defined above this class: Serve pickles the
 # FastAPI-wrapped class (by value) when the decorator runs.
-@serve.deployment(ray_actor_options={"num_cpus": 0.2}, max_ongoing_requests=64, max_queued_requests=128)
+@serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=64, max_queued_requests=128,
+                  health_check_timeout_s=60)
 @serve.ingress(api)
 class Ingress:
     def __init__(self, router, llms: dict, settings: dict):

@@ -10,11 +10,15 @@ changed calls ``reconfigure`` on the running replicas instead of restarting them
 from __future__ import annotations
 
 import copy
+import os
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60"}
 
 
 def load_config(path: str | Path) -> dict:
@@ -61,6 +65,10 @@ def deploy(cfg: dict | str | Path, *, num_cpus: float | None = None, wait_s: flo
     if http_port is not None:
         cfg.setdefault("http_options", {})["port"] = int(http_port)
     if not ray.is_initialized():
+        # Serve's proxy readiness/health checks default to 5/10 s; on a shared, overloaded machine
+        # the proxy misses them and is killed in a loop.  Read by the controller (inherits env).
+        for k, v in SERVE_ENV.items():
+            os.environ.setdefault(k, v)
         init_ray(num_cpus=num_cpus)
     schema = ServeDeploySchema.model_validate(cfg) if hasattr(ServeDeploySchema, "model_validate") else \
         ServeDeploySchema.parse_obj(cfg)
@@ -102,7 +110,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--num-cpus", type=float, default=None, help="logical CPUs of the local Ray (default: cores+2)")
     ap.add_argument("--port", type=int, default=None)
     a = ap.parse_args(argv)
-    import os
 
     ncpu = a.num_cpus or float((os.cpu_count() or 1) + 2)
     cfg = deploy(a.config, num_cpus=ncpu, http_port=a.port)

@@ -65,6 +65,8 @@ class EmbedderCore:
         self.batch_size = batch_size
         self.cache = LRU(cache_size)
         self.encoded = 0
+        self.encode_s = 0.0       # wall seconds inside model.encode
+        self.encode_cpu_s = 0.0   # process CPU seconds inside model.encode (load-independent cost)
 
     def encode(self, texts: list[str]) -> np.ndarray:
         out: list[np.ndarray | None] = [None] * len(texts)
@@ -79,8 +81,11 @@ class EmbedderCore:
         if todo:
             keys = list(todo)
             uniq = [texts[todo[k][0]] for k in keys]
+            t0, c0 = time.perf_counter(), time.process_time()
             emb = self.model.encode(uniq, batch_size=self.batch_size, convert_to_numpy=True,
                                     normalize_embeddings=True, show_progress_bar=False).astype(np.float32)
+            self.encode_s += time.perf_counter() - t0
+            self.encode_cpu_s += time.process_time() - c0
             self.encoded += len(uniq)
             for k, e in zip(keys, emb):
                 self.cache.put(k, e)
@@ -91,6 +96,7 @@ class EmbedderCore:
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.5}, max_ongoing_requests=256, max_queued_requests=1024,
+                  health_check_timeout_s=60,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64})
 class Embedder:
     """Each call embeds a list of texts; ``@serve.batch`` merges concurrent calls into one encode."""
@@ -114,7 +120,11 @@ class Embedder:
     def stats(self) -> dict:
         c = self.core
         return {"pid": os.getpid(), "encoded": c.encoded, "cache_hits": c.cache.hits, "cache_misses": c.cache.misses,
-                "max_seq_length": c.model.max_seq_length}
+                "max_seq_length": c.model.max_seq_length, "encode_s": c.encode_s, "encode_cpu_s": c.encode_cpu_s}
+
+
+async def _await(r):
+    return await r
 
 
 def load_routers(dirs: dict[str, str]) -> dict[str, Any]:
@@ -124,6 +134,7 @@ def load_routers(dirs: dict[str, str]) -> dict[str, Any]:
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256, max_queued_requests=1024,
+                  health_check_timeout_s=60,
                   autoscaling_config={"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 64})
 class RouterServer:
     """Decides strong vs weak.  ``user_config`` (hot, via ``reconfigure``)::
@@ -160,9 +171,15 @@ class RouterServer:
                     "weak_model": cfg.get("weak_model"), "default_threshold": float(cfg.get("default_threshold", 0.5))}
         self.version += 1
 
-    def describe(self) -> dict:
+    async def describe(self) -> dict:
         ctx = serve.get_replica_context()
-        return {"pid": os.getpid(), "replica_id": str(ctx.replica_id.unique_id), "config_version": self.version,
+        emb = None
+        if self.embedder is not None:
+            try:
+                emb = await asyncio.wait_for(_await(self.embedder.stats.remote()), 5)
+            except Exception as e:  # stats only
+                emb = {"error": repr(e)}
+        return {"embedder": emb, "pid": os.getpid(), "replica_id": str(ctx.replica_id.unique_id), "config_version": self.version,
                 "routers": {n: {"dir": self.dirs[n], "type": type(r).__name__, "needs_embeddings": r.needs_embeddings}
                             for n, r in self.routers.items()},
                 **self.cfg, "decisions": {f"{k[0]}:{k[1]}": v for k, v in self.decisions.items()}}
