@@ -29,7 +29,6 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from rayeval.config import data_root, from_dict, load_yaml
 from rayeval.eval.pipeline import Execution, _shard_file, _write_atomic, default_cpu_cores, read_rows
