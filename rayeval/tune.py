@@ -375,6 +375,13 @@ def _set_threads() -> None:
         pass
 
 
+def _resolve(data):
+    """Trials receive the data as one shared object-store reference."""
+    import ray
+
+    return ray.get(data) if isinstance(data, ray.ObjectRef) else data
+
+
 def _maybe_fail(marker: str | None, epoch: int) -> None:
     """Testing hook: the first trial to reach epoch 2 (or a one-shot fit) while ``marker``
     exists removes it and raises, as a crashed trial would."""
@@ -399,6 +406,7 @@ def train_router_trial(config: dict, data: TuneData, schedule: dict | None = Non
     from rayeval.route.routers import Router, make_router
 
     _set_threads()
+    data = _resolve(data)
     name, params = config["router"], _router_params(config)
     ckpt = tune.get_checkpoint()
     done, t0 = 0, time.time()
@@ -443,6 +451,7 @@ def calibrate_trial(config: dict, data: TuneData, router) -> None:
     from rayeval.route.evaluate import calibrate
 
     _set_threads()
+    data = _resolve(data)
     r = router
     share = float(config["target"]["target_share"])
 
@@ -654,9 +663,11 @@ def run(config: TuneConfig | str | Path | dict, out: str | Path | None = None, r
     init_ray(num_cpus=cfg.num_cpus, log_to_driver=False)
     data = prepare_data(cfg.data, outcomes)
     log(f"[tune] data {data.info}")
-    data_ref = data  # tune.with_parameters puts it in the object store once per experiment
+    import ray
 
-    tables, best = [], None
+    data_ref = ray.put(data)  # one copy in the object store for every experiment and trial
+
+    tables, bests = [], {}
     for spec in cfg.routers:
         grid = tune_router(cfg, spec, data_ref, exp_dir, resume, log)
         t = trials_table(grid, spec.name)
@@ -667,9 +678,7 @@ def run(config: TuneConfig | str | Path | dict, out: str | Path | None = None, r
         if errors:
             raise TrialsFailed(f"{spec.name}: {errors} trial(s) failed (first: {t['error'].dropna().iloc[0]}); "
                                f"rerun with --resume to continue them from their checkpoints")
-        r = grid.get_best_result(metric=METRIC, mode="max", scope="last")
-        if best is None or r.metrics[METRIC] > best[1].metrics[METRIC]:
-            best = (spec, r)
+        bests[spec.name] = grid.get_best_result(metric=METRIC, mode="max", scope="last")
     trials = pd.concat(tables, ignore_index=True)
     trials.to_csv(out_dir / "trials.csv", index=False)
 
@@ -683,15 +692,23 @@ def run(config: TuneConfig | str | Path | dict, out: str | Path | None = None, r
         defaults[spec.name] = {"params": params, "valid": evaluate_router(r, data, "valid"),
                                "test": evaluate_router(r, data, "test")}
 
-    spec, res = best
+    # Each router's best trial on the held-out split; the best router overall by validation APGR.
+    per_router = {}
+    for name, res in bests.items():
+        with res.checkpoint.as_directory() as d:
+            r = Router.load(Path(d) / "router")
+        per_router[name] = {"params": r.get_params(), "trial_id": res.metrics.get("trial_id"),
+                            "valid": evaluate_router(r, data, "valid"), "test": evaluate_router(r, data, "test"),
+                            "default": defaults[name]}
+    name = max(bests, key=lambda n: bests[n].metrics[METRIC])
+    spec, res = next(sp for sp in cfg.routers if sp.name == name), bests[name]
     with res.checkpoint.as_directory() as d:
         router = Router.load(Path(d) / "router")
         staging = out_dir / ".best_router"
         if staging.exists():
             shutil.rmtree(staging)
         shutil.copytree(Path(d) / "router", staging)
-    best_test = evaluate_router(router, data, "test")
-    best_valid = evaluate_router(router, data, "valid")
+    best_test, best_valid = per_router[name]["test"], per_router[name]["valid"]
     best_dir = out_dir / "best"
     doc = {"router": spec.name, "params": router.get_params(), "strong": router.strong_, "weak": router.weak_,
            "thresholds": {}, "valid": best_valid, "test": best_test, "valid_apgr": best_valid["apgr"],
@@ -708,7 +725,7 @@ def run(config: TuneConfig | str | Path | dict, out: str | Path | None = None, r
 
     summary = {"out": str(out_dir), "best_dir": str(best_dir), "experiments": str(exp_dir),
                "best": {"router": spec.name, "params": router.get_params(), "valid": best_valid, "test": best_test},
-               "defaults": defaults, "n_trials": len(trials),
+               "defaults": defaults, "per_router": per_router, "n_trials": len(trials),
                "n_stopped_early": int(trials["stopped_early"].sum()),
                "trials_per_router": trials.groupby("router").size().to_dict(),
                "best_per_router": trials.groupby("router")[METRIC].max().to_dict(),
@@ -728,19 +745,25 @@ def _share_key(t: float) -> str:
     return f"{float(t):g}"
 
 
+def _short(params: dict) -> str:
+    skip = {"embedder", "strong", "weak", "seed", "tie_mode"}
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in params.items() if k not in skip)
+
+
 def report_md(summary: dict, trials: pd.DataFrame, cal: pd.DataFrame) -> str:
     b = summary["best"]
     lines = ["# Router tuning", "", f"data: {summary['data']}", "",
              f"{summary['n_trials']} trials, {summary['n_stopped_early']} stopped early by ASHA, "
              f"{summary['seconds']} s.", "",
-             "| router | configuration | valid APGR | test APGR | test CPT(50%) |", "|---|---|---|---|---|"]
-    for name, d in summary["defaults"].items():
-        lines.append(f"| {name} | default {d['params']} | {d['valid']['apgr']:.4f} | {d['test']['apgr']:.4f} | "
-                     f"{d['test']['cpt50']:.3f} |")
-    lines.append(f"| {b['router']} | **tuned** {b['params']} | {b['valid']['apgr']:.4f} | {b['test']['apgr']:.4f} | "
-                 f"{b['test']['cpt50']:.3f} |")
-    lines += ["", "Best validation APGR per router: " + ", ".join(
-        f"{k} {v:.4f}" for k, v in summary["best_per_router"].items()), "", "## Calibration (held-out test split)", "",
+             f"Exported: **{b['router']}** {b['params']}", "",
+             "| router | configuration | valid APGR | test APGR | test CPT(50%) | test CPT(80%) |",
+             "|---|---|---|---|---|---|"]
+    for name, pr in summary["per_router"].items():
+        for label, d in (("default", pr["default"]), ("tuned", pr)):
+            lines.append(f"| {name} | {label} {_short(d['params'])} | {d['valid']['apgr']:.4f} | "
+                         f"{d['test']['apgr']:.4f} | {d['test']['cpt50']:.3f} | {d['test']['cpt80']:.3f} |")
+    lines += ["", "## Calibration (held-out test split)", "",
         "| target share | budget | threshold | achieved share | quality | PGR |", "|---|---|---|---|---|---|"]
     for _, r in cal.iterrows():
         bud = "" if r["budget"] is None or (isinstance(r["budget"], float) and math.isnan(r["budget"])) else r["budget"]
