@@ -778,11 +778,12 @@ def report_md(summary: dict, trials: pd.DataFrame, cal: pd.DataFrame) -> str:
 # A group whose callback is the command (so ``rayeval tune CONFIG`` works once mounted with
 # ``add_typer``); interspersed args let options follow the CONFIG argument.
 app = typer.Typer(help="Tune routers with Ray Tune (search + ASHA), calibrate thresholds, export the best.",
-                  pretty_exceptions_show_locals=False, context_settings={"allow_interspersed_args": True})
+                  pretty_exceptions_show_locals=False, context_settings={"allow_interspersed_args": True},
+                  subcommand_metavar="")
 
 
 @app.callback(invoke_without_command=True)
-def tune_cmd(config: str = typer.Argument(..., help="tune YAML, or a packaged name (tune_small)"),
+def tune_cmd(config: str = typer.Argument(..., metavar="CONFIG", help="tune YAML, or a packaged name (tune_small)"),
              out: Optional[Path] = typer.Option(None, "--out", "-o", help="output folder (default: config's out)"),
              resume: bool = typer.Option(False, "--resume", help="continue the experiments under --out "
                                                                  "(Tuner.restore: unfinished and errored trials)")):
