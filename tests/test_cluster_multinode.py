@@ -29,7 +29,8 @@ from rayeval.config import data_root
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
-AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR", "RAY_ADDRESS")
+AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_TMPDIR", "RAY_ADDRESS",
+             "RAY_memory_monitor_refresh_ms")
 
 
 def free_port() -> int:
@@ -56,7 +57,9 @@ def cluster():
     saved = {k: os.environ.get(k) for k in AUTH_VARS}
     base = Path(tempfile.mkdtemp(prefix="rc", dir="/tmp"))
     os.environ.pop("RAY_ADDRESS", None)
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_TMPDIR=str(base))
+    # Ray's OOM killer off for these nodes: the machine's memory is shared with other clusters.
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32), RAY_TMPDIR=str(base),
+                      RAY_memory_monitor_refresh_ms="0")
     os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
     _reload_auth_config()
     c = None
