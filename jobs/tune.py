@@ -22,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def argv(a: argparse.Namespace) -> list[str]:
-    # Options before CONFIG: `rayeval tune` is a group whose callback is the command, and a
-    # group stops parsing options at its first positional argument.
+    # Options before CONFIG: parses whether `rayeval tune` is a plain command or a group whose
+    # callback is the command (a group stops parsing options at its first positional argument).
     res = ["tune"]
     if a.out:
         res += ["--out", a.out]
