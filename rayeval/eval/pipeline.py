@@ -42,7 +42,7 @@ from rayeval.eval.scoring import Work, expand, reduce
 log = logging.getLogger("rayeval.eval")
 
 # Keys of ``EvalConfig.engine`` that configure execution; every other key goes to the engine.
-EXEC_KEYS = ("kind", "actors", "num_cpus", "num_gpus", "cpu_cores", "max_restarts", "fault")
+EXEC_KEYS = ("kind", "actors", "num_cpus", "num_gpus", "resources", "cpu_cores", "max_restarts", "fault")
 
 
 @dataclass
@@ -51,6 +51,7 @@ class Execution:
     actors: int = 1               # actor-pool size (one engine per model in each actor)
     num_cpus: float = 1.0         # logical CPUs per actor
     num_gpus: float = 0.0         # GPUs per actor (a cluster: 1, or the tensor-parallel size)
+    resources: dict[str, float] = field(default_factory=dict)  # custom resources per actor, e.g. {"gpu_node": 1}
     cpu_cores: dict[str, str] = field(default_factory=dict)  # CPU pinning per model, e.g. {m1: "0", m2: "1"}
     max_restarts: int = 3         # actor restarts after a crash; its batch is retried
     fault: dict[str, Any] = field(default_factory=dict)      # test hook: {"crash_on_shard": k, "marker": path}
@@ -247,7 +248,7 @@ def run_eval(config: str | Path | EvalConfig, out_dir: str | Path, *, engine: di
             ScoreActor, fn_constructor_kwargs={"models": list(cfg.models), "execution": ex_dict},
             batch_size=1, batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=ex.actors),
-            num_cpus=ex.num_cpus, num_gpus=ex.num_gpus or None,
+            num_cpus=ex.num_cpus, num_gpus=ex.num_gpus or None, resources=ex.resources or None,
             max_restarts=ex.max_restarts, max_task_retries=-1,
         )
         expected = len(cfg.models)
