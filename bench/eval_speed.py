@@ -233,8 +233,17 @@ def run_pipeline(cfg, kind: str, out: Path, engine_over: dict | None = None) -> 
 
     from rayeval.eval.pipeline import run_eval
 
-    t0 = time.time()
-    res = run_eval(cfg, out, engine={"kind": kind, "actors": 1, **(engine_over or {})}, resume=False, report=False)
+    for attempt in range(3):  # Ray waits only 30 s for its raylet: an overloaded machine can miss that
+        t0 = time.time()
+        try:
+            res = run_eval(cfg, out, engine={"kind": kind, "actors": 1, **(engine_over or {})}, resume=False,
+                           report=False)
+            break
+        except Exception as ex:  # noqa: BLE001
+            ray.shutdown()
+            if "timed out during startup" not in str(ex) or attempt == 2:
+                raise
+            log(f"Ray did not start in time ({ex}); retrying")
     wall = time.time() - t0
     ray.shutdown()
     files = sorted((out / "shards").glob("part-*.parquet"), key=lambda f: f.stat().st_mtime)
