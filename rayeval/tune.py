@@ -554,7 +554,23 @@ def tune_router(cfg: TuneConfig, spec: RouterSpec, data_ref: TuneData, exp_dir: 
     tuner, restored = _tuner(trainable, exp_dir / spec.name, resume, make, {"resume_errored": True})
     log(f"[tune] {spec.name}: {'resuming' if restored else 'starting'} {exp_dir / spec.name} "
         f"({spec.num_samples} samples, max_t={max_t})")
-    return tuner.fit()
+    grid = tuner.fit()
+    _check_complete(grid, spec.num_samples * _grid_size(space), f"{spec.name} search")
+    return grid
+
+
+def _grid_size(space: dict) -> int:
+    return int(np.prod([len(v["grid_search"]) for v in space.values() if isinstance(v, dict) and "grid_search" in v]
+                       or [1]))
+
+
+def _check_complete(grid, expected: int, what: str) -> None:
+    """``Tuner.fit`` returns normally after Ctrl-C/SIGINT (the experiment state is saved, trials
+    left RUNNING/PENDING): stop the job there instead of exporting half a search."""
+    done = grid.num_terminated + grid.num_errors
+    if done < len(grid) or len(grid) < expected:
+        raise Interrupted(f"{what} was interrupted ({done} of {expected} trials finished); "
+                          f"rerun with --resume to continue it")
 
 
 def trials_table(grid, router: str) -> pd.DataFrame:
@@ -634,6 +650,7 @@ def calibrate_router(cfg: TuneConfig, router_dir: Path, data_ref: TuneData, exp_
     tuner, restored = _tuner(trainable, exp_dir / "calibrate", resume, make, {"resume_errored": True})
     log(f"[tune] calibration: {'resuming' if restored else 'starting'} {len(targets)} targets")
     grid = tuner.fit()
+    _check_complete(grid, len(targets), "calibration")
     rows = [r.metrics for r in grid if r.error is None and r.metrics]
     errs = [str(r.error) for r in grid if r.error is not None]
     if errs:
@@ -741,6 +758,10 @@ class TrialsFailed(RuntimeError):
     """Some trials errored; the experiment can be resumed."""
 
 
+class Interrupted(TrialsFailed):
+    """The run was stopped (Ctrl-C / SIGINT) before every trial finished; it can be resumed."""
+
+
 def _share_key(t: float) -> str:
     return f"{float(t):g}"
 
@@ -793,6 +814,9 @@ def tune_cmd(config: str = typer.Argument(..., metavar="CONFIG", help="tune YAML
     except (ValueError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2)
+    except Interrupted as e:
+        typer.echo(f"interrupted: {e}", err=True)
+        raise typer.Exit(130)
     except TrialsFailed as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(3)
