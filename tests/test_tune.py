@@ -198,3 +198,20 @@ def test_cli_mounts_as_rayeval_tune(monkeypatch):
     assert seen == {"config": "tune_small", "out": Path("x"), "resume": True}
     r = CliRunner().invoke(T.app, ["tune_small"])
     assert r.exit_code == 0 and seen["resume"] is False and seen["out"] is None
+
+
+def test_interrupted_search_is_not_exported():
+    """After Ctrl-C ``Tuner.fit`` returns normally with trials left RUNNING/PENDING."""
+
+    class Grid(list):
+        def __init__(self, n, terminated, errors=0):
+            super().__init__(range(n))
+            self.num_terminated, self.num_errors = terminated, errors
+
+    T._check_complete(Grid(4, 3, 1), 4, "x")  # all finished (one errored: TrialsFailed is raised elsewhere)
+    with pytest.raises(T.Interrupted, match="--resume"):
+        T._check_complete(Grid(4, 2), 4, "x")  # two trials still running
+    with pytest.raises(T.Interrupted):
+        T._check_complete(Grid(3, 3), 5, "x")  # searcher had not created every trial yet
+    assert T._grid_size(T.search_space("random", {"seed": [0, 1, 2]}, grid=True)) == 3
+    assert T._grid_size({"a": 1}) == 1
