@@ -46,6 +46,9 @@ def gateway():
     args["ingress"] = {**args["ingress"], "max_ongoing_requests": 4, "max_queued_requests": 4}
     for k, v in SERVE_ENV.items():
         os.environ.setdefault(k, v)
+    # This machine is shared: Ray's memory monitor counts other people's processes towards its 95%
+    # node threshold and kills our engine replicas.  Off for this test cluster only.
+    os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
     for attempt in range(3):  # a shared, overloaded machine can miss Ray's fixed 30 s raylet start wait
         try:
             init_ray(num_cpus=4)  # logical CPUs: a budget (the graph asks for <= 1.8)
@@ -117,7 +120,7 @@ def test_forced_routing_openai_client(gateway, router):
     resp = raw.parse()
     assert resp.model == STRONG and raw.headers["x-rayeval-served-by"] == STRONG
     assert raw.headers["x-rayeval-tier"] == "strong" and raw.headers["x-rayeval-router"] == router
-    assert resp.choices[0].message.content and resp.usage.completion_tokens >= 1
+    assert resp.usage.completion_tokens >= 1 and resp.choices[0].finish_reason in ("stop", "length")
     raw = c.chat.completions.with_raw_response.create(model=f"router-{router}-1.01", messages=msgs, max_tokens=8)
     resp = raw.parse()
     assert resp.model == WEAK and raw.headers["x-rayeval-served-by"] == WEAK
@@ -128,13 +131,15 @@ def test_direct_model_and_streaming(gateway):
     c = _client(gateway)
     r = c.chat.completions.create(model=WEAK, messages=[{"role": "user", "content": "Say hello."}], max_tokens=8)
     assert r.model == WEAK and r.choices[0].message.content
-    chunks = list(c.chat.completions.create(model="router-knn-0.0", stream=True, max_tokens=12,
-                                            stream_options={"include_usage": True},
-                                            messages=[{"role": "user", "content": "Count to five."}]))
-    assert chunks and all(ch.model == STRONG for ch in chunks)
-    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
-    assert text.strip()
-    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+    for model, served in (("router-knn-0.0", STRONG), ("router-knn-1.01", WEAK)):
+        chunks = list(c.chat.completions.create(model=model, stream=True, max_tokens=12,
+                                                stream_options={"include_usage": True},
+                                                messages=[{"role": "user", "content": "Count to five."}]))
+        assert chunks and all(ch.model == served for ch in chunks)
+        assert any(ch.choices and ch.choices[0].finish_reason for ch in chunks)
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens >= 1
+        if served == WEAK:  # the instruct model says something (the base model may stop at once)
+            assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices).strip()
     # raw SSE framing and header
     with httpx.stream("POST", gateway["url"] + "/v1/chat/completions", headers=_h(), timeout=120,
                       json={"model": "router-knn-1.01", "stream": True, "max_tokens": 4,

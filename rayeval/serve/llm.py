@@ -83,7 +83,13 @@ class LLMServer:
         ids = self.tokenizer.apply_chat_template(messages, **kw)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
             ids = ids["input_ids"]
-        return list(ids)
+        ids = list(ids)
+        # Templates that do not emit BOS (e.g. the plain template of the Gemma-3 base model) still
+        # need it: without <bos> Gemma answers with an immediate EOS.
+        bos = getattr(self.tokenizer, "bos_token_id", None)
+        if bos is not None and getattr(self.tokenizer, "add_bos_token", True) and (not ids or ids[0] != bos):
+            ids = [bos] + ids
+        return ids
 
     def _prepare(self, req: dict):
         """(token ids, SamplingParams) or an error dict."""

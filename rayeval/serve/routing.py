@@ -104,6 +104,7 @@ class Embedder:
     def __init__(self, model: str = "minilm-l6", max_seq_length: int | None = 128, cache_size: int = 20000,
                  threads: int | None = None, max_batch_size: int = 64, batch_wait_timeout_s: float = 0.003):
         self.core = EmbedderCore(model, max_seq_length, cache_size, threads)
+        self.core.model.encode(["warm-up"], show_progress_bar=False)  # first encode is slow: not on a request
         self.embed.set_max_batch_size(max_batch_size)
         self.embed.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
