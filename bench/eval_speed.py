@@ -260,42 +260,47 @@ def run_pipeline(cfg, kind: str, out: Path, engine_over: dict | None = None) -> 
 # ----------------------------------------------------------------------------- lm-eval
 
 LMEVAL_RUNNER = r'''
-import json, sys, time
-a = json.loads(sys.argv[1])
-t0 = time.perf_counter()
-import lm_eval
-from lm_eval.tasks import TaskManager
-if a["backend"] == "hf":
-    from lm_eval.models.huggingface import HFLM
-    lm = HFLM(pretrained=a["model_path"], dtype=a["dtype"], batch_size=a["batch_size"], device="cpu")
-else:
-    from lm_eval.models.vllm_causallms import VLLM
-    lm = VLLM(pretrained=a["model_path"], dtype="bfloat16", max_model_len=2048, enforce_eager=True,
-              batch_size="auto", seed=0, kv_cache_memory_bytes=1 << 30)
-import psutil
-def cpu_now():
-    me = psutil.Process(); tot = 0.0
-    for p in [me] + me.children(recursive=True):
-        try:
-            t = p.cpu_times(); tot += t.user + t.system
-        except psutil.Error:
-            pass
-    return tot
-c1 = cpu_now()
-t1 = time.perf_counter()
-res = lm_eval.simple_evaluate(model=lm, tasks=a["tasks"], task_manager=TaskManager(include_path=a["task_dir"]),
-                              num_fewshot=0, log_samples=True)
-t2 = time.perf_counter()
-c2 = cpu_now()
-preds, nreq = {}, 0
-for task, samples in res["samples"].items():
-    for s in samples:
-        lls = [r[0] for r in s["filtered_resps"]]
-        nreq += len(lls)
-        preds[f"{task}/{s['doc_id']}"] = max(range(len(lls)), key=lambda i: lls[i])
-acc = {t: r.get("acc,none") for t, r in res["results"].items()}
-json.dump({"load_s": t1 - t0, "eval_s": t2 - t1, "cpu_s": c2 - c1, "acc": acc, "preds": preds, "n_requests": nreq},
-          open(a["out"], "w"))
+def main():
+    import json, sys, time
+    a = json.loads(sys.argv[1])
+    t0 = time.perf_counter()
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+    if a["backend"] == "hf":
+        from lm_eval.models.huggingface import HFLM
+        lm = HFLM(pretrained=a["model_path"], dtype=a["dtype"], batch_size=a["batch_size"], device="cpu")
+    else:
+        from lm_eval.models.vllm_causallms import VLLM
+        lm = VLLM(pretrained=a["model_path"], dtype="bfloat16", max_model_len=2048, enforce_eager=True,
+                  batch_size="auto", seed=0, kv_cache_memory_bytes=1 << 30)
+    import psutil
+    def cpu_now():
+        me = psutil.Process(); tot = 0.0
+        for p in [me] + me.children(recursive=True):
+            try:
+                t = p.cpu_times(); tot += t.user + t.system
+            except psutil.Error:
+                pass
+        return tot
+    c1 = cpu_now()
+    t1 = time.perf_counter()
+    res = lm_eval.simple_evaluate(model=lm, tasks=a["tasks"], task_manager=TaskManager(include_path=a["task_dir"]),
+                                  num_fewshot=0, log_samples=True)
+    t2 = time.perf_counter()
+    c2 = cpu_now()
+    preds, nreq = {}, 0
+    for task, samples in res["samples"].items():
+        for s in samples:
+            lls = [r[0] for r in s["filtered_resps"]]
+            nreq += len(lls)
+            preds[f"{task}/{s['doc_id']}"] = max(range(len(lls)), key=lambda i: lls[i])
+    acc = {t: r.get("acc,none") for t, r in res["results"].items()}
+    json.dump({"load_s": t1 - t0, "eval_s": t2 - t1, "cpu_s": c2 - c1, "acc": acc, "preds": preds, "n_requests": nreq},
+              open(a["out"], "w"))
+
+
+if __name__ == "__main__":  # vLLM starts its engine core with spawn
+    main()
 '''
 
 
