@@ -327,6 +327,7 @@ def aggregate_pairwise(raw: pd.DataFrame, rule: str = "agree", tie_margin: float
         "second_position_share": float((calls == "second").mean()) if n else float("nan"),
         "tie_call_share": float((calls == "tie").mean()) if n else float("nan"),
         "position_offset_nats": float(np.nanmean(offset)) if n and has_lp else float("nan"),
+        "margin_sd_nats": float(np.nanstd(margin)) if n and has_lp else float("nan"),
         "winner_shares": {w: float((df.winner == w).mean()) for w in WINNERS} if n else {},
         "winner_shares_agree": {w: float((w_agree == w).mean()) for w in WINNERS} if n else {},
         "winner_shares_debiased": {w: float((w_deb == w).mean()) for w in WINNERS} if n else {},
@@ -379,14 +380,16 @@ def judge_markdown(stats: dict[str, Any], title: str = "LLM-as-judge labels (D_j
         f"| calls choosing the first position / second / tie | {f(stats['first_position_share'])} / "
         f"{f(stats['second_position_share'])} / {f(stats['tie_call_share'])} |",
         f"| mean position offset (log-odds first over second, content cancelled) | "
-        f"{stats['position_offset_nats']:.2f} nats |",
+        f"{'n/a' if stats.get('position_offset_nats') is None else format(stats['position_offset_nats'], '.2f')} nats |",
+        f"| spread of the content log-odds (sd of the debiased margin) | "
+        f"{'n/a' if stats.get('margin_sd_nats') is None else format(stats['margin_sd_nats'], '.2f')} nats |",
         f"| labels, agreement rule (a / b / tie) | {f(ws.get('a'))} / {f(ws.get('b'))} / {f(ws.get('tie'))} |",
         f"| labels, debiased log-odds rule (a / b / tie) | {f(wd.get('a'))} / {f(wd.get('b'))} / {f(wd.get('tie'))} |",
         "",
         "| model | win (agreement rule) | tie |", "|---|---|---|",
     ]
     lines += [f"| {m} | {f(v['win'])} | {f(v['tie'])} |" for m, v in stats["per_model"].items()]
-    if stats["position_bias_rate"] > 0.3:
+    if (stats.get("position_bias_rate") or 0) > 0.3:
         lines += ["", f"The position-bias rate is high: this judge mostly answers by position, not content. "
                       f"Under the agreement rule such pairs become ties, so D_judge carries little signal; "
                       f"a stronger judge (same config, another `model`) fixes the labels, not the pipeline."]
@@ -394,6 +397,15 @@ def judge_markdown(stats: dict[str, Any], title: str = "LLM-as-judge labels (D_j
 
 
 # ----------------------------------------------------------------------------- driver
+
+def _finite(o):
+    """NaN -> None, so the stats file is strict JSON."""
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return o
+
 
 def run_judge(config: str | Path | dict | JudgeConfig, responses: str | Path | pd.DataFrame, out_dir: str | Path, *,
               engine: dict[str, Any] | None = None, resume: bool = True, stop_after: int | None = None,
@@ -433,7 +445,7 @@ def run_judge(config: str | Path | dict | JudgeConfig, responses: str | Path | p
         oc.save(out / "ratings.parquet")
     stats.update(judge=cfg.model, mode=cfg.mode)
     prefs.save(out / "preferences.parquet")
-    (out / "judge_stats.json").write_text(json.dumps(stats, indent=1))
+    (out / "judge_stats.json").write_text(json.dumps(_finite(stats), indent=1))
     (out / "judge_report.md").write_text(judge_markdown(stats))
     result.update(preferences=str(out / "preferences.parquet"), rows=len(prefs), stats=stats,
                   seconds=round(time.time() - t0, 1))
