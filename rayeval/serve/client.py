@@ -45,7 +45,7 @@ def chat(url: str, model: str, prompt: str, max_tokens: int = 32, api_key: str |
     return out
 
 
-def deploy_and_query(config: str, router_dir: str, threshold: float, strong: str, weak: str,
+def deploy_and_query(config: str, router_dir: str, threshold: float | None, strong: str, weak: str,
                      prompts: Sequence[str], router_name: str = "trained", max_tokens: int = 32,
                      num_cpus: float | None = None, shutdown: bool = True) -> pd.DataFrame:
     """Deploy ``config`` with the trained router (and its threshold) as the default, send ``prompts``
@@ -58,6 +58,7 @@ def deploy_and_query(config: str, router_dir: str, threshold: float, strong: str
     from rayeval.serve.app import app_args_for
     from rayeval.serve.deploy import app_config, deploy, load_config
 
+    threshold = 0.5 if threshold is None else float(threshold)
     cfg = copy.deepcopy(load_config(config))
     app = app_config(cfg)
     app["args"] = app_args_for(app.get("args") or {}, router_name, router_dir, threshold, strong, weak)
