@@ -271,3 +271,23 @@ def test_tiny_real_run_generate_judge_train(tmp_path, shared_data):
     finally:
         for g in gens.values():
             g.close()
+
+
+def test_single_answer_grading_with_fake_engine():
+    from rayeval.route.judge import aggregate_single, single_items
+
+    cfg = load_judge_config("judge_mt_bench")
+    actor = JudgeActor(cfg.model, {"kind": "fake"}, {**cfg.single.__dict__}, "single", engine=FakeEngine(seed=3))
+    resp = _responses()
+    rows = pd.DataFrame(actor.judge(single_items(resp)))
+    assert len(rows) == 8 and rows.rating.between(1, 10).all() and rows.rating_expected.between(1, 10).all()
+    # the expectation is over the renormalised distribution of the ten ratings
+    lp = np.array(rows.logprobs.iloc[0])
+    p = np.exp(lp - lp.max())
+    assert rows.rating_expected.iloc[0] == pytest.approx(float((p / p.sum()) @ np.arange(1, 11)))
+    oc, prefs, st = aggregate_single(rows, tie_eps=0.0)
+    assert oc.models == ["m1", "m2"] and len(oc) == 4 and len(prefs) == 4
+    d = oc.scores.to_numpy()
+    exp = np.where(d[:, 0] > d[:, 1], "a", np.where(d[:, 0] < d[:, 1], "b", "tie"))
+    assert prefs.df.winner.tolist() == exp.tolist()
+    assert "mean expected rating" in judge_markdown({**st, "judge": "fake"})
