@@ -346,7 +346,7 @@ def max_epochs(router: str, space: dict) -> int:
     if isinstance(v, Categorical):
         return int(max(v.categories))
     if isinstance(v, Integer):
-        return int(v.upper)
+        return int(v.upper) - 1  # tune.randint's upper bound is exclusive
     if v is None:
         import inspect
 
