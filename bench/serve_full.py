@@ -20,6 +20,35 @@ import time
 import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")  # shared box: see tests/test_serve.py
+
+
+async def route_level(url: str, model: str, prompts: list[str], conc: int, key: str | None) -> dict:
+    """POST /v1/route (decision only) over HTTP."""
+    import httpx
+
+    lat, codes, tiers = [], [], {}
+    it = iter(prompts)
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+
+    async def worker(cl):
+        for p in it:
+            t0 = time.perf_counter()
+            r = await cl.post(url + "/v1/route", json={"model": model, "messages": [{"role": "user", "content": p}]})
+            lat.append(time.perf_counter() - t0)
+            codes.append(r.status_code)
+            if r.status_code == 200:
+                t = r.json()["tier"]
+                tiers[t] = tiers.get(t, 0) + 1
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(timeout=120, headers=headers) as cl:
+        await asyncio.gather(*[worker(cl) for _ in range(conc)])
+    wall = time.perf_counter() - t0
+    a = np.asarray(lat) * 1e3
+    return {"route_model": model, "concurrency": conc, "n": len(prompts), "decisions_per_s": len(prompts) / wall,
+            "p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)),
+            "codes": {str(c): codes.count(c) for c in sorted(set(codes))}, "tiers": tiers}
 
 
 async def run_level(url: str, model: str, prompts: list[str], conc: int, max_tokens: int, stream: bool, key: str | None):
@@ -74,6 +103,9 @@ def main():
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--stream", action="store_true")
+    ap.add_argument("--route-n", type=int, default=0, help="also time /v1/route with this many prompts per level")
+    ap.add_argument("--route-concurrency", type=int, nargs="+", default=[1, 16, 64])
+    ap.add_argument("--route-models", nargs="+", default=["router-length-0.5", "router-knn-0.5"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.n * len(args.concurrency) * len(args.models) > 2000:
@@ -94,6 +126,23 @@ def main():
     if not url.startswith(("http://127.0.0.1", "http://localhost")):
         raise SystemExit("load tests only against 127.0.0.1")
     rows = []
+    if args.route_n:
+        for bench in ("mt_bench", "mmlu"):
+            bq = load_routellm(bench).queries["query"].astype(str).tolist()
+            rng = np.random.default_rng(0)
+            for model in args.route_models:
+                for conc in args.route_concurrency:
+                    # fresh prompts per level (the embedder caches texts)
+                    ps = [bq[i] for i in rng.choice(len(bq), args.route_n, replace=False)]
+                    r = asyncio.run(route_level(url, model, ps, conc, key))
+                    r["prompts"] = bench
+                    print(json.dumps(r), flush=True)
+                    rows.append(r)
+            # the same prompts again: embedder cache hits
+            r = asyncio.run(route_level(url, args.route_models[-1], ps, args.route_concurrency[-1], key))
+            r.update(prompts=bench, cached=True)
+            print(json.dumps(r), flush=True)
+            rows.append(r)
     for model in args.models:
         for conc in args.concurrency:
             r = asyncio.run(run_level(url, model, prompts, conc, args.max_tokens, args.stream, key))

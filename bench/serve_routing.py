@@ -2,9 +2,10 @@
 
     python bench/serve_routing.py --router knn --concurrency 1 8 32 64 --n 600
     python bench/serve_routing.py --quality        # APGR of each embedder setting on RouteLLM MMLU
+    python bench/serve_routing.py --cpu-cost       # CPU ms per decision step (load-independent)
 
-Drives the Router deployment through a DeploymentHandle (what the ingress does) and, with --http,
-through the real HTTP ingress ``/v1/route`` of a gateway started with only the routing path.
+Drives the Router deployment through a DeploymentHandle (what the ingress does); the HTTP routing
+path (``/v1/route`` of the full gateway) is timed by ``bench/serve_full.py --route-n``.
 Prompts: RouteLLM MT-Bench (long, chatty) and MMLU (question + 4 options) prompts.
 """
 
@@ -131,6 +132,40 @@ def quality(args) -> list[dict]:
     return rows
 
 
+def cpu_cost(args) -> list[dict]:
+    """Load-independent cost of one decision: process CPU ms per prompt (1 torch thread, batch 64)
+    for MiniLM encodes at several truncations, a cache hit, the kNN lookup and the length router."""
+    from rayeval.route.routers import load_router
+    from rayeval.serve.app import parse_args, router_dirs
+    from rayeval.serve.routing import EmbedderCore
+
+    dirs = router_dirs(parse_args({}))
+    knn, length = load_router(dirs["knn"]), load_router(dirs["length"])
+    rows = []
+    for kind in args.prompts:
+        texts = prompts(kind, 128)
+        r = {"prompts": kind}
+        for msl in (128, 64):
+            core = EmbedderCore(max_seq_length=msl, cache_size=1000, threads=1)
+            core.encode(texts[:8])
+            core.cache = type(core.cache)(1000)
+            c0 = time.process_time()
+            e = core.encode(texts)
+            r[f"encode_{msl}_cpu_ms"] = 1e3 * (time.process_time() - c0) / len(texts)
+            c0 = time.process_time()
+            core.encode(texts)
+            r["cache_hit_cpu_ms"] = 1e3 * (time.process_time() - c0) / len(texts)
+            c0 = time.process_time()
+            knn.win_probability(texts, e)
+            r["knn_cpu_ms"] = 1e3 * (time.process_time() - c0) / len(texts)
+        c0 = time.process_time()
+        length.win_probability(texts)
+        r["length_cpu_ms"] = 1e3 * (time.process_time() - c0) / len(texts)
+        print(json.dumps(r), flush=True)
+        rows.append(r)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--router", default="knn")
@@ -147,8 +182,9 @@ def main():
     ap.add_argument("--quality-n", type=int, default=1500)
     ap.add_argument("--quality-lengths", type=int, nargs="+", default=[0, 128, 64, 32],
                     help="MiniLM max_seq_length (0: the model's own, 256)")
+    ap.add_argument("--cpu-cost", action="store_true", help="CPU ms per decision step (load-independent)")
     args = ap.parse_args()
-    rows = quality(args) if args.quality else bench_handle(args)
+    rows = quality(args) if args.quality else cpu_cost(args) if args.cpu_cost else bench_handle(args)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)
