@@ -107,3 +107,76 @@ def test_lru():
     c = LRU(2)
     c.put("a", 1), c.put("b", 2), c.get("a"), c.put("c", 3)
     assert c.get("b") is None and c.get("a") == 1 and c.get("c") == 3
+
+
+class _Resp:
+    """Stands in for a DeploymentResponse: awaitable, cancellable."""
+
+    def __init__(self, value=None, exc=None, delay=0.0):
+        self.value, self.exc, self.delay, self.cancelled = value, exc, delay, False
+
+    def __await__(self):
+        async def f():
+            import asyncio
+
+            await asyncio.sleep(self.delay)
+            if self.exc:
+                raise self.exc
+            return self.value
+        return f().__await__()
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _Metric:
+    def __init__(self):
+        self.calls = []
+
+    def inc(self, *a, **k):
+        self.calls.append(k)
+
+    observe = inc
+
+
+def _routing_ingress(resp):
+    from collections import Counter, deque
+
+    cls = Ingress.func_or_class
+    ns = types.SimpleNamespace(
+        router=types.SimpleNamespace(route=types.SimpleNamespace(remote=lambda *a: resp)),
+        s={"route_timeout_s": 0.2}, fallback="smollm2-135m", llms={"smollm2-135m": None, "gemma3-270m": None},
+        stats={"decisions": Counter(), "fallbacks": 0, "fallback_reasons": Counter()}, route_lat=deque(),
+        m_fallbacks=_Metric(), m_decisions=_Metric(), m_route_latency=_Metric())
+    ns._fallback = lambda reason, router: cls._fallback(ns, reason, router)
+    return ns, cls
+
+
+@pytest.mark.parametrize("resp,reason", [
+    (_Resp(exc=RuntimeError("embedder died")), "RuntimeError"),
+    (_Resp(value={"router": "knn", "p": 0.9}, delay=1.0), "timeout"),
+    (_Resp(value={"router": "knn", "p": 0.9, "threshold": 0.5, "tier": "strong", "model": "gpt-4"}), "unserved_model"),
+])
+def test_routing_failure_falls_back_and_counts(resp, reason):
+    import asyncio
+
+    ns, cls = _routing_ingress(resp)
+    d = asyncio.run(cls._route(ns, "hello", "knn", 0.5))
+    assert d["model"] == "smollm2-135m" and d["tier"] == "fallback" and d["fallback"] == reason
+    assert ns.stats["fallbacks"] == 1 and ns.stats["fallback_reasons"][reason] == 1
+    assert ns.m_fallbacks.calls == [{"tags": {"reason": reason}}]
+    if reason == "timeout":
+        assert resp.cancelled
+
+
+def test_routing_ok_and_unknown_router():
+    import asyncio
+
+    ok = {"router": "knn", "p": 0.7, "threshold": 0.5, "tier": "strong", "model": "gemma3-270m"}
+    ns, cls = _routing_ingress(_Resp(value=ok))
+    assert asyncio.run(cls._route(ns, "hello", "knn", 0.5)) == ok
+    assert ns.stats["decisions"]["knn:strong"] == 1 and ns.stats["fallbacks"] == 0
+    ns, cls = _routing_ingress(_Resp(value={"error": "unknown router 'x'"}))
+    with pytest.raises(BadRequest) as e:
+        asyncio.run(cls._route(ns, "hello", "x", 0.5))
+    assert e.value.code == "model_not_found"
