@@ -10,9 +10,13 @@ What is measured (zero-shot MMLU, standard prompt, symbol scoring = one next-tok
   bare-vllm       ``vllm.LLM.generate`` on exactly the token ids rayeval's VLLMEngine sends
                   (max_tokens=1, ``logprob_token_ids`` = the 4 symbol tokens); generate() only
   rayeval-vllm    ``VLLMEngine.score`` (tokenization + generate + reduction), same engine instance
-  rayeval-hf      ``HFEngine.score`` over a grid of dtype / threads / batch size
+  rayeval-hf      ``HFEngine.score`` over a grid of dtype / threads / batch size, plus a proposed
+                  variant computing logits at the last position only (``.../last``)
+  q/CPU-s         questions per CPU-second of this process and its children (steadier than
+                  wall time when the cores are shared)
   pipeline-*      ``run_eval`` (Ray Data, actors=1): wall time with Ray + engine start, and
-                  steady state from the shard files' write times (excludes start and first shard)
+                  steady state timed inside the actor (first shard's start to last shard's end)
+                  by a ScoreActor subclass shipped to Ray by value (pipeline.py is untouched)
   lm-eval-*       lm-eval's HF and vLLM backends on a local task with lm-eval's standard MMLU
                   prompt over the same questions (4 log-likelihood requests per question)
 
@@ -36,7 +40,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
