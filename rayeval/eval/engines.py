@@ -87,10 +87,13 @@ def symbol_token_ids(tokenizer, symbols: Sequence[str]) -> list[int] | None:
     return ids if len(set(ids)) == len(ids) else None
 
 
-def encode_prompt(tokenizer, prompt: str) -> list[int]:
+def encode_prompt(tokenizer, prompt: str, add_bos: bool = False) -> list[int]:
+    """Prompt tokens, with BOS first when the model needs it (``ModelSpec.add_bos``) or its
+    tokenizer says so."""
     ids = tokenizer.encode(prompt, add_special_tokens=False)
     bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is not None and getattr(tokenizer, "add_bos_token", True) and (not ids or ids[0] != bos):
+    want = add_bos or bool(getattr(tokenizer, "add_bos_token", False))
+    if bos is not None and want and (not ids or ids[0] != bos):
         ids = [bos] + ids
     return ids
 
@@ -101,12 +104,12 @@ def encode_continuation(tokenizer, context_ids: list[int], continuation: str) ->
     return tokenizer.encode(continuation, add_special_tokens=False)
 
 
-def _expand(requests: Sequence[ScoreRequest], tokenizer, sym_cache: dict):
+def _expand(requests: Sequence[ScoreRequest], tokenizer, sym_cache: dict, add_bos: bool = False):
     """Turn requests into flat jobs: ('sym', req_index, ids, token_ids) or
     ('cont', req_index, option_index, context_ids, cont_ids)."""
     jobs = []
     for i, r in enumerate(requests):
-        ctx = encode_prompt(tokenizer, r.prompt)
+        ctx = encode_prompt(tokenizer, r.prompt, add_bos)
         if r.symbols is not None:
             key = tuple(r.symbols)
             if key not in sym_cache:
@@ -193,6 +196,7 @@ class VLLMEngine:
         kw.update(engine_kwargs)
         self.llm = LLM(model=str(path), **kw)
         self.tokenizer = self.llm.get_tokenizer()
+        self.add_bos = spec.add_bos
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._SP = SamplingParams
         self._has_token_ids = "logprob_token_ids" in SamplingParams.__struct_fields__ if hasattr(
@@ -214,7 +218,7 @@ class VLLMEngine:
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         from vllm.inputs import TokensPrompt
 
-        jobs = _expand(requests, self.tokenizer, self._sym_cache)
+        jobs = _expand(requests, self.tokenizer, self._sym_cache, self.add_bos)
         prompts, params = [], []
         for job in jobs:
             if job[0] == "sym":
@@ -256,18 +260,20 @@ class HFEngine:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from rayeval.models import resolve_model
+        from rayeval.models import get_spec, resolve_model
 
         kw = dict(engine_kwargs or {})
         self.name = model
         self.batch_size = int(kw.pop("batch_size", 16))
         self.max_tokens_per_batch = int(kw.pop("max_tokens_per_batch", 8192))
         dtype = kw.pop("dtype", "bfloat16" if on_cpu() else "auto")
-        threads = kw.pop("num_threads", None)
-        if threads:
-            torch.set_num_threads(int(threads))
+        # One thread per engine unless told otherwise (Ray sets OMP_NUM_THREADS for actors):
+        # measured 2.8 vs 0.5 questions/s for 1 vs 2 threads on 2 cores (docs/benchmarks.md).
+        threads = kw.pop("num_threads", None) or os.environ.get("OMP_NUM_THREADS") or 1
+        torch.set_num_threads(int(threads))
         path = str(resolve_model(model))
         self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.add_bos = get_spec(model).add_bos
         self.model = AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(torch, dtype) if dtype != "auto" else "auto", **kw).eval()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -290,7 +296,7 @@ class HFEngine:
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         torch = self._torch
-        jobs = _expand(requests, self.tokenizer, self._sym_cache)
+        jobs = _expand(requests, self.tokenizer, self._sym_cache, self.add_bos)
         seqs = [j[2] if j[0] == "sym" else j[3] + j[4] for j in jobs]
         for job, s in zip(jobs, seqs):
             if len(s) > self.max_model_len:
