@@ -138,7 +138,7 @@ def test_ray_dataset_output(shared_data):
     from rayeval.cluster import init_ray
     from rayeval.data.loaders import to_ray_dataset
 
-    init_ray(num_cpus=1)
+    init_ray()
     items = load_items(shared_data / "mmlu", split="dev").items
     ds = to_ray_dataset(items)
     assert ds.count() == 285

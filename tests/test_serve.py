@@ -49,6 +49,9 @@ def gateway():
     # This machine is shared: Ray's memory monitor counts other people's processes towards its 95%
     # node threshold and kills our engine replicas.  Off for this test cluster only.
     os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+    # A fresh cluster: one left by earlier tests in this process may be smaller than this graph
+    # needs, and its workers would not see the environment set above.
+    shutdown()
     for attempt in range(3):  # a shared, overloaded machine can miss Ray's fixed 30 s raylet start wait
         try:
             init_ray(num_cpus=4)  # logical CPUs: a budget (the graph asks for <= 1.8)

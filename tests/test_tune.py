@@ -86,6 +86,7 @@ def ray_cluster():
 
     from rayeval.cluster import init_ray
 
+    ray.shutdown()  # a cluster left by earlier tests may have fewer CPUs than the trials need
     init_ray(num_cpus=2, log_to_driver=False)
     yield
     ray.shutdown()
