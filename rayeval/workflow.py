@@ -173,6 +173,9 @@ def write_report(cfg, out: Path, ev: dict, outcomes, tr: dict, served: pd.DataFr
           + ", ".join(f"{k:.0%} → {v:.3f}" for k, v in sorted(tr["thresholds"].items())) + "\n",
           f"\nRouter saved to `{tr['router_dir']}` (with thresholds.json) for `serve_configs/`.\n"]
     if served is not None:
-        md += ["\n## 4. Served through the Serve graph\n\n", md_table(served) + "\n"]
+        shown = served.copy()
+        if "text" in shown:  # one table line per request
+            shown["text"] = shown["text"].astype(str).str.replace(r"\s+", " ", regex=True).str.slice(0, 100)
+        md += ["\n## 4. Served through the Serve graph\n\n", md_table(shown) + "\n"]
     (out / "report.md").write_text("".join(md), encoding="utf-8")
     return out / "report.md"
