@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 import pyarrow as pa
@@ -161,7 +161,7 @@ class ScoreActor:
 
     def __call__(self, batch: dict[str, Any]) -> pd.DataFrame:
         rows: list[dict[str, Any]] = []
-        for shard, blob in zip(batch["shard"], batch["works"]):
+        for shard, blob in zip(batch["shard"], batch["payload"]):
             shard = int(shard)
             self._maybe_crash(shard)
             works: list[Work] = pickle.loads(blob)
@@ -200,26 +200,20 @@ def read_rows(out_dir: str | Path) -> pd.DataFrame:
     return pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive").to_pandas()
 
 
-def run_eval(config: str | Path | EvalConfig, out_dir: str | Path, *, engine: dict[str, Any] | None = None,
-             resume: bool = True, stop_after: int | None = None, report: bool = True,
-             address: str | None = None) -> dict[str, Any]:
-    """Run (or resume) an evaluation; returns a summary dict with paths and counts.
-
-    ``engine`` overrides keys of the config's ``engine`` section (e.g. ``{"kind": "fake"}``).
-    ``stop_after`` stops after that many newly written shards (simulates an interruption)."""
+def run_sharded(name: str, payloads: Sequence[Any], actor_cls: type, ctor_kwargs: dict[str, Any], out: Path,
+                fp: str, rows_per_shard: Callable[[int], int], ex: Execution, *, resume: bool = True,
+                stop_after: int | None = None, address: str | None = None, meta: dict | None = None) -> dict:
+    """The execution pattern of every sharded job (evaluation, generation, judging): manifest +
+    fingerprint check, skip finished shards, Ray Data actor pool with restarts, atomic shard files
+    written by the driver once a shard's rows are all in.  ``actor_cls`` gets batches with columns
+    ``shard`` and ``payload`` (pickled) and returns rows with a ``shard`` column.
+    Returns {"written", "shards", "complete"}."""
     import ray
 
     from rayeval.cluster import init_ray
 
-    cfg = config if isinstance(config, EvalConfig) else load_eval_config(config)
-    ex = Execution.from_engine_dict({**cfg.engine, **(engine or {})})
-    out = Path(out_dir)
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-
     t0 = time.time()
-    works, questions = build_work(cfg)
-    shards = make_shards(works, cfg.batch_size)
-    fp = fingerprint(cfg, shards)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
     manifest = out / "manifest.json"
     if manifest.exists() and resume:
         old = json.loads(manifest.read_text())
@@ -229,44 +223,61 @@ def run_eval(config: str | Path | EvalConfig, out_dir: str | Path, *, engine: di
     elif not resume:
         for f in (out / "shards").glob("part-*.parquet"):
             f.unlink()
-    manifest.write_text(json.dumps({"name": cfg.name, "fingerprint": fp, "shards": len(shards),
-                                    "work_units": len(works), "models": cfg.models}, indent=1))
+    manifest.write_text(json.dumps({"name": name, "fingerprint": fp, "shards": len(payloads), **(meta or {})},
+                                   indent=1, default=str))
     done = {int(f.stem.split("-")[1]) for f in (out / "shards").glob("part-*.parquet")}
-    todo = [i for i in range(len(shards)) if i not in done]
-    log.info("%s: %d work units in %d shards; %d already done, %d to run", cfg.name, len(works), len(shards),
-             len(done), len(todo))
-    print(f"[rayeval] {cfg.name}: {len(works)} work units x {len(cfg.models)} models in {len(shards)} shards; "
-          f"{len(done)} done, {len(todo)} to run", flush=True)
-
+    todo = [i for i in range(len(payloads)) if i not in done]
+    print(f"[rayeval] {name}: {len(payloads)} shards; {len(done)} done, {len(todo)} to run", flush=True)
     written = 0
     if todo:
         init_ray(address=address)
-        ds = ray.data.from_items([{"shard": i, "works": pickle.dumps(shards[i])} for i in todo],
+        ds = ray.data.from_items([{"shard": i, "payload": pickle.dumps(payloads[i])} for i in todo],
                                  override_num_blocks=len(todo))
-        ex_dict = asdict(ex)
-        scored = ds.map_batches(
-            ScoreActor, fn_constructor_kwargs={"models": list(cfg.models), "execution": ex_dict},
-            batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=ex.actors),
-            num_cpus=ex.num_cpus, num_gpus=ex.num_gpus or None, resources=ex.resources or None,
-            max_restarts=ex.max_restarts, max_task_retries=-1,
-        )
-        expected = len(cfg.models)
+        mapped = ds.map_batches(
+            actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=ex.actors), num_cpus=ex.num_cpus,
+            num_gpus=ex.num_gpus or None, resources=ex.resources or None, max_restarts=ex.max_restarts, max_task_retries=-1)
         pending: dict[int, list[pa.Table]] = {}
-        for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in mapped.iter_batches(batch_size=None, batch_format="pyarrow"):
             for shard in sorted(set(batch.column("shard").to_pylist())):
                 part = batch.filter(pc.equal(batch.column("shard"), shard))
                 pending.setdefault(shard, []).append(part)
                 got = pa.concat_tables(pending[shard], promote_options="permissive")
-                if got.num_rows == expected * len(shards[shard]):
+                if got.num_rows == rows_per_shard(shard):
                     _write_atomic(got.drop_columns(["shard"]), _shard_file(out, shard))
                     del pending[shard]
                     written += 1
-                    print(f"[rayeval] shard {shard + 1}/{len(shards)} done "
-                          f"({len(done) + written}/{len(shards)}, {time.time() - t0:.0f}s)", flush=True)
+                    print(f"[rayeval] {name}: shard {shard + 1}/{len(payloads)} done "
+                          f"({len(done) + written}/{len(payloads)}, {time.time() - t0:.0f}s)", flush=True)
             if stop_after is not None and written >= stop_after:
-                print(f"[rayeval] stopping after {written} new shard(s) as asked", flush=True)
-                return {"out": str(out), "complete": False, "written": written, "shards": len(shards)}
+                print(f"[rayeval] {name}: stopping after {written} new shard(s) as asked", flush=True)
+                return {"written": written, "shards": len(payloads), "complete": False}
+    return {"written": written, "shards": len(payloads), "complete": True}
+
+
+
+def run_eval(config: str | Path | EvalConfig, out_dir: str | Path, *, engine: dict[str, Any] | None = None,
+             resume: bool = True, stop_after: int | None = None, report: bool = True,
+             address: str | None = None) -> dict[str, Any]:
+    """Run (or resume) an evaluation; returns a summary dict with paths and counts.
+
+    ``engine`` overrides keys of the config's ``engine`` section (e.g. ``{"kind": "fake"}``).
+    ``stop_after`` stops after that many newly written shards (simulates an interruption)."""
+    cfg = config if isinstance(config, EvalConfig) else load_eval_config(config)
+    ex = Execution.from_engine_dict({**cfg.engine, **(engine or {})})
+    out = Path(out_dir)
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+
+    t0 = time.time()
+    works, questions = build_work(cfg)
+    shards = make_shards(works, cfg.batch_size)
+    fp = fingerprint(cfg, shards)
+    res = run_sharded(cfg.name, shards, ScoreActor, {"models": list(cfg.models), "execution": asdict(ex)}, out, fp,
+                      lambda i: len(cfg.models) * len(shards[i]), ex, resume=resume, stop_after=stop_after,
+                      address=address, meta={"work_units": len(works), "models": cfg.models})
+    written = res["written"]
+    if not res["complete"]:
+        return {"out": str(out), "complete": False, "written": written, "shards": len(shards)}
     rows = read_rows(out)
     # The question text rides along so the rows are gold preference data for routers as they are.
     rows["question"] = [questions.get((d, i), "") for d, i in zip(rows["dataset"], rows["item_id"])]

@@ -24,14 +24,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from rayeval.config import data_root, from_dict, load_yaml
-from rayeval.eval.pipeline import Execution, _shard_file, _write_atomic, default_cpu_cores, read_rows
+from rayeval.eval.pipeline import Execution, _write_atomic, default_cpu_cores, read_rows, run_sharded
 
 log = logging.getLogger("rayeval.augment")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -320,59 +319,6 @@ def digest(*parts: Any) -> str:
     for p in parts:
         h.update(json.dumps(p, sort_keys=True, default=str).encode())
     return h.hexdigest()[:16]
-
-
-def run_sharded(name: str, payloads: Sequence[Any], actor_cls: type, ctor_kwargs: dict[str, Any], out: Path,
-                fp: str, rows_per_shard: Callable[[int], int], ex: Execution, *, resume: bool = True,
-                stop_after: int | None = None, address: str | None = None, meta: dict | None = None) -> dict:
-    """The evaluation pipeline's execution pattern for any shard payloads: manifest + fingerprint
-    check, skip finished shards, Ray Data actor pool with restarts, atomic shard files written by
-    the driver once a shard's rows are all in.  Returns {"written", "shards", "complete"}."""
-    import ray
-
-    from rayeval.cluster import init_ray
-
-    t0 = time.time()
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    manifest = out / "manifest.json"
-    if manifest.exists() and resume:
-        old = json.loads(manifest.read_text())
-        if old.get("fingerprint") != fp:
-            raise ValueError(f"{out}: holds a run of a different config or data (fingerprint {old.get('fingerprint')}"
-                             f" != {fp}); use another --out or --no-resume")
-    elif not resume:
-        for f in (out / "shards").glob("part-*.parquet"):
-            f.unlink()
-    manifest.write_text(json.dumps({"name": name, "fingerprint": fp, "shards": len(payloads), **(meta or {})},
-                                   indent=1, default=str))
-    done = {int(f.stem.split("-")[1]) for f in (out / "shards").glob("part-*.parquet")}
-    todo = [i for i in range(len(payloads)) if i not in done]
-    print(f"[rayeval] {name}: {len(payloads)} shards; {len(done)} done, {len(todo)} to run", flush=True)
-    written = 0
-    if todo:
-        init_ray(address=address)
-        ds = ray.data.from_items([{"shard": i, "payload": pickle.dumps(payloads[i])} for i in todo],
-                                 override_num_blocks=len(todo))
-        mapped = ds.map_batches(
-            actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=ex.actors), num_cpus=ex.num_cpus,
-            num_gpus=ex.num_gpus or None, max_restarts=ex.max_restarts, max_task_retries=-1)
-        pending: dict[int, list[pa.Table]] = {}
-        for batch in mapped.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for shard in sorted(set(batch.column("shard").to_pylist())):
-                part = batch.filter(pc.equal(batch.column("shard"), shard))
-                pending.setdefault(shard, []).append(part)
-                got = pa.concat_tables(pending[shard], promote_options="permissive")
-                if got.num_rows == rows_per_shard(shard):
-                    _write_atomic(got.drop_columns(["shard"]), _shard_file(out, shard))
-                    del pending[shard]
-                    written += 1
-                    print(f"[rayeval] {name}: shard {shard + 1}/{len(payloads)} done "
-                          f"({len(done) + written}/{len(payloads)}, {time.time() - t0:.0f}s)", flush=True)
-            if stop_after is not None and written >= stop_after:
-                print(f"[rayeval] {name}: stopping after {written} new shard(s) as asked", flush=True)
-                return {"written": written, "shards": len(payloads), "complete": False}
-    return {"written": written, "shards": len(payloads), "complete": True}
 
 
 def write_parquet(df: pd.DataFrame, path: Path) -> Path:
