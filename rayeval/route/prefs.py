@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import glob
 import itertools
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -18,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from rayeval.config import data_root
+from rayeval.data.loaders import _jsonl_rows
 from rayeval.data.schema import DataValidationError, RowError
 
 ROUTELLM_STRONG = "gpt-4-1106-preview"
@@ -354,24 +354,16 @@ def _load_mt_bench(d: Path, drop_contaminated: bool, turns: tuple[int, ...]) -> 
 
 def _read_jsonl(path: Path, required: Sequence[str] = ()) -> list[dict]:
     out, errors = [], []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(RowError(str(path), i, f"invalid JSON: {e.msg}"))
-                continue
-            if not isinstance(r, dict):
-                errors.append(RowError(str(path), i, "not a JSON object"))
-                continue
-            miss = [k for k in required if k not in r or r[k] is None]
-            if miss:
-                errors.append(RowError(str(path), i, f"missing field(s) {miss}"))
-                continue
-            r["_line"] = i
-            out.append(r)
+    for i, r in _jsonl_rows(path):
+        if isinstance(r, str):  # bad encoding / invalid JSON / not an object, said by the data layer
+            errors.append(RowError(str(path), i, r))
+            continue
+        miss = [k for k in required if k not in r or r[k] is None]
+        if miss:
+            errors.append(RowError(str(path), i, f"missing field(s) {miss}"))
+            continue
+        r["_line"] = i
+        out.append(r)
     if errors:
         raise DataValidationError(errors)
     return out
@@ -439,34 +431,29 @@ def load_battles_jsonl(path: str | Path) -> Preferences:
     user turn is used), ``model_a``, ``model_b``, ``winner`` in model_a/model_b/tie/tie (bothbad)."""
     path = Path(path)
     rows, errors = [], []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                errors.append(RowError(str(path), i, f"invalid JSON: {e.msg}"))
-                continue
-            q = r.get("question", r.get("prompt")) if isinstance(r, dict) else None
-            if isinstance(q, list):
-                q = next((t.get("content") for t in q if isinstance(t, dict) and t.get("role", "user") == "user"),
-                         q[0] if q and isinstance(q[0], str) else None)
-            if not isinstance(q, str) or not q.strip():
-                errors.append(RowError(str(path), i, "field 'question'/'prompt': missing or empty"))
-                continue
-            bad = [k for k in ("model_a", "model_b") if not isinstance(r.get(k), str) or not r.get(k)]
-            if bad:
-                errors.append(RowError(str(path), i, f"field {bad[0]!r}: missing or not a string"))
-                continue
-            w = _ARENA_WINNER.get(str(r.get("winner", "")).strip().lower())
-            if w is None:
-                errors.append(RowError(str(path), i, f"field 'winner': {r.get('winner')!r} not in "
-                                                     "model_a/model_b/tie/tie (bothbad)"))
-                continue
-            rows.append({"query_id": str(r.get("question_id") or _hash_id(q)), "query": q,
-                         "group": str(r.get("category", "") or ""), "model_a": r["model_a"],
-                         "model_b": r["model_b"], "winner": w})
+    for i, r in _jsonl_rows(path):  # the data layer's JSONL reader: encoding, JSON, object checks
+        if isinstance(r, str):
+            errors.append(RowError(str(path), i, r))
+            continue
+        q = r.get("question", r.get("prompt"))
+        if isinstance(q, list):
+            q = next((t.get("content") for t in q if isinstance(t, dict) and t.get("role", "user") == "user"),
+                     q[0] if q and isinstance(q[0], str) else None)
+        if not isinstance(q, str) or not q.strip():
+            errors.append(RowError(str(path), i, "field 'question'/'prompt': missing or empty"))
+            continue
+        bad = [k for k in ("model_a", "model_b") if not isinstance(r.get(k), str) or not r.get(k)]
+        if bad:
+            errors.append(RowError(str(path), i, f"field {bad[0]!r}: missing or not a string"))
+            continue
+        w = _ARENA_WINNER.get(str(r.get("winner", "")).strip().lower())
+        if w is None:
+            errors.append(RowError(str(path), i, f"field 'winner': {r.get('winner')!r} not in "
+                                                 "model_a/model_b/tie/tie (bothbad)"))
+            continue
+        rows.append({"query_id": str(r.get("question_id") or _hash_id(q)), "query": q,
+                     "group": str(r.get("category", "") or ""), "model_a": r["model_a"],
+                     "model_b": r["model_b"], "winner": w})
     if errors:
         raise DataValidationError(errors)
     return Preferences(pd.DataFrame(rows) if rows else _empty_prefs(), name=path.stem)
