@@ -129,3 +129,32 @@ def test_cli_prefs_train_calibrate(tmp_path):
     assert r.exit_code == 0 and "sw_ranking" in r.output
     r = run.invoke(app, ["prefs", "nope:x", "-o", str(tmp_path / "x.parquet")])
     assert r.exit_code != 0
+
+
+def test_crossfit_similarity_hand_computed():
+    from rayeval.route.evaluate import crossfit_similarity
+
+    # 4 unit vectors at 0, 90, 180 and 45 degrees; folds {0, 1} and {2, 3}.
+    r = np.sqrt(0.5)
+    e = np.array([[1, 0], [0, 1], [-1, 0], [r, r]], float)
+    fid = np.array([0, 0, 1, 1])
+    # fold 0 vs {2, 3}: q0 best cos = r (vs q3), q1 best = r; fold 1 vs {0, 1}: q2 best = 0, q3 best = r
+    assert crossfit_similarity(e, fid) == pytest.approx((3 * r + 0) / 4)
+
+
+def test_route_evaluate_cli_report_has_similarity_and_transfer(tmp_path, shared_data):
+    from typer.testing import CliRunner
+
+    from rayeval.route.cli import app
+
+    out = tmp_path / "rep"
+    r = CliRunner().invoke(app, ["evaluate", "-r", "length", "-r", 'knn:{"k": 10}', "-b", "mt_bench", "--n-boot", "20",
+                                 "--similarity-train", "mt_bench_turn2", "--transfer-task", "mbpp", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    text = (out / "report.md").read_text()
+    assert "train->test similarity" in text and "| knn(k=10) | mt_bench |" in text
+    assert "## Benchmark-dataset similarity" in text and "| mt_bench_turn2 (n=80) |" in text
+    assert "| mbpp |" in text  # the transfer table
+    assert (out / "transfer.csv").exists() and (out / "similarity.json").exists()
+    m = pd.read_csv(out / "metrics.csv")
+    assert m["similarity"].between(0, 1).all() and m["similarity"].nunique() == 1

@@ -114,9 +114,19 @@ def evaluate(router: List[str] = typer.Option([], "--router", "-r",
              folds: int = typer.Option(5, help="cross-fitting folds"),
              seed: int = typer.Option(0),
              n_boot: int = typer.Option(200, help="bootstrap resamples for CIs"),
+             similarity_train: List[str] = typer.Option(["mt_bench+mt_bench_turn2", "routerbench"], "--similarity-train",
+                                                        help="training-set proxies for the similarity section "
+                                                             "(`rayeval augment similarity`); none: --no-similarity"),
+             with_similarity: bool = typer.Option(True, "--similarity/--no-similarity"),
+             with_transfer: bool = typer.Option(True, "--transfer/--no-transfer",
+                                                help="RouterBench transfer to new model pairs (knn, k=50)"),
+             transfer_task: List[str] = typer.Option(["arc_challenge", "mbpp", "winograde"], "--transfer-task"),
+             judge_dir: Optional[Path] = typer.Option(None, help="a `rayeval augment judge` folder: its judge stats"),
              out: Path = typer.Option(Path("route_report"), "--out", "-o")):
-    """Routers x RouteLLM benchmarks with k-fold cross-fitting -> markdown report + plots."""
+    """Routers x RouteLLM benchmarks with k-fold cross-fitting -> markdown report + plots, with the
+    benchmark-dataset similarity and the transfer-to-new-pairs table beside the results."""
     from rayeval.route.evaluate import DEFAULT_ROUTERS, evaluate_routers, write_report
+    from rayeval.route.transfer import write_augment_report
 
     specs = []
     for r in router:
@@ -124,7 +134,22 @@ def evaluate(router: List[str] = typer.Option([], "--router", "-r",
         specs.append((name, json.loads(js) if js else {}))
     res = evaluate_routers(specs or DEFAULT_ROUTERS, benchmark, k=folds, seed=seed, n_boot=n_boot,
                            log=typer.echo)
-    typer.echo(f"report: {write_report(res, out)}")
+    sim = tab = None
+    if with_similarity and similarity_train:
+        from rayeval.route.similarity import similarity_study
+
+        typer.echo("similarity study ...")
+        sim = similarity_study(list(similarity_train), list(benchmark), seed=seed)
+    if with_transfer:
+        from rayeval.route.transfer import transfer_study
+
+        typer.echo("transfer study (RouterBench) ...")
+        tab = transfer_study(list(transfer_task), seed=seed)
+    extra = ""
+    if sim or tab is not None or judge_dir:
+        files = write_augment_report(out, transfer=tab, similarity=sim, judge_dir=judge_dir)
+        extra = files["report"].read_text()
+    typer.echo(f"report: {write_report(res, out, extra_md=extra)}")
 
 
 if __name__ == "__main__":

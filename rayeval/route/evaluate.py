@@ -77,6 +77,19 @@ def cross_fit(spec, outcomes: Outcomes, embeddings: np.ndarray | None = None, k:
     return out
 
 
+def crossfit_similarity(embeddings: np.ndarray, fold_ids: np.ndarray) -> float:
+    """RouteLLM's benchmark-dataset similarity for cross-fitting: mean over questions of the best
+    cosine similarity to any question of the folds the router was trained on (its own fold out)."""
+    from rayeval.route.similarity import best_similarities
+
+    fid = np.asarray(fold_ids)
+    best = np.empty(len(fid))
+    for f in np.unique(fid):
+        te = fid == f
+        best[te] = best_similarities(embeddings[te], embeddings[~te])
+    return float(best.mean())
+
+
 def summarize(score: np.ndarray, outcomes: Outcomes, n_boot: int = 200, seed: int = 0,
               strong: str | None = None, weak: str | None = None) -> dict[str, Any]:
     s, w = outcomes.pair_arrays(strong, weak)
@@ -172,6 +185,7 @@ class EvalResult:
     rows: list[dict] = field(default_factory=list)
     curves: dict[tuple[str, str], pd.DataFrame] = field(default_factory=dict)
     scores: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)
+    similarity: dict[str, float] = field(default_factory=dict)  # benchmark -> train->test similarity
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame(self.rows)
@@ -186,13 +200,15 @@ def evaluate_routers(routers: Sequence = tuple(DEFAULT_ROUTERS), benchmarks: Seq
         emb = embeddings_for(o)
         s, w = o.pair_arrays()
         fid = folds(len(o), k, seed)
+        res.similarity[b] = crossfit_similarity(emb, fid)
+        log(f"{b:9s} train->test similarity (cross-fitted, MiniLM) {res.similarity[b]:.4f}")
         res.curves[("oracle", b)] = M.full_curve(s - w, s, w)
         for spec in routers:
             t0 = time.time()
             lab = _label(spec)
             sc = cross_fit(spec, o, emb, k, seed, fold_ids=fid)
             summ = summarize(sc, o, n_boot=n_boot, seed=seed)
-            row = {"router": lab, "benchmark": b, **{k_: v for k_, v in summ.items() if k_ != "ci"},
+            row = {"router": lab, "benchmark": b, "similarity": res.similarity[b], **{k_: v for k_, v in summ.items() if k_ != "ci"},
                    "seconds": round(time.time() - t0, 1)}
             for m, (lo, hi) in summ.get("ci", {}).items():
                 row[f"{m}_lo"], row[f"{m}_hi"] = lo, hi
@@ -220,12 +236,15 @@ def df_markdown(df: pd.DataFrame) -> str:
 
 
 def markdown_table(table: pd.DataFrame) -> str:
-    lines = ["| router | benchmark | APGR (RouteLLM code) | APGR (paper, 10-pt) | CPT(50%) | CPT(80%) |",
-             "|---|---|---|---|---|---|"]
+    sim = "similarity" in table.columns
+    lines = ["| router | benchmark | APGR (RouteLLM code) | APGR (paper, 10-pt) | CPT(50%) | CPT(80%) |"
+             + (" train->test similarity |" if sim else ""),
+             "|---|---|---|---|---|---|" + ("---|" if sim else "")]
     for _, r in table.iterrows():
         r = r.to_dict()
         lines.append(f"| {r['router']} | {r['benchmark']} | {_ci(r, 'apgr')} | {_ci(r, 'apgr_paper')} | "
-                     f"{_ci(r, 'cpt50', True)} | {_ci(r, 'cpt80', True)} |")
+                     f"{_ci(r, 'cpt50', True)} | {_ci(r, 'cpt80', True)} |"
+                     + (f" {r['similarity']:.4f} |" if sim else ""))
     return "\n".join(lines)
 
 
@@ -259,7 +278,9 @@ def write_report(res: EvalResult, out_dir: str | Path, extra_md: str = "") -> Pa
     t.to_csv(out / "metrics.csv", index=False)
     md = ["# Router evaluation", "",
           "k-fold cross-fitted scores (each question scored by a router that never saw it), "
-          "95% percentile-bootstrap CIs over questions (predictions held fixed).", "",
+          "95% percentile-bootstrap CIs over questions (predictions held fixed).  Train->test similarity: "
+          "RouteLLM's benchmark-dataset similarity of each question to the folds its router was trained on "
+          "(mean best cosine, MiniLM embeddings).", "",
           markdown_table(t), ""]
     for b in sorted({b for _, b in res.curves}):
         p = plot_curves(res, b, out / f"curve_{b}.png")
