@@ -159,3 +159,30 @@ def test_embed_with_ray_matches_local():
         if started:
             ray.shutdown()
     np.testing.assert_allclose(got, _encode_local(texts, "minilm-l6", 64), atol=1e-4)
+
+
+def test_static_featurizer_distilled_from_minilm(tmp_path, monkeypatch, mmlu_split):
+    """minilm-l6-static: a token table distilled from MiniLM; related texts stay close, specials
+    weigh nothing, and a kNN router on it trains, saves, loads and beats random on held-out MMLU."""
+    from rayeval.route.embed import StaticEmbedder, load_embedder
+
+    m = load_embedder("minilm-l6-static")
+    assert isinstance(m, StaticEmbedder) and m.table.shape == (30522, 384)
+    assert m.weights[m.tokenizer.token_to_id("[CLS]")] == 0 and m.weights[m.tokenizer.token_to_id("photosynthesis")
+                                                                         or m.tokenizer.token_to_id("plant")] > 0
+    e = m.encode(["How do plants make sugar from sunlight?", "Explain photosynthesis in plants.",
+                  "Write a Python function that sorts a list."])
+    assert e.shape == (3, 384) and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    assert e[0] @ e[1] > e[0] @ e[2] + 0.1
+    assert np.array_equal(m.encode("same text"), m.encode(["same text"])[0])
+    assert not m.encode([""]).any()  # no tokens -> zero vector, not NaN
+    # the same vectors through the cached `embed` path
+    assert np.allclose(embed(["Explain photosynthesis in plants."], "minilm-l6-static")[0], e[1], atol=1e-6)
+    tr, _, te, _ = mmlu_split
+    r = make_router("knn", k=50, embedder="minilm-l6-static").fit(tr)
+    r.save(tmp_path / "ks")
+    r2 = load_router(tmp_path / "ks")
+    assert r2.embedder == "minilm-l6-static"
+    p = r2.win_probability(te.texts)
+    s, w = te.pair_arrays()
+    assert np.allclose(p, r.win_probability(te.texts)) and apgr_routellm(p, s, w) > 0.55

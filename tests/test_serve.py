@@ -115,7 +115,7 @@ def test_health_models_auth(gateway):
         _client(gateway, key="nope").chat.completions.create(model=WEAK, messages=[{"role": "user", "content": "hi"}])
 
 
-@pytest.mark.parametrize("router", ["knn", "length"])
+@pytest.mark.parametrize("router", ["knn", "knn-static", "length"])
 def test_forced_routing_openai_client(gateway, router):
     c = _client(gateway)
     msgs = [{"role": "user", "content": "Explain why the sky is blue in one sentence."}]
@@ -253,3 +253,19 @@ def test_route_only_and_stats(gateway):
     assert st["ingress"]["served_by"].get(STRONG, 0) >= 1 and st["ingress"]["served_by"].get(WEAK, 0) >= 1
     assert any(k.startswith("knn:") for k in st["ingress"]["decisions"])
     assert st["ingress"]["fallbacks"] == 0
+
+
+def test_static_featurizer_routes_without_the_embedder(gateway):
+    """knn-static computes its features in the Router replica: the Embedder encodes nothing for it."""
+    texts = [f"Static routing check number {i}: what is {i} plus {i}?" for i in range(6)]
+    before = _stats(gateway)["router"]["embedder"]["encoded"]
+    for t in texts:
+        r = _post(gateway, {"model": "router-knn-static-0.5", "messages": [{"role": "user", "content": t}]},
+                  path="/v1/route")
+        assert r.status_code == 200, r.text
+        d = r.json()
+        assert d["router"] == "knn-static" and 0 <= d["p"] <= 1 and d["model"] == (STRONG if d["p"] >= 0.5 else WEAK)
+    assert _stats(gateway)["router"]["embedder"]["encoded"] == before
+    r = _post(gateway, {"model": "router-knn-0.5", "messages": [{"role": "user", "content": texts[0] + " (minilm)"}]},
+              path="/v1/route")
+    assert r.status_code == 200 and _stats(gateway)["router"]["embedder"]["encoded"] == before + 1

@@ -47,10 +47,11 @@ class AppArgs:
     weak_model: str = "smollm2-135m"
     # router name -> trained router folder (``rayeval route train``), or null: train a small default
     # on ``default_router_data`` at build time (cached).
-    routers: dict[str, str | None] = field(default_factory=lambda: {"knn": None, "length": None})
+    # ``knn-static``: kNN on the static (token-table) featurizer, computed in the router replica.
+    routers: dict[str, str | None] = field(default_factory=lambda: {"knn": None, "knn-static": None, "length": None})
     default_router: str = "knn"
     default_router_data: str = "routellm:mt_bench"
-    thresholds: dict[str, float] = field(default_factory=lambda: {"knn": 0.5, "length": 0.5})
+    thresholds: dict[str, float] = field(default_factory=lambda: {"knn": 0.5, "knn-static": 0.5, "length": 0.5})
     embedder: dict = field(default_factory=lambda: {"model": "minilm-l6", "max_seq_length": 128})
     router_deployment: dict = field(default_factory=dict)
     ingress: dict = field(default_factory=lambda: {"max_ongoing_requests": 64, "max_queued_requests": 128})

@@ -52,14 +52,18 @@ class EmbedderCore:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import torch
-        from sentence_transformers import SentenceTransformer
 
-        from rayeval.route.embed import resolve_embedder
+        from rayeval.route.embed import StaticEmbedder, is_static, resolve_embedder, static_dir
 
         if threads:
             torch.set_num_threads(int(threads))
         self.model_name = model
-        self.model = SentenceTransformer(str(resolve_embedder(model)), device="cpu")
+        if is_static(model):  # token-table featurizer: no transformer at query time
+            self.model = StaticEmbedder(static_dir(model))
+        else:
+            from sentence_transformers import SentenceTransformer
+
+            self.model = SentenceTransformer(str(resolve_embedder(model)), device="cpu")
         if max_seq_length:
             self.model.max_seq_length = int(max_seq_length)
         self.batch_size = batch_size
@@ -155,6 +159,7 @@ class RouterServer:
         self.cfg: dict = {}
         self.version = 0
         self.decisions: Counter = Counter()
+        self.local: dict[str, EmbedderCore] = {}  # static featurizers, in-replica
         self.reconfigure({})
 
     def reconfigure(self, user_config: dict | None):
@@ -215,9 +220,22 @@ class RouterServer:
             texts = [items[i][1] for i in idx]
             emb = None
             if r.needs_embeddings:
-                emb = await self.embedder.embed.remote(texts)
+                emb = await self._embed(getattr(r, "embedder", "minilm-l6"), texts)
             out[idx] = r.win_probability(texts, emb)
         return out.tolist()
+
+    async def _embed(self, model: str, texts: list[str]) -> np.ndarray:
+        """Static featurizers run here, in the router replica (microseconds: a Serve hop would cost
+        more than the work); transformer embedders run in the Embedder deployment."""
+        from rayeval.route.embed import is_static
+
+        if is_static(model):
+            if model not in self.local:
+                self.local[model] = EmbedderCore(model, max_seq_length=None)
+            return self.local[model].encode(texts)
+        if self.embedder is None:
+            raise RuntimeError(f"router needs {model!r} embeddings but the graph has no Embedder deployment")
+        return await self.embedder.embed.remote(texts)
 
 
 def routers_root() -> Path:
@@ -230,19 +248,24 @@ def routers_root() -> Path:
 
 def default_router_dir(name: str, data: str = "routellm:mt_bench", params: dict | None = None) -> Path:
     """A small router trained once (at app build time) when the config names no folder.
+    ``<router>-static`` (e.g. ``knn-static``) is that router on the static featurizer.
 
     Trained on RouteLLM's MT-Bench GPT-4-vs-Mixtral data by default (80 prompts: seconds to embed);
     point ``routers: {knn: <dir>}`` at a folder from ``rayeval route train`` for a real one."""
+    from rayeval.route.embed import DEFAULT_EMBEDDER, STATIC_SUFFIX
     from rayeval.route.routers import make_router
 
-    params = dict(params or ({"k": 10} if name == "knn" else {}))
+    kind = name[: -len(STATIC_SUFFIX)] if name.endswith(STATIC_SUFFIX) else name  # knn-static: knn on the static featurizer
+    params = dict(params or ({"k": 10} if kind == "knn" else {}))
+    if kind != name:
+        params.setdefault("embedder", DEFAULT_EMBEDDER + STATIC_SUFFIX)
     tag = hashlib.sha1(f"{name}|{data}|{sorted(params.items())}".encode()).hexdigest()[:10]
     out = routers_root() / f"{name}-{data.replace(':', '_')}-{tag}"
     if (out / "router.json").exists():
         return out
     from rayeval.route.cli import _load_source
 
-    r = make_router(name, **params)
+    r = make_router(kind, **params)
     r.fit(_load_source(data))
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     r.save(tmp)
