@@ -25,14 +25,23 @@ KNN_GROUP = ("knn", {"k": 50, "within_group": True, "shrinkage": 20.0})
 LOGI_PAIR = ("logistic", {"C": 0.05, "use_groups": True, "use_length": True, "target": "pair"})
 BLEND = ("blend", {"members": [{"name": KNN_GROUP[0], "params": KNN_GROUP[1]},
                                {"name": LOGI_PAIR[0], "params": LOGI_PAIR[1]}]})
+# Side features (group one-hot + log length) beside the embedding: one setting for every benchmark.
+SIDE = {"use_groups": True, "use_length": True}
+SW_SIDE = ("sw_ranking", {"gamma": 1000.0, "group_weight": 0.5, "length_weight": 0.25})
+MF_SIDE = ("mf", {"objective": "pointwise", **SIDE})
+LOGI_SIDE = ("logistic", {"C": 0.1, **SIDE})
+BLEND3 = ("blend", {"members": [{"name": n, "params": p} for n, p in (KNN_GROUP, LOGI_PAIR, SW_SIDE)]})
 FAST = [
     ("random", {}), ("length", {}), ("knn", {"k": 50}), ("knn", {"k": 100, "weighting": "similarity"}),
-    ("sw_ranking", {"gamma": 10.0}), ("mf", {}), ("mf", {"objective": "pointwise"}),
-    ("logistic", {"C": 0.1}), ("group", {}), KNN_GROUP, LOGI_PAIR, BLEND,
+    ("sw_ranking", {"gamma": 10.0}), ("sw_ranking", {"gamma": 1000.0}), SW_SIDE,
+    ("mf", {}), ("mf", {"objective": "pointwise"}), MF_SIDE,
+    ("logistic", {"C": 0.1}), LOGI_SIDE, ("group", {}), KNN_GROUP, LOGI_PAIR, BLEND, BLEND3,
 ]
 SLOW = [
     ("bert", {"epochs": 1, "max_train": 1000, "max_length": 128}),
+    ("bert", {"epochs": 1, "max_train": 1000, "max_length": 128, **SIDE}),
     ("causal_llm", {"num_layers": 12, "max_length": 128, "max_train": None, "C": 0.05}),
+    ("causal_llm", {"num_layers": 12, "max_length": 128, "max_train": None, "C": 0.05, **SIDE}),
 ]
 
 
@@ -67,6 +76,7 @@ def main():
         total.rows += res.rows
         total.curves.update(res.curves)
         total.scores.update(res.scores)
+        total.similarity.update(res.similarity)
         (out / "table.md").write_text(markdown_table(total.table()) + "\n")
     if not a.no_slow and not a.quick and "slow" in sections:
         for b in a.slow_benchmarks.split(","):
@@ -74,6 +84,8 @@ def main():
             total.rows += res.rows
             total.curves.update(res.curves)
             total.scores.update(res.scores)
+            total.similarity.update(res.similarity)
+        total.similarity.update(res.similarity)
             (out / "table.md").write_text(markdown_table(total.table()) + "\n")
 
     extra = []

@@ -3,6 +3,8 @@
     python bench/serve_routing.py --router knn --concurrency 1 8 32 64 --n 600
     python bench/serve_routing.py --quality        # APGR of each embedder setting on RouteLLM MMLU
     python bench/serve_routing.py --cpu-cost       # CPU ms per decision step (load-independent)
+    python bench/serve_routing.py --router knn-static --n 2000 --concurrency 1 16 64 128
+                                                   # static featurizer, computed in the Router replica
 
 Drives the Router deployment through a DeploymentHandle (what the ingress does); the HTTP routing
 path (``/v1/route`` of the full gateway) is timed by ``bench/serve_full.py --route-n``.
@@ -124,6 +126,17 @@ def quality(args) -> list[dict]:
                      "apgr": apgr}
                 print(json.dumps(r), flush=True)
                 rows.append(r)
+        core = EmbedderCore("minilm-l6-static", max_seq_length=None, cache_size=0)
+        core.encode(texts[:64])
+        t0, c0 = time.perf_counter(), time.process_time()
+        emb = core.encode(texts)
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        for params in ({"k": 50}, {"k": 10}):
+            r = {"bench": bench, "n": len(texts), "router": f"knn-static(k={params['k']})", "max_seq_length": 512,
+                 "encode_per_s": len(texts) / dt, "encode_cpu_ms_per_prompt": 1e3 * cpu / len(texts),
+                 "apgr": cross_val_apgr("knn", params, oc, emb)}
+            print(json.dumps(r), flush=True)
+            rows.append(r)
         for name in ("length", "random"):
             r = {"bench": bench, "n": len(texts), "router": name, "max_seq_length": None, "encode_per_s": None,
                  "apgr": cross_val_apgr(name, {}, oc)}
@@ -140,7 +153,7 @@ def cpu_cost(args) -> list[dict]:
     from rayeval.serve.routing import EmbedderCore
 
     dirs = router_dirs(parse_args({}))
-    knn, length = load_router(dirs["knn"]), load_router(dirs["length"])
+    knn, length, knn_static = (load_router(dirs[n]) for n in ("knn", "length", "knn-static"))
     rows = []
     for kind in args.prompts:
         texts = prompts(kind, 128)
@@ -158,6 +171,14 @@ def cpu_cost(args) -> list[dict]:
             c0 = time.process_time()
             knn.win_probability(texts, e)
             r["knn_cpu_ms"] = 1e3 * (time.process_time() - c0) / len(texts)
+        core = EmbedderCore("minilm-l6-static", max_seq_length=None, cache_size=0)
+        core.encode(texts[:8])
+        c0 = time.process_time()
+        e = core.encode(texts)
+        r["static_encode_cpu_ms"] = 1e3 * (time.process_time() - c0) / len(texts)
+        c0 = time.process_time()
+        knn_static.win_probability(texts, e)
+        r["knn_static_cpu_ms"] = 1e3 * (time.process_time() - c0) / len(texts)
         c0 = time.process_time()
         length.win_probability(texts)
         r["length_cpu_ms"] = 1e3 * (time.process_time() - c0) / len(texts)

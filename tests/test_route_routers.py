@@ -63,6 +63,8 @@ def test_random_router_over_seeds_and_length_reference():
     ("logistic", {"C": 0.1, "use_groups": True}, 0.56),
     ("knn_quality", {"k": 50}, 0.56),
     ("linear_quality", {}, 0.54),
+    ("sw_ranking", {"gamma": 1000.0, "group_weight": 0.5, "length_weight": 0.25}, 0.60),
+    ("mf", {"objective": "pointwise", "use_groups": True, "use_length": True, "epochs": 10}, 0.60),
 ])
 def test_learned_router_beats_random_on_held_out(mmlu_split, name, params, floor):
     # random on 1,000 questions: APGR sd ~ .03; the floors sit > 2 sd above .5 and well below
@@ -80,6 +82,7 @@ def test_blend_not_worse_than_members(mmlu_split):
 
 @pytest.mark.parametrize("name,params", [
     ("random", {"seed": 1}), ("length", {}), ("knn", {"k": 10}), ("sw_ranking", {}), ("mf", {"epochs": 2}),
+    ("sw_ranking", {"group_weight": 0.5, "length_weight": 0.25}), ("mf", {"epochs": 2, "use_groups": True, "use_length": True}),
     ("logistic", {"use_groups": True}), ("group", {}), ("knn_quality", {"k": 5}), ("linear_quality", {}),
     ("blend", {"members": [{"name": "knn", "params": {"k": 5}}, {"name": "length", "params": {}}]}),
 ])
@@ -186,3 +189,35 @@ def test_static_featurizer_distilled_from_minilm(tmp_path, monkeypatch, mmlu_spl
     p = r2.win_probability(te.texts)
     s, w = te.pair_arrays()
     assert np.allclose(p, r.win_probability(te.texts)) and apgr_routellm(p, s, w) > 0.55
+
+
+def test_side_features_group_one_hot_and_length():
+    from rayeval.route.routers.base import SideFeatures
+
+    f = SideFeatures(use_groups=True, use_length=True).fit(["ab", "abcd", "abcdefgh"], ["x", "y", "x"])
+    X = f(["ab", "zz"], np.ones((2, 3)), ["y", "unknown"])
+    L = np.log1p([2, 4, 8])
+    assert f.groups_ == ["x", "y"] and X.shape == (2, 3 + 2 + 1)
+    np.testing.assert_allclose(X[:, 3:5], [[0, 1], [0, 0]])  # unknown group -> zeros
+    np.testing.assert_allclose(X[:, 5], (np.log1p([2, 2]) - L.mean()) / L.std())
+    g = SideFeatures(True, True).set_state(f.state())
+    np.testing.assert_array_equal(g(["ab"], np.ones((1, 3)), ["x"]), f(["ab"], np.ones((1, 3)), ["x"]))
+    assert SideFeatures()(["a"], np.ones((1, 3)), ["x"]).shape == (1, 3)
+
+
+def test_sw_ranking_group_weight_prefers_same_group():
+    """Two training questions equally similar to the query; with group_weight the one of the
+    query's group dominates the weighted battle outcome."""
+    from rayeval.route.prefs import Outcomes
+
+    import pandas as pd
+
+    q = pd.DataFrame({"query_id": ["a", "b"], "query": ["qa", "qb"], "group": ["math", "law"]})
+    o = Outcomes(q, pd.DataFrame({"strong": [1.0, 0.0], "weak": [0.0, 1.0]}), name="t")
+    emb = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    qe = np.array([[np.sqrt(0.5), np.sqrt(0.5)]], np.float32)
+    plain = make_router("sw_ranking", gamma=1000.0, strong="strong", weak="weak").fit(o, emb)
+    grouped = make_router("sw_ranking", gamma=1000.0, group_weight=1.0, strong="strong", weak="weak").fit(o, emb)
+    assert plain.win_probability(["q"], qe, groups=["math"])[0] == pytest.approx(0.5, abs=1e-6)
+    assert grouped.win_probability(["q"], qe, groups=["math"])[0] > 0.9
+    assert grouped.win_probability(["q"], qe, groups=["law"])[0] < 0.1

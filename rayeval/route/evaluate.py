@@ -173,10 +173,12 @@ def out_of_distribution(spec, train: Outcomes, test: Outcomes, train_embeddings=
 # --------------------------------------------------------------------------------------------
 # Routers x benchmarks.
 # --------------------------------------------------------------------------------------------
+_SIDE = {"use_groups": True, "use_length": True}
 DEFAULT_ROUTERS: list[tuple[str, dict]] = [
     ("random", {}), ("length", {}), ("knn", {"k": 50}), ("sw_ranking", {"gamma": 10.0}),
-    ("mf", {}), ("logistic", {"C": 0.1}), ("group", {}), ("logistic", {"C": 0.1, "use_groups": True}),
-    ("blend", {}),
+    ("sw_ranking", {"gamma": 1000.0, "group_weight": 0.5, "length_weight": 0.25}),
+    ("mf", {}), ("mf", {"objective": "pointwise", **_SIDE}), ("logistic", {"C": 0.1}), ("logistic", {"C": 0.1, **_SIDE}),
+    ("group", {}), ("blend", {}),
 ]
 
 

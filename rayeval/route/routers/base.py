@@ -78,6 +78,51 @@ def data_texts(data: Outcomes | Preferences) -> tuple[list[str], np.ndarray]:
     return q["query"].astype(str).tolist(), q["query_id"].astype(str).to_numpy()
 
 
+def data_groups(data: Outcomes | Preferences) -> np.ndarray:
+    """The groups (subject/task) aligned with :func:`data_texts`."""
+    q = data.queries if isinstance(data, Outcomes) else data.unique_queries()
+    return q["group"].astype(str).to_numpy()
+
+
+class SideFeatures:
+    """Query features beside the embedding, shared by the learned routers: a one-hot of the query's
+    group (MMLU subject, MT-Bench category; unknown groups -> all zeros) and its standardised log
+    character length.  ``fit`` learns the group list and length scale on the training queries."""
+
+    def __init__(self, use_groups: bool = False, use_length: bool = False):
+        self.use_groups, self.use_length = use_groups, use_length
+        self.groups_: list[str] = []
+        self.len_mu_, self.len_sd_ = 0.0, 1.0
+
+    def fit(self, texts: Sequence[str], groups: Sequence[str]) -> "SideFeatures":
+        self.groups_ = sorted(set(np.asarray(groups, dtype=object).astype(str).tolist())) if self.use_groups else []
+        L = np.log1p(np.array([len(t) for t in texts], float))
+        self.len_mu_, self.len_sd_ = float(L.mean()), float(L.std() or 1.0)
+        return self
+
+    def __call__(self, texts: Sequence[str], emb: np.ndarray, groups: Sequence[str]) -> np.ndarray:
+        parts = [np.asarray(emb)]
+        if self.use_groups:
+            oh = np.zeros((len(emb), len(self.groups_)), np.float32)
+            pos = {g: i for i, g in enumerate(self.groups_)}
+            for i, g in enumerate(np.asarray(groups, dtype=object).astype(str)):
+                if g in pos:
+                    oh[i, pos[g]] = 1.0
+            parts.append(oh)
+        if self.use_length:
+            L = np.log1p(np.array([len(t) for t in texts], float))[:, None]
+            parts.append((L - self.len_mu_) / self.len_sd_)
+        return np.hstack(parts) if len(parts) > 1 else parts[0]
+
+    def state(self) -> dict[str, np.ndarray]:
+        return {"groups": np.array(self.groups_, dtype=str), "len": np.array([self.len_mu_, self.len_sd_])}
+
+    def set_state(self, s: dict[str, np.ndarray]) -> "SideFeatures":
+        self.groups_ = s["groups"].tolist()
+        self.len_mu_, self.len_sd_ = (float(v) for v in s["len"])
+        return self
+
+
 def _json_default(o):
     if isinstance(o, (np.integer,)):
         return int(o)

@@ -7,6 +7,9 @@
   ``train_layers=0`` (default) the backbone is frozen: pooled hidden states are computed once
   per text (cached on disk) and a logistic head is trained on them, so cross-fitting is cheap.
   With ``train_layers>0`` the top blocks are fine-tuned end to end (slow: small data only).
+
+Both heads can also see the query's group one-hot and log length (``use_groups``/``use_length``,
+:class:`~rayeval.route.routers.base.SideFeatures`), as the logistic and MF routers can.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from rayeval.config import cache_dir
-from rayeval.route.routers.base import Router, register
+from rayeval.route.routers.base import Router, SideFeatures, register
 
 
 def _torch():
@@ -32,7 +35,13 @@ def _soft_targets(ts, max_train: int | None, seed: int):
     idx = np.arange(len(ts.texts))
     if max_train and len(idx) > max_train:
         idx = np.sort(np.random.default_rng(seed).choice(idx, max_train, replace=False))
-    return [ts.texts[i] for i in idx], ts.y[idx].astype(np.float32), ts.n[idx].astype(np.float32)
+    return ([ts.texts[i] for i in idx], ts.y[idx].astype(np.float32), ts.n[idx].astype(np.float32),
+            np.asarray(ts.groups)[idx])
+
+
+def _side(side: SideFeatures, texts, groups) -> np.ndarray:
+    """Side features alone, (n, k) float32 (k = 0 when neither is on)."""
+    return side(texts, np.zeros((len(texts), 0), np.float32), groups).astype(np.float32)
 
 
 def _mean_pool(hidden, mask):
@@ -53,9 +62,11 @@ class BertClassifierRouter(Router):
 
     def __init__(self, model: str = "minilm-l6", epochs: int = 2, lr: float = 5e-5, head_lr: float = 1e-3,
                  batch_size: int = 16, max_length: int = 128, max_train: int | None = 3000, seed: int = 0,
+                 use_groups: bool = False, use_length: bool = False,
                  strong: str | None = None, weak: str | None = None):
         self.model, self.epochs, self.lr, self.head_lr = model, epochs, lr, head_lr
         self.batch_size, self.max_length, self.max_train, self.seed = batch_size, max_length, max_train, seed
+        self.use_groups, self.use_length = use_groups, use_length
         self.strong, self.weak = strong, weak
 
     def _backbone(self, path):
@@ -70,8 +81,10 @@ class BertClassifierRouter(Router):
 
         torch.manual_seed(self.seed)
         self.tok_, self.enc_ = self._backbone(resolve_embedder(self.model))
-        self.head_ = torch.nn.Linear(self.enc_.config.hidden_size, 1)
-        texts, y, n = _soft_targets(ts, self.max_train, self.seed)
+        self.side_ = SideFeatures(self.use_groups, self.use_length).fit(ts.texts, ts.groups)
+        texts, y, n, groups = _soft_targets(ts, self.max_train, self.seed)
+        side = _side(self.side_, texts, groups)
+        self.head_ = torch.nn.Linear(self.enc_.config.hidden_size + side.shape[1], 1)
         opt = torch.optim.AdamW([{"params": self.enc_.parameters(), "lr": self.lr},
                                  {"params": self.head_.parameters(), "lr": self.head_lr}], weight_decay=0.01)
         rng = np.random.default_rng(self.seed)
@@ -82,7 +95,7 @@ class BertClassifierRouter(Router):
             perm = rng.permutation(len(texts))
             for s in range(0, len(texts), self.batch_size):
                 b = perm[s:s + self.batch_size]
-                logit = self._logits([texts[i] for i in b])
+                logit = self._logits([texts[i] for i in b], side[b])
                 loss = torch.nn.functional.binary_cross_entropy_with_logits(
                     logit, torch.tensor(y[b]), weight=torch.tensor(n[b]))
                 opt.zero_grad()
@@ -91,21 +104,24 @@ class BertClassifierRouter(Router):
                 sched.step()
         self.enc_.eval()
 
-    def _logits(self, texts):
+    def _logits(self, texts, side: np.ndarray):
+        torch = _torch()
         x = self.tok_(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
-        h = self.enc_(**x).last_hidden_state
-        return self.head_(_mean_pool(h, x["attention_mask"])).squeeze(-1)
+        h = _mean_pool(self.enc_(**x).last_hidden_state, x["attention_mask"])
+        return self.head_(torch.cat([h, torch.from_numpy(side)], 1)).squeeze(-1)
 
     def _predict(self, texts, emb, groups):
         torch = _torch()
+        side = _side(self.side_, texts, groups)
         out = []
         with torch.no_grad():
             for s in range(0, len(texts), 64):
-                out.append(torch.sigmoid(self._logits(texts[s:s + 64])).numpy())
+                out.append(torch.sigmoid(self._logits(texts[s:s + 64], side[s:s + 64])).numpy())
         return np.concatenate(out) if out else np.zeros(0)
 
     def _state(self):
-        return {"head_w": self.head_.weight.detach().numpy(), "head_b": self.head_.bias.detach().numpy()}
+        return {"head_w": self.head_.weight.detach().numpy(), "head_b": self.head_.bias.detach().numpy(),
+                **self.side_.state()}
 
     def _save_extra(self, folder: Path):
         self.enc_.save_pretrained(folder / "encoder")
@@ -115,7 +131,10 @@ class BertClassifierRouter(Router):
         torch = _torch()
         self.tok_, self.enc_ = self._backbone(folder / "encoder")
         self.enc_.eval()
-        self.head_ = torch.nn.Linear(self.enc_.config.hidden_size, 1)
+        self.side_ = SideFeatures(self.use_groups, self.use_length)
+        if "len" in s:
+            self.side_.set_state(s)
+        self.head_ = torch.nn.Linear(s["head_w"].shape[1], 1)
         with torch.no_grad():
             self.head_.weight.copy_(torch.tensor(s["head_w"]))
             self.head_.bias.copy_(torch.tensor(s["head_b"]))
@@ -162,7 +181,11 @@ class CausalLMClassifierRouter(Router):
     def __init__(self, model: str = "smollm2-135m", num_layers: int = 12, pool: str = "mean",
                  max_length: int = 128, train_layers: int = 0, C: float = 0.1, epochs: int = 1,
                  lr: float = 5e-5, batch_size: int = 8, max_train: int | None = 2000, seed: int = 0,
+                 use_groups: bool = False, use_length: bool = False,
                  strong: str | None = None, weak: str | None = None):
+        if train_layers and (use_groups or use_length):
+            raise ValueError("causal_llm: use_groups/use_length need the frozen backbone (train_layers=0)")
+        self.use_groups, self.use_length = use_groups, use_length
         self.model, self.num_layers, self.pool, self.max_length = model, num_layers, pool, max_length
         self.train_layers, self.C, self.epochs, self.lr = train_layers, C, epochs, lr
         self.batch_size, self.max_train, self.seed, self.strong, self.weak = batch_size, max_train, seed, strong, weak
@@ -233,13 +256,14 @@ class CausalLMClassifierRouter(Router):
 
     # -- fit/predict -----------------------------------------------------------------------------
     def _fit(self, ts, emb, data):
-        texts, y, n = _soft_targets(ts, self.max_train, self.seed)
+        texts, y, n, groups = _soft_targets(ts, self.max_train, self.seed)
+        self.side_ = SideFeatures(self.use_groups, self.use_length).fit(ts.texts, ts.groups)
         if not self.train_layers:
             from sklearn.linear_model import LogisticRegression
 
             F = self.features(texts)
             self.mu_, self.sd_ = F.mean(0), F.std(0) + 1e-6
-            Z = (F - self.mu_) / self.sd_
+            Z = np.hstack([(F - self.mu_) / self.sd_, _side(self.side_, texts, groups)])
             XX = np.vstack([Z, Z])
             yy = np.concatenate([np.ones(len(Z)), np.zeros(len(Z))])
             ww = np.concatenate([y * n, (1 - y) * n])
@@ -279,11 +303,13 @@ class CausalLMClassifierRouter(Router):
             self._load()
             with torch.no_grad():
                 F = np.concatenate([self._pooled(texts[s:s + 16]).numpy() for s in range(0, len(texts), 16)])
-        z = ((F - self.mu_) / self.sd_) @ self.head_w_ + self.head_b_
+        Z = np.hstack([(F - self.mu_) / self.sd_, _side(self.side_, texts, groups)])
+        z = Z @ self.head_w_ + self.head_b_
         return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
 
     def _state(self):
-        st = {"mu": self.mu_, "sd": self.sd_, "head_w": self.head_w_, "head_b": np.array(self.head_b_)}
+        st = {"mu": self.mu_, "sd": self.sd_, "head_w": self.head_w_, "head_b": np.array(self.head_b_),
+              **self.side_.state()}
         if self.train_layers:
             for k, v in self.lm_.state_dict().items():
                 if any(k.startswith(f"layers.{i}.") for i in range(len(self.lm_.layers) - self.train_layers,
@@ -293,6 +319,9 @@ class CausalLMClassifierRouter(Router):
 
     def _set_state(self, s, folder):
         self.mu_, self.sd_, self.head_w_, self.head_b_ = s["mu"], s["sd"], s["head_w"], np.float32(s["head_b"])
+        self.side_ = SideFeatures(self.use_groups, self.use_length)
+        if "len" in s:
+            self.side_.set_state(s)
         self.lm_ = None
         if self.train_layers:
             torch = _torch()

@@ -30,24 +30,47 @@ class SWRankingRouter(Router):
     """Similarity-weighted Bradley-Terry (RouteLLM's sw_ranking).  For a query q, every training
     battle gets weight gamma^(1 + S), S = cos(q, q_i) / max_j cos(q, q_j); a BT model is fitted
     on the weighted battles (ties count half a win each way) and P(strong beats weak) returned.
-    The BT fit is exact (closed form) for two models and MM iterations otherwise."""
+    The BT fit is exact (closed form) for two models and MM iterations otherwise.
+    ``group_weight`` / ``length_weight`` > 0 (beyond RouteLLM) measure similarity on [embedding,
+    group_weight x group one-hot, length_weight x standardised log length], renormalised: queries
+    of the same subject/category, or of similar length, count as closer."""
 
     name = "sw_ranking"
     needs_embeddings = True
-    SEARCH_SPACE = {"gamma": [2.0, 10.0, 100.0, 1000.0]}
+    SEARCH_SPACE = {"gamma": [2.0, 10.0, 100.0, 1000.0, 1e4], "group_weight": [0.0, 0.5, 1.0],
+                    "length_weight": [0.0, 0.25, 0.5]}
 
-    def __init__(self, gamma: float = 10.0, mm_iters: int = 100, embedder: str = "minilm-l6",
-                 strong: str | None = None, weak: str | None = None):
+    def __init__(self, gamma: float = 10.0, mm_iters: int = 100, group_weight: float = 0.0, length_weight: float = 0.0,
+                 embedder: str = "minilm-l6", strong: str | None = None, weak: str | None = None):
         self.gamma, self.mm_iters, self.embedder, self.strong, self.weak = gamma, mm_iters, embedder, strong, weak
+        self.group_weight, self.length_weight = group_weight, length_weight
+
+    def _side(self):
+        from rayeval.route.routers.base import SideFeatures
+
+        return SideFeatures(use_groups=bool(self.group_weight), use_length=bool(self.length_weight))
+
+    def _space(self, texts, emb, groups) -> np.ndarray:
+        """The vectors similarity is measured on (unit rows)."""
+        if not (self.group_weight or self.length_weight):
+            return np.asarray(emb, np.float32)
+        F = self.side_(texts, emb, groups).astype(np.float32)
+        d, ng = emb.shape[1], len(self.side_.groups_)
+        F[:, d:d + ng] *= self.group_weight
+        F[:, d + ng:] *= self.length_weight
+        return F / np.maximum(np.linalg.norm(F, axis=1, keepdims=True), 1e-9)
 
     def fit(self, data, embeddings=None):
-        from rayeval.route.routers.base import data_texts, resolve_pair
+        from rayeval.route.routers.base import data_groups, data_texts, resolve_pair
 
         uq, qi, a, b, y, models = battles(data)
         texts, qids = data_texts(data)
+        groups = data_groups(data)
         emb = self._embed(texts, embeddings)
+        self.side_ = self._side().fit(texts, groups)
         pos = pd.Series(np.arange(len(qids)), index=qids)
-        self.X_ = emb[pos.loc[uq].to_numpy()].astype(np.float32)
+        pos = pos[~pos.index.duplicated()].loc[uq].to_numpy()
+        self.X_ = self._space([texts[i] for i in pos], emb[pos], groups[pos])
         self.strong_, self.weak_ = resolve_pair(data, self.strong, self.weak)
         self.models_ = models
         lo, hi = np.minimum(a, b), np.maximum(a, b)
@@ -64,6 +87,7 @@ class SWRankingRouter(Router):
         s, w = self.models_.index(self.strong_), self.models_.index(self.weak_)
         m, P = len(self.models_), len(self.pairs_)
         out = np.empty(len(texts))
+        emb = self._space(texts, emb, groups)
         for c in range(0, len(texts), 256):
             sim = emb[c:c + 256] @ self.X_.T  # (Q, U)
             mx = np.maximum(sim.max(1, keepdims=True), 1e-6)
@@ -100,11 +124,16 @@ class SWRankingRouter(Router):
 
     def _state(self):
         return {"X": self.X_, "qi": self.qi_, "pi": self.pi_, "ylo": self.ylo_, "pairs": self.pairs_,
-                "models": np.array(self.models_, dtype=str)}
+                "models": np.array(self.models_, dtype=str), **self.side_.state()}
 
     def _set_state(self, st, folder):
+        from rayeval.route.routers.base import SideFeatures
+
         self.X_, self.qi_, self.pi_, self.ylo_, self.pairs_ = st["X"], st["qi"], st["pi"], st["ylo"], st["pairs"]
         self.models_ = st["models"].tolist()
+        self.side_ = self._side()
+        if "len" in st:
+            self.side_.set_state(st)
 
 
 @register
@@ -114,19 +143,23 @@ class MFRouter(Router):
     ``objective="pairwise"`` (RouteLLM): P(a beats b | q) = sigmoid(s(a, q) - s(b, q)), BCE on
     battles (ties as 0.5 targets, or dropped with ``tie_mode="drop"``); works from Preferences.
     ``objective="pointwise"`` (Outcomes only): sigmoid(s(m, q) + c_m) predicts model m's min-max
-    scaled score on q, and P(strong wins) = (1 + p_strong - p_weak) / 2."""
+    scaled score on q, and P(strong wins) = (1 + p_strong - p_weak) / 2.
+    ``use_groups`` / ``use_length`` (beyond RouteLLM) append the query's group one-hot and log
+    length to q (:class:`SideFeatures`)."""
 
     name = "mf"
     needs_embeddings = True
     SEARCH_SPACE = {"dim": [16, 64, 128], "lr": ("loguniform", 1e-4, 1e-2),
                     "weight_decay": ("loguniform", 1e-6, 1e-1), "epochs": [5, 10, 30],
-                    "objective": ["pairwise", "pointwise"]}
+                    "objective": ["pairwise", "pointwise"], "use_groups": [False, True]}
 
     def __init__(self, dim: int = 64, lr: float = 3e-3, weight_decay: float = 1e-4, epochs: int = 30,
                  batch_size: int = 256, tie_mode: str = "half", objective: str = "pairwise", seed: int = 0,
+                 use_groups: bool = False, use_length: bool = False,
                  embedder: str = "minilm-l6", strong: str | None = None, weak: str | None = None):
         self.dim, self.lr, self.weight_decay, self.epochs = dim, lr, weight_decay, epochs
         self.batch_size, self.tie_mode, self.objective, self.seed = batch_size, tie_mode, objective, seed
+        self.use_groups, self.use_length = use_groups, use_length
         self.embedder, self.strong, self.weak = embedder, strong, weak
 
     def _examples(self, data, emb_all, qids_all):
@@ -150,11 +183,13 @@ class MFRouter(Router):
     def fit(self, data, embeddings=None):
         import torch
 
-        from rayeval.route.routers.base import data_texts, resolve_pair
+        from rayeval.route.routers.base import SideFeatures, data_groups, data_texts, resolve_pair
 
         texts, qids = data_texts(data)
+        groups = data_groups(data)
         emb = self._embed(texts, embeddings)
-        Xn, qi, a, b, y, models = self._examples(data, emb, qids)
+        self.side_ = SideFeatures(self.use_groups, self.use_length).fit(texts, groups)
+        Xn, qi, a, b, y, models = self._examples(data, self.side_(texts, emb, groups), qids)
         self.strong_, self.weak_ = resolve_pair(data, self.strong, self.weak)
         self.models_ = models
         with torch_threads():
@@ -202,7 +237,7 @@ class MFRouter(Router):
         return (h[:, None, :] * self.V_[None]) @ self.w2_
 
     def _predict(self, texts, emb, groups):
-        s = self.scores(np.asarray(emb, np.float64))
+        s = self.scores(np.asarray(self.side_(texts, emb, groups), np.float64))
         i, j = self.models_.index(self.strong_), self.models_.index(self.weak_)
         if self.objective == "pointwise":
             p = 1.0 / (1.0 + np.exp(-(s + self.c_)))
@@ -211,8 +246,13 @@ class MFRouter(Router):
 
     def _state(self):
         return {"W": self.W_, "b": self.b_, "V": self.V_, "w2": self.w2_, "c": self.c_,
-                "models": np.array(self.models_, dtype=str)}
+                "models": np.array(self.models_, dtype=str), **self.side_.state()}
 
     def _set_state(self, st, folder):
+        from rayeval.route.routers.base import SideFeatures
+
         self.W_, self.b_, self.V_, self.w2_, self.c_ = st["W"], st["b"], st["V"], st["w2"], st["c"]
         self.models_ = st["models"].tolist()
+        self.side_ = SideFeatures(self.use_groups, self.use_length)
+        if "len" in st:
+            self.side_.set_state(st)

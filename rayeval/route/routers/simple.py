@@ -180,25 +180,13 @@ class LogisticRouter(Router):
         self.embedder, self.strong, self.weak = embedder, strong, weak
 
     def _features(self, texts, emb, groups):
-        parts = [emb]
-        if self.use_groups:
-            oh = np.zeros((len(emb), len(self.groups_)), np.float32)
-            pos = {g: i for i, g in enumerate(self.groups_)}
-            for i, g in enumerate(groups):
-                if g in pos:
-                    oh[i, pos[g]] = 1.0
-            parts.append(oh)
-        if self.use_length:
-            L = np.log1p(np.array([len(t) for t in texts], float))[:, None]
-            parts.append((L - self.len_mu_) / self.len_sd_)
-        return np.hstack(parts)
+        return self.side_(texts, emb, groups)
 
     def _fit(self, ts, emb, data):
         from rayeval.route.prefs import Outcomes
+        from rayeval.route.routers.base import SideFeatures
 
-        self.groups_ = sorted(set(ts.groups.tolist())) if self.use_groups else []
-        L = np.log1p(np.array([len(t) for t in ts.texts], float))
-        self.len_mu_, self.len_sd_ = float(L.mean()), float(L.std() or 1.0)
+        self.side_ = SideFeatures(self.use_groups, self.use_length).fit(ts.texts, ts.groups)
         X = self._features(ts.texts, emb, ts.groups)
         if self.target == "pair":
             if not isinstance(data, Outcomes):
@@ -223,13 +211,13 @@ class LogisticRouter(Router):
         return p[:, 0] if self.target == "win" else (1 + p[:, 0] - p[:, 1]) / 2
 
     def _state(self):
-        return {"coef": self.coef_, "intercept": self.intercept_, "groups": np.array(self.groups_, dtype=str),
-                "len": np.array([self.len_mu_, self.len_sd_])}
+        return {"coef": self.coef_, "intercept": self.intercept_, **self.side_.state()}
 
     def _set_state(self, s, folder):
+        from rayeval.route.routers.base import SideFeatures
+
         self.coef_, self.intercept_ = s["coef"], s["intercept"]
-        self.groups_ = s["groups"].tolist()
-        self.len_mu_, self.len_sd_ = (float(v) for v in s["len"])
+        self.side_ = SideFeatures(self.use_groups, self.use_length).set_state(s)
 
 
 @register
