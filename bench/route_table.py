@@ -85,7 +85,6 @@ def main():
             total.curves.update(res.curves)
             total.scores.update(res.scores)
             total.similarity.update(res.similarity)
-        total.similarity.update(res.similarity)
             (out / "table.md").write_text(markdown_table(total.table()) + "\n")
 
     extra = []
