@@ -41,6 +41,22 @@ def test_transformers_engine_scores(name):
     assert all(t >= 1 for t in cont.continuation_tokens)
 
 
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
+def test_transformers_engine_batched_left_padding_matches_single(name):
+    """Symbol jobs run left-padded with last-position logits only; prompts of different lengths
+    in one batch must score as they do alone (fp32, so only padding could make them differ)."""
+    eng = make_engine("hf", name, {"dtype": "float32", "batch_size": 8})
+    prompts = [PROMPT, "Q: 2+2?\nA. 3\nB. 4\nC. 5\nD. 6\nAnswer:", PROMPT.replace("Answer:", "Think.\nAnswer:")]
+    reqs = [ScoreRequest(p, symbols=("A", "B", "C", "D")) for p in prompts]
+    reqs.append(ScoreRequest(PROMPT, continuations=(" Berlin", " Paris")))
+    together = eng.score(reqs)
+    for r, t in zip(reqs, together):
+        alone = eng.score([r])[0]
+        got, want = (t.symbol_logprobs, alone.symbol_logprobs) if r.symbols else \
+            (t.continuation_logprobs, alone.continuation_logprobs)
+        assert len(got) == len(want) and max(abs(a - b) for a, b in zip(got, want)) < 1e-3, (name, got, want)
+
+
 @pytest.mark.engine
 def test_vllm_scores_both_models_and_agrees_with_transformers():
     """A real vLLM engine per model (CPU), and the same numbers as transformers on the same tokens."""
