@@ -59,11 +59,9 @@ HF_GRID = [
     ("fp32/2t/b64", {"dtype": "float32", "num_threads": 2, "batch_size": 64}),
 ]
 HF_DEFAULT = "bf16/2t/b16"
-# Proposed HFEngine change, measured here as a variant: symbol requests need the logits of ONE
-# position, so left-pad, pass position_ids, and ask the model for ``logits_to_keep=1`` instead of
-# computing (and holding) logits over the whole vocabulary at every position.
-HF_LAST = {"bf16/1t/b16/last": {"dtype": "bfloat16", "num_threads": 1, "batch_size": 16},
-           "bf16/2t/b16/last": {"dtype": "bfloat16", "num_threads": 2, "batch_size": 16}}  # HFEngine's defaults on CPU (bf16, batch 16, torch's default threads = cores)
+# HFEngine computes symbol logits at the last position only (left padding, logits_to_keep=1)
+# since session 2; earlier runs measured that as a "/last" variant (1.22-1.27x per CPU-s).
+HF_LAST: dict = {}
 
 
 def log(msg: str) -> None:
@@ -187,38 +185,6 @@ class VLLMUnderTest:
 
     def close(self):
         self.eng.close()
-
-
-def make_hf_last(model: str, kw: dict):
-    """HFEngine whose symbol scoring computes logits at the last position only (see HF_LAST)."""
-    from rayeval.eval.engines import HFEngine, _assemble, _expand
-
-    class HFEngineLastLogits(HFEngine):
-        def score(self, requests):
-            torch = self._torch
-            jobs = _expand(requests, self.tokenizer, self._sym_cache)
-            if any(j[0] != "sym" for j in jobs):
-                return super().score(requests)
-            seqs = [j[2] for j in jobs]
-            values: list = [None] * len(jobs)
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            with torch.inference_mode():
-                for b in self._batches(seqs):
-                    L = max(len(seqs[k]) for k in b)
-                    ids = torch.full((len(b), L), pad, dtype=torch.long)
-                    mask = torch.zeros((len(b), L), dtype=torch.long)
-                    for r, k in enumerate(b):  # left padding; positions from the mask
-                        ids[r, L - len(seqs[k]):] = torch.tensor(seqs[k])
-                        mask[r, L - len(seqs[k]):] = 1
-                    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                    logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                        position_ids=pos.to(self.device), logits_to_keep=1).logits
-                    lp = torch.log_softmax(logits[:, -1].float(), -1)
-                    for r, k in enumerate(b):
-                        values[k] = [float(lp[r, t]) for t in jobs[k][3]]
-            return _assemble(requests, jobs, values)
-
-    return HFEngineLastLogits(model, dict(kw))
 
 
 def bare_preds(works, vals) -> dict[str, int]:
@@ -514,7 +480,7 @@ def _run(args, R, vl, engines, works, reqs, gold, n, cfg, subjects, model_path, 
 
         for label, kw in [(l, k) for l, k in list(HF_GRID) + list(HF_LAST.items()) if l in args.hf_grid.split(",")]:
             t0 = time.perf_counter()
-            hf[label] = make_hf_last(args.model, kw) if label in HF_LAST else make_engine("hf", args.model, dict(kw))
+            hf[label] = make_engine("hf", args.model, dict(kw))
             R.setdefault("start_s", {})[f"hf[{label}]"] = round(time.perf_counter() - t0, 1)
             torch.set_num_threads(kw["num_threads"])
             hf[label].score(reqs[:16])  # warm-up
