@@ -133,7 +133,7 @@ def main():
             for model in args.route_models:
                 for conc in args.route_concurrency:
                     # fresh prompts per level (the embedder caches texts)
-                    ps = [bq[i] for i in rng.choice(len(bq), args.route_n, replace=False)]
+                    ps = [bq[i] for i in rng.choice(len(bq), args.route_n, replace=args.route_n > len(bq))]
                     r = asyncio.run(route_level(url, model, ps, conc, key))
                     r["prompts"] = bench
                     print(json.dumps(r), flush=True)
