@@ -70,7 +70,7 @@ def _csv_rows(path: Path, header: bool) -> Iterator[tuple[int, list[str] | dict 
                       if names is not None else row)
 
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | str]]:
+def jsonl_rows(path: Path) -> Iterator[tuple[int, dict | str]]:
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
             if not raw.strip():
@@ -101,7 +101,7 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:
 def _table_rows(path: Path) -> Iterator[tuple[int, dict | str]]:
     suf = path.suffix.lower()
     if suf in (".jsonl", ".json"):
-        return _jsonl_rows(path)
+        return jsonl_rows(path)
     if suf == ".csv":
         return _csv_rows(path, header=True)
     if suf == ".parquet":
@@ -309,7 +309,7 @@ def load_items(path: str | Path, fmt: str = "auto", split: str | None = None, su
         for f in fs:
             files.append(str(f))
             got = [(_arc_record(rec, str(f), n, seen, f.stem) if isinstance(rec, dict) else RowError(str(f), n, rec))
-                   for n, rec in _jsonl_rows(f)]
+                   for n, rec in jsonl_rows(f)]
             results.extend(got[:limit] if limit else got)
     elif fmt == "generic":
         cmap = ColumnMap.parse(columns)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from rayeval.config import data_root
-from rayeval.data.loaders import _jsonl_rows
+from rayeval.data.loaders import jsonl_rows
 from rayeval.data.schema import DataValidationError, RowError
 
 ROUTELLM_STRONG = "gpt-4-1106-preview"
@@ -354,7 +354,7 @@ def _load_mt_bench(d: Path, drop_contaminated: bool, turns: tuple[int, ...]) -> 
 
 def _read_jsonl(path: Path, required: Sequence[str] = ()) -> list[dict]:
     out, errors = [], []
-    for i, r in _jsonl_rows(path):
+    for i, r in jsonl_rows(path):
         if isinstance(r, str):  # bad encoding / invalid JSON / not an object, said by the data layer
             errors.append(RowError(str(path), i, r))
             continue
@@ -431,7 +431,7 @@ def load_battles_jsonl(path: str | Path) -> Preferences:
     user turn is used), ``model_a``, ``model_b``, ``winner`` in model_a/model_b/tie/tie (bothbad)."""
     path = Path(path)
     rows, errors = [], []
-    for i, r in _jsonl_rows(path):  # the data layer's JSONL reader: encoding, JSON, object checks
+    for i, r in jsonl_rows(path):  # the data layer's JSONL reader: encoding, JSON, object checks
         if isinstance(r, str):
             errors.append(RowError(str(path), i, r))
             continue
