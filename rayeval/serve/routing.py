@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from rayeval.route.embed import is_static
+
 
 def _key(text: str) -> bytes:
     return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
@@ -202,7 +204,11 @@ class RouterServer:
         name = router or self.cfg["default_router"]
         if name not in self.routers:
             return {"error": f"unknown router {name!r}; serving {sorted(self.routers)}"}
-        p = float(await self._score_one((name, text)))
+        r = self.routers[name]
+        if r.needs_embeddings and not is_static(getattr(r, "embedder", "")):
+            p = float(await self._score_one((name, text)))  # batched: one Embedder call per batch
+        else:  # microseconds of work (length, static features): a batch wait would cost more
+            p = float(r.win_probability([text], await self._embed(r.embedder, [text]) if r.needs_embeddings else None)[0])
         thr = self.threshold_for(name, threshold)
         tier = "strong" if p >= thr else "weak"
         self.decisions[(name, tier)] += 1
@@ -227,8 +233,6 @@ class RouterServer:
     async def _embed(self, model: str, texts: list[str]) -> np.ndarray:
         """Static featurizers run here, in the router replica (microseconds: a Serve hop would cost
         more than the work); transformer embedders run in the Embedder deployment."""
-        from rayeval.route.embed import is_static
-
         if is_static(model):
             if model not in self.local:
                 self.local[model] = EmbedderCore(model, max_seq_length=None)
