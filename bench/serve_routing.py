@@ -101,7 +101,8 @@ def bench_handle(args) -> list[dict]:
 
 def quality(args) -> list[dict]:
     """Routing quality vs featurizer cost: cross-fitted APGR on a RouteLLM MMLU sample for kNN on
-    MiniLM embeddings at several input truncations, the prompt-length router, and random."""
+    MiniLM embeddings at several input truncations and on the static featurizer, the prompt-length
+    router, and random."""
     from rayeval.route.evaluate import cross_val_apgr
     from rayeval.route.prefs import load_routellm
     from rayeval.serve.routing import EmbedderCore
@@ -112,31 +113,20 @@ def quality(args) -> list[dict]:
         idx = np.sort(np.random.default_rng(0).choice(len(oc), size=min(args.quality_n, len(oc)), replace=False))
         oc = oc.subset(idx)
         texts = oc.texts
-        for msl in args.quality_lengths:
-            core = EmbedderCore(max_seq_length=msl or None, cache_size=0, threads=args.threads)
+        featurizers = [("knn", "minilm-l6", msl) for msl in args.quality_lengths] + [("knn-static", "minilm-l6-static", 0)]
+        for label, model, msl in featurizers:
+            core = EmbedderCore(model, max_seq_length=msl or None, cache_size=0, threads=args.threads)
             core.encode(texts[:64])  # warm-up
             t0, c0 = time.perf_counter(), time.process_time()
             emb = core.encode(texts)
             dt, cpu = time.perf_counter() - t0, time.process_time() - c0
             for params in ({"k": 50}, {"k": 10}):
-                apgr = cross_val_apgr("knn", params, oc, emb)
-                r = {"bench": bench, "n": len(texts), "router": f"knn(k={params['k']})",
+                r = {"bench": bench, "n": len(texts), "router": f"{label}(k={params['k']})",
                      "max_seq_length": msl or core.model.max_seq_length, "encode_per_s": len(texts) / dt,
                      "encode_cpu_ms_per_prompt": 1e3 * cpu / len(texts),
-                     "apgr": apgr}
+                     "apgr": cross_val_apgr("knn", params, oc, emb)}
                 print(json.dumps(r), flush=True)
                 rows.append(r)
-        core = EmbedderCore("minilm-l6-static", max_seq_length=None, cache_size=0)
-        core.encode(texts[:64])
-        t0, c0 = time.perf_counter(), time.process_time()
-        emb = core.encode(texts)
-        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-        for params in ({"k": 50}, {"k": 10}):
-            r = {"bench": bench, "n": len(texts), "router": f"knn-static(k={params['k']})", "max_seq_length": 512,
-                 "encode_per_s": len(texts) / dt, "encode_cpu_ms_per_prompt": 1e3 * cpu / len(texts),
-                 "apgr": cross_val_apgr("knn", params, oc, emb)}
-            print(json.dumps(r), flush=True)
-            rows.append(r)
         for name in ("length", "random"):
             r = {"bench": bench, "n": len(texts), "router": name, "max_seq_length": None, "encode_per_s": None,
                  "apgr": cross_val_apgr(name, {}, oc)}

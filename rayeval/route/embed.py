@@ -144,18 +144,22 @@ def resolve_embedder(name: str = DEFAULT_EMBEDDER) -> Path:
     raise ValueError(f"unknown embedder {name!r}: give a registry name (minilm-l6) or a model folder")
 
 
+def new_embedder(name: str = DEFAULT_EMBEDDER, device: str = "cpu"):
+    """A fresh sentence-transformers model, or a :class:`StaticEmbedder` for ``<base>-static``."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if is_static(name):
+        return StaticEmbedder(static_dir(name))
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(resolve_embedder(name)), device=device)
+
+
 def load_embedder(name: str = DEFAULT_EMBEDDER, device: str = "cpu"):
-    """A sentence-transformers model, or a :class:`StaticEmbedder` for ``<base>-static``."""
+    """:func:`new_embedder`, loaded once per process (models are immutable)."""
     key = (name, device)
     if key not in _MODELS:
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        if is_static(name):
-            _MODELS[key] = StaticEmbedder(static_dir(name))
-        else:
-            from sentence_transformers import SentenceTransformer
-
-            _MODELS[key] = SentenceTransformer(str(resolve_embedder(name)), device=device)
+        _MODELS[key] = new_embedder(name, device)
     return _MODELS[key]
 
 

@@ -55,17 +55,12 @@ class EmbedderCore:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import torch
 
-        from rayeval.route.embed import StaticEmbedder, is_static, resolve_embedder, static_dir
+        from rayeval.route.embed import new_embedder
 
         if threads:
             torch.set_num_threads(int(threads))
         self.model_name = model
-        if is_static(model):  # token-table featurizer: no transformer at query time
-            self.model = StaticEmbedder(static_dir(model))
-        else:
-            from sentence_transformers import SentenceTransformer
-
-            self.model = SentenceTransformer(str(resolve_embedder(model)), device="cpu")
+        self.model = new_embedder(model)  # own instance: max_seq_length is set on it below
         if max_seq_length:
             self.model.max_seq_length = int(max_seq_length)
         self.batch_size = batch_size
@@ -161,7 +156,7 @@ class RouterServer:
         self.cfg: dict = {}
         self.version = 0
         self.decisions: Counter = Counter()
-        self.local: dict[str, EmbedderCore] = {}  # static featurizers, in-replica
+        self.local: dict[str, EmbedderCore] = {}  # static featurizers, in-replica (set by reconfigure)
         self.reconfigure({})
 
     def reconfigure(self, user_config: dict | None):
@@ -171,6 +166,10 @@ class RouterServer:
             loaded = {n: self.routers[n] for n, d in dirs.items() if self.dirs.get(n) == d and n in self.routers}
             loaded.update(load_routers({n: d for n, d in dirs.items() if n not in loaded}))
             self.routers, self.dirs = loaded, dirs
+            for r in loaded.values():  # static featurizers live here: load them now, not on a request
+                model = getattr(r, "embedder", "")
+                if r.needs_embeddings and is_static(model) and model not in self.local:
+                    self.local[model] = EmbedderCore(model, max_seq_length=None)
         thr = {str(k): float(v) for k, v in (cfg.get("thresholds") or {}).items()}
         default = cfg.get("default_router") or (next(iter(self.routers)) if self.routers else None)
         if default is not None and default not in self.routers:
@@ -205,10 +204,11 @@ class RouterServer:
         if name not in self.routers:
             return {"error": f"unknown router {name!r}; serving {sorted(self.routers)}"}
         r = self.routers[name]
-        if r.needs_embeddings and not is_static(getattr(r, "embedder", "")):
+        if self._uses_embedder(r):
             p = float(await self._score_one((name, text)))  # batched: one Embedder call per batch
         else:  # microseconds of work (length, static features): a batch wait would cost more
-            p = float(r.win_probability([text], await self._embed(r.embedder, [text]) if r.needs_embeddings else None)[0])
+            emb = await self._embed(r.embedder, [text]) if r.needs_embeddings else None
+            p = float(r.win_probability([text], emb)[0])
         thr = self.threshold_for(name, threshold)
         tier = "strong" if p >= thr else "weak"
         self.decisions[(name, tier)] += 1
@@ -230,12 +230,15 @@ class RouterServer:
             out[idx] = r.win_probability(texts, emb)
         return out.tolist()
 
+    @staticmethod
+    def _uses_embedder(r) -> bool:
+        """Does the router need the Embedder deployment (a transformer encode)?"""
+        return r.needs_embeddings and not is_static(getattr(r, "embedder", ""))
+
     async def _embed(self, model: str, texts: list[str]) -> np.ndarray:
         """Static featurizers run here, in the router replica (microseconds: a Serve hop would cost
         more than the work); transformer embedders run in the Embedder deployment."""
         if is_static(model):
-            if model not in self.local:
-                self.local[model] = EmbedderCore(model, max_seq_length=None)
             return self.local[model].encode(texts)
         if self.embedder is None:
             raise RuntimeError(f"router needs {model!r} embeddings but the graph has no Embedder deployment")

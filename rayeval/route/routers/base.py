@@ -118,8 +118,10 @@ class SideFeatures:
         return {"groups": np.array(self.groups_, dtype=str), "len": np.array([self.len_mu_, self.len_sd_])}
 
     def set_state(self, s: dict[str, np.ndarray]) -> "SideFeatures":
-        self.groups_ = s["groups"].tolist()
-        self.len_mu_, self.len_sd_ = (float(v) for v in s["len"])
+        """Restore what ``fit`` learned; a state saved before side features existed has none."""
+        if "len" in s:
+            self.groups_ = s["groups"].tolist()
+            self.len_mu_, self.len_sd_ = (float(v) for v in s["len"])
         return self
 
 

@@ -131,9 +131,7 @@ class BertClassifierRouter(Router):
         torch = _torch()
         self.tok_, self.enc_ = self._backbone(folder / "encoder")
         self.enc_.eval()
-        self.side_ = SideFeatures(self.use_groups, self.use_length)
-        if "len" in s:
-            self.side_.set_state(s)
+        self.side_ = SideFeatures(self.use_groups, self.use_length).set_state(s)
         self.head_ = torch.nn.Linear(s["head_w"].shape[1], 1)
         with torch.no_grad():
             self.head_.weight.copy_(torch.tensor(s["head_w"]))
@@ -319,9 +317,7 @@ class CausalLMClassifierRouter(Router):
 
     def _set_state(self, s, folder):
         self.mu_, self.sd_, self.head_w_, self.head_b_ = s["mu"], s["sd"], s["head_w"], np.float32(s["head_b"])
-        self.side_ = SideFeatures(self.use_groups, self.use_length)
-        if "len" in s:
-            self.side_.set_state(s)
+        self.side_ = SideFeatures(self.use_groups, self.use_length).set_state(s)
         self.lm_ = None
         if self.train_layers:
             torch = _torch()

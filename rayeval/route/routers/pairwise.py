@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 
 from rayeval.route.prefs import Outcomes, Preferences
-from rayeval.route.routers.base import Router, register, torch_threads
+from rayeval.route.routers.base import Router, SideFeatures, register, torch_threads
 
 
 def battles(data: Outcomes | Preferences, tie_eps: float = 0.0):
@@ -46,8 +46,6 @@ class SWRankingRouter(Router):
         self.group_weight, self.length_weight = group_weight, length_weight
 
     def _side(self):
-        from rayeval.route.routers.base import SideFeatures
-
         return SideFeatures(use_groups=bool(self.group_weight), use_length=bool(self.length_weight))
 
     def _space(self, texts, emb, groups) -> np.ndarray:
@@ -127,13 +125,9 @@ class SWRankingRouter(Router):
                 "models": np.array(self.models_, dtype=str), **self.side_.state()}
 
     def _set_state(self, st, folder):
-        from rayeval.route.routers.base import SideFeatures
-
         self.X_, self.qi_, self.pi_, self.ylo_, self.pairs_ = st["X"], st["qi"], st["pi"], st["ylo"], st["pairs"]
         self.models_ = st["models"].tolist()
-        self.side_ = self._side()
-        if "len" in st:
-            self.side_.set_state(st)
+        self.side_ = self._side().set_state(st)
 
 
 @register
@@ -183,7 +177,7 @@ class MFRouter(Router):
     def fit(self, data, embeddings=None):
         import torch
 
-        from rayeval.route.routers.base import SideFeatures, data_groups, data_texts, resolve_pair
+        from rayeval.route.routers.base import data_groups, data_texts, resolve_pair
 
         texts, qids = data_texts(data)
         groups = data_groups(data)
@@ -249,10 +243,6 @@ class MFRouter(Router):
                 "models": np.array(self.models_, dtype=str), **self.side_.state()}
 
     def _set_state(self, st, folder):
-        from rayeval.route.routers.base import SideFeatures
-
         self.W_, self.b_, self.V_, self.w2_, self.c_ = st["W"], st["b"], st["V"], st["w2"], st["c"]
         self.models_ = st["models"].tolist()
-        self.side_ = SideFeatures(self.use_groups, self.use_length)
-        if "len" in st:
-            self.side_.set_state(st)
+        self.side_ = SideFeatures(self.use_groups, self.use_length).set_state(st)
