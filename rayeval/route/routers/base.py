@@ -100,6 +100,11 @@ class SideFeatures:
         self.len_mu_, self.len_sd_ = float(L.mean()), float(L.std() or 1.0)
         return self
 
+    @property
+    def dim(self) -> int:
+        """Number of side columns ``__call__`` appends."""
+        return len(self.groups_) * self.use_groups + int(self.use_length)
+
     def __call__(self, texts: Sequence[str], emb: np.ndarray, groups: Sequence[str]) -> np.ndarray:
         parts = [np.asarray(emb)]
         if self.use_groups:

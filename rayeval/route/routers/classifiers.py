@@ -49,93 +49,17 @@ def _mean_pool(hidden, mask):
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-def _set_threads():
-    """Thread count is handled by ``base.torch_threads`` around fit/predict."""
+def _probe(Z: np.ndarray, y: np.ndarray, n: np.ndarray, C: float) -> tuple[np.ndarray, np.float32]:
+    """Logistic head on fixed features with soft targets: each row enters as a positive with
+    weight y*n and a negative with weight (1-y)*n.  Returns (w, b)."""
+    from sklearn.linear_model import LogisticRegression
 
-
-@register
-class BertClassifierRouter(Router):
-    """Fine-tuned small encoder + linear head (mean pooling)."""
-
-    name = "bert"
-    SEARCH_SPACE = {"lr": ("loguniform", 1e-5, 1e-4), "epochs": [1, 2, 3], "max_train": [1000, 2000, 4000]}
-
-    def __init__(self, model: str = "minilm-l6", epochs: int = 2, lr: float = 5e-5, head_lr: float = 1e-3,
-                 batch_size: int = 16, max_length: int = 128, max_train: int | None = 3000, seed: int = 0,
-                 use_groups: bool = False, use_length: bool = False,
-                 strong: str | None = None, weak: str | None = None):
-        self.model, self.epochs, self.lr, self.head_lr = model, epochs, lr, head_lr
-        self.batch_size, self.max_length, self.max_train, self.seed = batch_size, max_length, max_train, seed
-        self.use_groups, self.use_length = use_groups, use_length
-        self.strong, self.weak = strong, weak
-
-    def _backbone(self, path):
-        from transformers import AutoModel, AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(str(path)), AutoModel.from_pretrained(str(path))
-
-    def _fit(self, ts, emb, data):
-        torch = _torch()
-        _set_threads()
-        from rayeval.route.embed import resolve_embedder
-
-        torch.manual_seed(self.seed)
-        self.tok_, self.enc_ = self._backbone(resolve_embedder(self.model))
-        self.side_ = SideFeatures(self.use_groups, self.use_length).fit(ts.texts, ts.groups)
-        texts, y, n, groups = _soft_targets(ts, self.max_train, self.seed)
-        side = _side(self.side_, texts, groups)
-        self.head_ = torch.nn.Linear(self.enc_.config.hidden_size + side.shape[1], 1)
-        opt = torch.optim.AdamW([{"params": self.enc_.parameters(), "lr": self.lr},
-                                 {"params": self.head_.parameters(), "lr": self.head_lr}], weight_decay=0.01)
-        rng = np.random.default_rng(self.seed)
-        steps = self.epochs * int(np.ceil(len(texts) / self.batch_size))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / max(steps, 1)))
-        self.enc_.train()
-        for _ in range(self.epochs):
-            perm = rng.permutation(len(texts))
-            for s in range(0, len(texts), self.batch_size):
-                b = perm[s:s + self.batch_size]
-                logit = self._logits([texts[i] for i in b], side[b])
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                    logit, torch.tensor(y[b]), weight=torch.tensor(n[b]))
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-        self.enc_.eval()
-
-    def _logits(self, texts, side: np.ndarray):
-        torch = _torch()
-        x = self.tok_(texts, truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
-        h = _mean_pool(self.enc_(**x).last_hidden_state, x["attention_mask"])
-        return self.head_(torch.cat([h, torch.from_numpy(side)], 1)).squeeze(-1)
-
-    def _predict(self, texts, emb, groups):
-        torch = _torch()
-        side = _side(self.side_, texts, groups)
-        out = []
-        with torch.no_grad():
-            for s in range(0, len(texts), 64):
-                out.append(torch.sigmoid(self._logits(texts[s:s + 64], side[s:s + 64])).numpy())
-        return np.concatenate(out) if out else np.zeros(0)
-
-    def _state(self):
-        return {"head_w": self.head_.weight.detach().numpy(), "head_b": self.head_.bias.detach().numpy(),
-                **self.side_.state()}
-
-    def _save_extra(self, folder: Path):
-        self.enc_.save_pretrained(folder / "encoder")
-        self.tok_.save_pretrained(folder / "encoder")
-
-    def _set_state(self, s, folder):
-        torch = _torch()
-        self.tok_, self.enc_ = self._backbone(folder / "encoder")
-        self.enc_.eval()
-        self.side_ = SideFeatures(self.use_groups, self.use_length).set_state(s)
-        self.head_ = torch.nn.Linear(s["head_w"].shape[1], 1)
-        with torch.no_grad():
-            self.head_.weight.copy_(torch.tensor(s["head_w"]))
-            self.head_.bias.copy_(torch.tensor(s["head_b"]))
+    XX = np.vstack([Z, Z])
+    yy = np.concatenate([np.ones(len(Z)), np.zeros(len(Z))])
+    ww = np.concatenate([y * n, (1 - y) * n])
+    keep = ww > 0
+    clf = LogisticRegression(C=C, max_iter=3000).fit(XX[keep], yy[keep], sample_weight=ww[keep])
+    return clf.coef_[0].astype(np.float32), np.float32(clf.intercept_[0])
 
 
 class FeatureCache:
@@ -170,14 +94,126 @@ class FeatureCache:
 
 
 @register
+class BertClassifierRouter(Router):
+    """Fine-tuned small encoder + linear head (mean pooling).  With ``probe_C`` the head starts
+    from a logistic probe on the frozen encoder (LP-FT); ``epochs=0`` then keeps the probe."""
+
+    name = "bert"
+    SEARCH_SPACE = {"probe_C": ("loguniform", 1e-4, 1e-2), "lr": ("loguniform", 5e-6, 5e-5), "epochs": [0, 1, 2],
+                    "max_train": [1000, 2000, 4000]}
+
+    def __init__(self, model: str = "minilm-l6", epochs: int = 1, lr: float = 1e-5, head_lr: float = 1e-5,
+                 batch_size: int = 16, max_length: int = 128, max_train: int | None = 2000, seed: int = 0,
+                 probe_C: float | None = 1e-3, use_groups: bool = False, use_length: bool = False,
+                 strong: str | None = None, weak: str | None = None):
+        self.model, self.epochs, self.lr, self.head_lr, self.probe_C = model, epochs, lr, head_lr, probe_C
+        self.batch_size, self.max_length, self.max_train, self.seed = batch_size, max_length, max_train, seed
+        self.use_groups, self.use_length = use_groups, use_length
+        self.strong, self.weak = strong, weak
+
+    def _backbone(self, path):
+        from transformers import AutoModel, AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(path)), AutoModel.from_pretrained(str(path))
+
+    def _fit(self, ts, emb, data):
+        torch = _torch()
+        from rayeval.route.embed import resolve_embedder
+
+        torch.manual_seed(self.seed)
+        self.tok_, self.enc_ = self._backbone(resolve_embedder(self.model))
+        self.side_ = SideFeatures(self.use_groups, self.use_length).fit(ts.texts, ts.groups)
+        self.head_ = torch.nn.Linear(self.enc_.config.hidden_size + self.side_.dim, 1)
+        if self.probe_C:  # the probe sees every training text (frozen features are cheap)
+            self._linear_probe(ts.texts, ts.y.astype(np.float32), ts.n.astype(np.float32),
+                               _side(self.side_, ts.texts, ts.groups))
+        texts, y, n, groups = _soft_targets(ts, self.max_train, self.seed)  # fine-tuning: capped
+        side = _side(self.side_, texts, groups)
+        opt = torch.optim.AdamW([{"params": self.enc_.parameters(), "lr": self.lr},
+                                 {"params": self.head_.parameters(), "lr": self.head_lr}], weight_decay=0.01)
+        rng = np.random.default_rng(self.seed)
+        steps = self.epochs * int(np.ceil(len(texts) / self.batch_size))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1 - s / max(steps, 1)))
+        self.enc_.train()
+        for _ in range(self.epochs):
+            perm = rng.permutation(len(texts))
+            for s in range(0, len(texts), self.batch_size):
+                b = perm[s:s + self.batch_size]
+                logit = self._logits([texts[i] for i in b], side[b])
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                    logit, torch.tensor(y[b]), weight=torch.tensor(n[b]))
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+        self.enc_.eval()
+
+    def _linear_probe(self, texts, y, n, side):
+        """LP-FT (Kumar et al. 2022): start fine-tuning from a logistic head fitted on the frozen
+        encoder's pooled features, so the encoder is not pulled around by a random head.  The
+        probe sees standardised features; the standardisation is folded into the head."""
+        torch = _torch()
+        self.enc_.eval()
+
+        def compute(tt):
+            with torch.no_grad():
+                return np.concatenate([self._pooled(tt[s:s + 64]).numpy() for s in range(0, len(tt), 64)])
+
+        key = "bert_" + hashlib.sha1(json.dumps([self.model, self.max_length]).encode()).hexdigest()[:16]
+        H = FeatureCache(key).get_many(list(texts), compute)  # frozen features: shared by all folds
+        mu, sd = H.mean(0), H.std(0) + 1e-6
+        w, b = _probe(np.hstack([(H - mu) / sd, side]), y, n, self.probe_C)
+        h = H.shape[1]
+        w_h = w[:h] / sd
+        with torch.no_grad():
+            self.head_.weight.copy_(torch.from_numpy(np.concatenate([w_h, w[h:]])[None, :]))
+            self.head_.bias.fill_(float(b - (w_h * mu).sum()))
+
+    def _pooled(self, texts):
+        x = self.tok_(list(texts), truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
+        return _mean_pool(self.enc_(**x).last_hidden_state, x["attention_mask"])
+
+    def _logits(self, texts, side: np.ndarray):
+        torch = _torch()
+        return self.head_(torch.cat([self._pooled(texts), torch.from_numpy(side)], 1)).squeeze(-1)
+
+    def _predict(self, texts, emb, groups):
+        torch = _torch()
+        side = _side(self.side_, texts, groups)
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(texts), 64):
+                out.append(torch.sigmoid(self._logits(texts[s:s + 64], side[s:s + 64])).numpy())
+        return np.concatenate(out) if out else np.zeros(0)
+
+    def _state(self):
+        return {"head_w": self.head_.weight.detach().numpy(), "head_b": self.head_.bias.detach().numpy(),
+                **self.side_.state()}
+
+    def _save_extra(self, folder: Path):
+        self.enc_.save_pretrained(folder / "encoder")
+        self.tok_.save_pretrained(folder / "encoder")
+
+    def _set_state(self, s, folder):
+        torch = _torch()
+        self.tok_, self.enc_ = self._backbone(folder / "encoder")
+        self.enc_.eval()
+        self.side_ = SideFeatures(self.use_groups, self.use_length).set_state(s)
+        self.head_ = torch.nn.Linear(s["head_w"].shape[1], 1)
+        with torch.no_grad():
+            self.head_.weight.copy_(torch.tensor(s["head_w"]))
+            self.head_.bias.copy_(torch.tensor(s["head_b"]))
+
+
+@register
 class CausalLMClassifierRouter(Router):
     """SmolLM2-135M (first ``num_layers`` blocks) + a head on the pooled last hidden state."""
 
     name = "causal_llm"
-    SEARCH_SPACE = {"num_layers": [8, 12, 20, 30], "C": ("loguniform", 1e-3, 10.0), "pool": ["mean", "last"]}
+    SEARCH_SPACE = {"num_layers": [8, 12, 20, 30], "C": ("loguniform", 1e-4, 1.0), "pool": ["mean", "last"]}
 
     def __init__(self, model: str = "smollm2-135m", num_layers: int = 12, pool: str = "mean",
-                 max_length: int = 128, train_layers: int = 0, C: float = 0.1, epochs: int = 1,
+                 max_length: int = 128, train_layers: int = 0, C: float = 0.005, epochs: int = 1,
                  lr: float = 5e-5, batch_size: int = 8, max_train: int | None = 2000, seed: int = 0,
                  use_groups: bool = False, use_length: bool = False,
                  strong: str | None = None, weak: str | None = None):
@@ -193,7 +229,6 @@ class CausalLMClassifierRouter(Router):
         if getattr(self, "lm_", None) is not None:
             return
         torch = _torch()
-        _set_threads()
         from transformers import AutoModel, AutoTokenizer
 
         from rayeval.models import resolve_model
@@ -257,17 +292,10 @@ class CausalLMClassifierRouter(Router):
         texts, y, n, groups = _soft_targets(ts, self.max_train, self.seed)
         self.side_ = SideFeatures(self.use_groups, self.use_length).fit(ts.texts, ts.groups)
         if not self.train_layers:
-            from sklearn.linear_model import LogisticRegression
-
             F = self.features(texts)
             self.mu_, self.sd_ = F.mean(0), F.std(0) + 1e-6
             Z = np.hstack([(F - self.mu_) / self.sd_, _side(self.side_, texts, groups)])
-            XX = np.vstack([Z, Z])
-            yy = np.concatenate([np.ones(len(Z)), np.zeros(len(Z))])
-            ww = np.concatenate([y * n, (1 - y) * n])
-            keep = ww > 0
-            clf = LogisticRegression(C=self.C, max_iter=3000).fit(XX[keep], yy[keep], sample_weight=ww[keep])
-            self.head_w_, self.head_b_ = clf.coef_[0].astype(np.float32), np.float32(clf.intercept_[0])
+            self.head_w_, self.head_b_ = _probe(Z, y, n, self.C)
             return
         torch = _torch()
         torch.manual_seed(self.seed)
