@@ -10,8 +10,9 @@ What is measured (zero-shot MMLU, standard prompt, symbol scoring = one next-tok
   bare-vllm       ``vllm.LLM.generate`` on exactly the token ids rayeval's VLLMEngine sends
                   (max_tokens=1, ``logprob_token_ids`` = the 4 symbol tokens); generate() only
   rayeval-vllm    ``VLLMEngine.score`` (tokenization + generate + reduction), same engine instance
-  rayeval-hf      ``HFEngine.score`` over a grid of dtype / threads / batch size, plus a proposed
-                  variant computing logits at the last position only (``.../last``)
+  rayeval-hf      ``HFEngine.score`` over a grid of dtype / threads / batch size
+  roofline        FLOPs per question vs this CPU's measured matmul rate on the model's own layer
+                  shapes: the questions/s no HF implementation can beat here (``roofline()``)
   q/CPU-s         questions per CPU-second of this process and its children (steadier than
                   wall time when the cores are shared)
   pipeline-*      ``run_eval`` (Ray Data, actors=1): wall time with Ray + engine start, and
@@ -59,9 +60,6 @@ HF_GRID = [
     ("fp32/2t/b64", {"dtype": "float32", "num_threads": 2, "batch_size": 64}),
 ]
 HF_DEFAULT = "bf16/2t/b16"
-# HFEngine computes symbol logits at the last position only (left padding, logits_to_keep=1)
-# since session 2; earlier runs measured that as a "/last" variant (1.22-1.27x per CPU-s).
-HF_LAST: dict = {}
 
 
 def log(msg: str) -> None:
@@ -401,9 +399,9 @@ def main(argv=None) -> dict:
                          "pipeline-vllm, pipeline-hf")
     ap.add_argument("--vllm-cores", default="default,0-1",
                     help="comma list of vLLM pinnings to try: 'default' (vLLM's own) or a core list like 0-1")
-    ap.add_argument("--hf-grid", default=",".join([l for l, _ in HF_GRID] + list(HF_LAST)),
-                    help="comma list of HF configurations (dtype/threads/batch[/last]) from: "
-                         + ", ".join([l for l, _ in HF_GRID] + list(HF_LAST)))
+    ap.add_argument("--hf-grid", default=",".join(l for l, _ in HF_GRID),
+                    help="comma list of HF configurations (dtype/threads/batch) from: "
+                         + ", ".join(l for l, _ in HF_GRID))
     ap.add_argument("--lm-eval-backends", default="hf,vllm")
     ap.add_argument("--reps", type=int, default=2, help="interleaved rounds; the best round is reported")
     ap.add_argument("--shard-size", type=int, default=64, help="pipeline shard size (the config's batch_size)")
@@ -478,7 +476,7 @@ def _run(args, R, vl, engines, works, reqs, gold, n, cfg, subjects, model_path, 
     if "hf" in engines:
         from rayeval.eval.engines import make_engine
 
-        for label, kw in [(l, k) for l, k in list(HF_GRID) + list(HF_LAST.items()) if l in args.hf_grid.split(",")]:
+        for label, kw in [(l, k) for l, k in HF_GRID if l in args.hf_grid.split(",")]:
             t0 = time.perf_counter()
             hf[label] = make_engine("hf", args.model, dict(kw))
             R.setdefault("start_s", {})[f"hf[{label}]"] = round(time.perf_counter() - t0, 1)
@@ -505,7 +503,7 @@ def _run(args, R, vl, engines, works, reqs, gold, n, cfg, subjects, model_path, 
                 passes.append((f"rayeval-vllm[{cores}] {args.shard_size}/call",
                                lambda v=v: eng_pass(v, args.shard_size)))
         for label, eng in hf.items():
-            def hf_pass(eng=eng, th={**dict(HF_GRID), **HF_LAST}[label]["num_threads"]):
+            def hf_pass(eng=eng, th=dict(HF_GRID)[label]["num_threads"]):
                 torch.set_num_threads(th)
                 dt, cpu, res = timed(lambda: eng.score(reqs))
                 return dt, cpu, preds_from_results(works, res)
@@ -519,6 +517,10 @@ def _run(args, R, vl, engines, works, reqs, gold, n, cfg, subjects, model_path, 
             preds[name] = p
             log(f"round {rnd + 1}: {name} {dt:.1f}s ({n / dt:.1f} q/s), {cpu:.1f} CPU-s "
                 f"({n / max(cpu, 1e-9):.1f} q/CPU-s), load {os.getloadavg()[0]:.1f}")
+    if hf:
+        label = HF_DEFAULT if HF_DEFAULT in hf else next(iter(hf))
+        R["roofline"] = roofline(hf[label], reqs, torch)
+        save()
     torch.set_num_threads(default_threads)
     for name, ts in times.items():
         add(name, ts, preds[name], cpu_s=min(cpus[name]), q_per_cpu_s=n / max(min(cpus[name]), 1e-9))
@@ -563,7 +565,7 @@ def _run(args, R, vl, engines, works, reqs, gold, n, cfg, subjects, model_path, 
             items = load_items(data_root() / "mmlu", split="test", subjects=subjects,
                                limit=per_subject_limit(args.n_questions, subjects)).items
             tasks, idmap = write_lmeval_tasks(items, tmp)
-            hf_rows = {k: v for k, v in rows.items() if k.startswith("rayeval-hf[") and "/last" not in k}
+            hf_rows = {k: v for k, v in rows.items() if k.startswith("rayeval-hf[")}
             best_hf = max(hf_rows, key=lambda k: hf_rows[k]["q_per_s"]) if hf_rows else f"rayeval-hf[{HF_DEFAULT}]"
             lab = best_hf[len("rayeval-hf["):-1]
             hf_kw = dict(HF_GRID).get(lab, dict(HF_GRID)[HF_DEFAULT])
@@ -607,6 +609,52 @@ def _run(args, R, vl, engines, works, reqs, gold, n, cfg, subjects, model_path, 
 
 # ----------------------------------------------------------------------------- summary
 
+def roofline(eng, reqs, torch, rows_options=(1024, 4096), reps: int = 10) -> dict:
+    """The arithmetic symbol scoring cannot avoid, against what this CPU's matmuls deliver.
+
+    Every method here does one causal forward pass over each question's prompt (lm-eval's HF
+    backend too: it shares the context of the four one-token answers).  FLOPs per question =
+    2 x (the decoder's linear weights) x prompt tokens + causal attention (2 x 2 x layers x width x
+    T^2/2) + the LM head at the last position.  The ceiling runs those FLOPs at the best rate
+    measured here for the model's own linear shapes (bf16 and fp32, ``rows_options`` token rows,
+    all cores): 100% of that rate, no padding, no attention or norm overhead -- an upper bound."""
+    from rayeval.eval.engines import _expand
+
+    model, cfg = eng.model, eng.model.config
+    shapes: dict[tuple[int, int], int] = {}
+    n_lin = 0
+    for mod in model.model.layers.modules():
+        if isinstance(mod, torch.nn.Linear):
+            shapes[tuple(mod.weight.shape)] = shapes.get(tuple(mod.weight.shape), 0) + 1
+            n_lin += mod.weight.numel()
+    toks = [len(j[2]) for j in _expand(reqs, eng.tokenizer, {}, eng.add_bos) if j[0] == "sym"]
+    width = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
+    flops = sum(2 * n_lin * t + 2 * cfg.num_hidden_layers * width * t * t + 2 * cfg.vocab_size * cfg.hidden_size
+                for t in toks) / len(toks)
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    rates = {}
+    with torch.no_grad():
+        for dtype in (torch.bfloat16, torch.float32):
+            for rows in rows_options:
+                spent = done = 0.0
+                for (out_f, in_f), count in shapes.items():
+                    x, w = torch.randn(rows, in_f, dtype=dtype), torch.randn(out_f, in_f, dtype=dtype)
+                    torch.nn.functional.linear(x, w)  # warm-up
+                    t0 = time.perf_counter()
+                    for _ in range(reps):
+                        torch.nn.functional.linear(x, w)
+                    spent += (time.perf_counter() - t0) * count
+                    done += 2.0 * rows * in_f * out_f * reps * count
+                rates[f"{str(dtype).split('.')[-1]}/{rows} rows"] = done / spent / 1e9
+    best = max(rates, key=rates.get)
+    out = {"prompt_tokens_per_q": sum(toks) / len(toks), "gflop_per_q": flops / 1e9, "matmul_gflops": rates,
+           "best": best, "ceiling_q_per_s": rates[best] * 1e9 / flops, "threads": threads}
+    log(f"roofline: {out['prompt_tokens_per_q']:.0f} tokens/q, {out['gflop_per_q']:.2f} GFLOP/q; matmul GFLOP/s "
+        f"{ {k: round(v) for k, v in rates.items()} } -> ceiling {out['ceiling_q_per_s']:.1f} q/s")
+    return out
+
+
 def _q(rows, name):
     r = rows.get(name) or {}
     return r.get("q_per_s")
@@ -616,7 +664,7 @@ def summarize(R: dict) -> dict:
     rows, P = R["rows"], R["preds"]
     S: dict = {}
     vllm_eng = {k: v["q_per_s"] for k, v in rows.items() if k.startswith("rayeval-vllm[") and "/call" not in k}
-    hf_eng = {k: v["q_per_s"] for k, v in rows.items() if k.startswith("rayeval-hf[") and "/last" not in k}
+    hf_eng = {k: v["q_per_s"] for k, v in rows.items() if k.startswith("rayeval-hf[")}
     if vllm_eng:
         S["fastest_vllm"] = max(vllm_eng, key=vllm_eng.get)
     if hf_eng:
@@ -649,10 +697,11 @@ def summarize(R: dict) -> dict:
     lm = [_q(rows, k) for k in ("lm-eval-hf", "lm-eval-vllm") if _q(rows, k)]
     if lm and ours:
         ratios["rayeval fastest / lm-eval fastest"] = max(ours.values()) / max(lm)
-    for lab in HF_LAST:
-        base = lab.rsplit("/", 1)[0]
-        if _q(rows, f"rayeval-hf[{lab}]") and _q(rows, f"rayeval-hf[{base}]"):
-            ratios[f"HF last-position logits / HFEngine [{base}]"] = _q(rows, f"rayeval-hf[{lab}]") / _q(rows, f"rayeval-hf[{base}]")
+    ceil = R.get("roofline", {}).get("ceiling_q_per_s")
+    if ceil and hf_eng:
+        ratios["HF ceiling (100% of measured matmul rate) / rayeval HF (best)"] = ceil / max(hf_eng.values())
+        if _q(rows, "lm-eval-hf"):
+            ratios["HF ceiling (100% of measured matmul rate) / lm-eval HF"] = ceil / _q(rows, "lm-eval-hf")
     S["ratios"] = ratios
     agree = {}
     ref = "bare-vllm[default]" if "bare-vllm[default]" in P else next((k for k in P if k.startswith("bare-vllm")), None)
@@ -702,6 +751,12 @@ def render(R: dict) -> str:
         out.append(f"| {name} | {r['q_per_s']:.1f} | {r['seconds']:.1f} | {qc} | {acc} | {'; '.join(notes)} |")
     if R.get("start_s"):
         out += ["", "Engine start (s): " + ", ".join(f"{k} {v}" for k, v in R["start_s"].items())]
+    if R.get("roofline"):
+        r = R["roofline"]
+        out += ["", f"Roofline: {r['prompt_tokens_per_q']:.0f} prompt tokens and {r['gflop_per_q']:.2f} GFLOP per "
+                    f"question; matmul GFLOP/s on the model's layer shapes ({r['threads']} threads): "
+                    + ", ".join(f"{k} {v:.0f}" for k, v in r["matmul_gflops"].items())
+                    + f"; ceiling {r['ceiling_q_per_s']:.1f} questions/s (every FLOP at the best rate, no overhead)"]
     out += ["", "| ratio | value |", "|---|---:|"]
     out += [f"| {k} | {v:.2f} |" for k, v in S.get("ratios", {}).items()]
     out += ["", "| same prediction | share of items |", "|---|---:|"]
