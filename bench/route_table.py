@@ -37,9 +37,10 @@ FAST = [
     ("mf", {}), ("mf", {"objective": "pointwise"}), MF_SIDE,
     ("logistic", {"C": 0.1}), LOGI_SIDE, ("group", {}), KNN_GROUP, LOGI_PAIR, BLEND, BLEND3,
 ]
-# Classifier settings chosen on GSM8K (session 3; docs/routing.md), then run unchanged on MMLU and MT-Bench.
+# Classifier settings: the causal head's C was chosen on GSM8K (session 3), BERT's probe C by inner CV
+# inside every training fold; both then run unchanged on MMLU and MT-Bench (docs/routing.md).
 SLOW = [
-    ("bert", {"epochs": 1, "probe_C": 0.001, "lr": 1e-5, "head_lr": 1e-5, "max_train": 2000, **SIDE}),  # LP-FT
+    ("bert", {"epochs": 1, "max_train": 2000, **SIDE}),  # LP-FT: probe C by inner CV, then 1 epoch at lr 1e-5
     ("causal_llm", {"num_layers": 12, "max_length": 128, "max_train": None, "C": 0.05}),
     ("causal_llm", {"num_layers": 12, "max_length": 128, "max_train": None, "C": 0.005, **SIDE}),
 ]
@@ -53,6 +54,7 @@ def main():
     ap.add_argument("--no-slow", action="store_true", help="skip the BERT / causal-LLM classifiers")
     ap.add_argument("--slow-benchmarks", default="gsm8k,mt_bench,mmlu",
                     help="benchmarks for the slow classifiers (MMLU: ~40 min on 2 quiet cores)")
+    ap.add_argument("--slow-routers", default="bert,causal_llm", help="which slow classifiers to run")
     ap.add_argument("--quick", action="store_true", help="fast routers on GSM8K + MT-Bench only")
     ap.add_argument("--sections", default="routellm,slow,ood,routerbench",
                     help="comma list of: routellm (fast routers x benchmarks), slow (BERT/causal), ood "
@@ -80,7 +82,8 @@ def main():
         (out / "table.md").write_text(markdown_table(total.table()) + "\n")
     if not a.no_slow and not a.quick and "slow" in sections:
         for b in a.slow_benchmarks.split(","):
-            res = evaluate_routers(SLOW, [b], k=a.folds, n_boot=a.n_boot, log=log, outcomes=data)
+            slow = [spec for spec in SLOW if spec[0] in a.slow_routers.split(",")]
+            res = evaluate_routers(slow, [b], k=a.folds, n_boot=a.n_boot, log=log, outcomes=data)
             total.rows += res.rows
             total.curves.update(res.curves)
             total.scores.update(res.scores)

@@ -134,28 +134,41 @@ def test_bert_classifier_trains_and_round_trips(tmp_path, mmlu_split):
     assert p.std() > 0  # not a constant
 
 
-def test_bert_linear_probe_head_equals_probe_on_standardised_features(tmp_path, monkeypatch, mmlu_split):
-    # LP-FT: with epochs=0 the router is the logistic probe; its head folds the standardisation in,
-    # so it must give the probe's own probabilities (fails if mu/sd are folded wrongly).
+def test_bert_linear_probe_is_the_logistic_probe_on_frozen_features(tmp_path, monkeypatch, mmlu_split):
+    # LP-FT: with epochs=0 the router is the logistic probe on the frozen encoder's normalised
+    # mean-pooled features (+ side features), C picked by inner CV on the training queries.
     monkeypatch.setenv("RAYEVAL_CACHE", str(tmp_path))  # fresh feature cache for this test
     from rayeval.route.routers.base import training_set
-    from rayeval.route.routers.classifiers import _probe
+    from rayeval.route.routers.classifiers import BertClassifierRouter, _choose_C, _probe
 
     tr, etr, te, ete = mmlu_split
     sub = tr.subset(np.arange(64))
-    r = make_router("bert", epochs=0, probe_C=0.01, max_length=32, use_length=True).fit(sub)
+    r = make_router("bert", epochs=0, max_length=32, use_length=True).fit(sub)
     ts = training_set(sub)
     with torch_no_grad():
         H = r._pooled(ts.texts).numpy()
         Ht = r._pooled(te.texts[:16]).numpy()
+    np.testing.assert_allclose(np.linalg.norm(H, axis=1), 1.0, atol=1e-5)
     L = np.log1p([len(t) for t in ts.texts])
     side = lambda texts: ((np.log1p([len(t) for t in texts]) - L.mean()) / L.std())[:, None]
-    mu, sd = H.mean(0), H.std(0) + 1e-6
-    w, b = _probe(np.hstack([(H - mu) / sd, side(ts.texts)]), ts.y, ts.n, 0.01)
-    want = 1 / (1 + np.exp(-(np.hstack([(Ht - mu) / sd, side(te.texts[:16])]) @ w + b)))
+    Z = np.hstack([H, side(ts.texts)])
+    C = _choose_C(Z, ts.y, ts.n, BertClassifierRouter.PROBE_GRID)
+    w, b = _probe(Z, ts.y, ts.n, C)
+    want = 1 / (1 + np.exp(-(np.hstack([Ht, side(te.texts[:16])]) @ w + b)))
     np.testing.assert_allclose(r.win_probability(te.texts[:16]), want, atol=1e-4)
     assert want.std() > 1e-4
     assert len(list((tmp_path / "features").glob("bert_*/*.npz"))) == 1  # frozen features were cached
+
+
+def test_choose_C_prefers_strong_regularisation_on_noise():
+    from rayeval.route.routers.classifiers import _choose_C
+
+    rng = np.random.default_rng(0)
+    Z = rng.normal(size=(300, 50))
+    noise = rng.random(300).round()  # labels unrelated to Z: the weakest C loses least
+    assert _choose_C(Z, noise, np.ones(300), (1e-3, 1.0, 100.0)) == 1e-3
+    signal = (Z[:, 0] > 0).astype(float)  # one clean feature: a weakly regularised head wins
+    assert _choose_C(Z, signal, np.ones(300), (1e-3, 1.0, 100.0)) > 1e-3
 
 
 def torch_no_grad():

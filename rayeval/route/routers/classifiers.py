@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -62,6 +63,22 @@ def _probe(Z: np.ndarray, y: np.ndarray, n: np.ndarray, C: float) -> tuple[np.nd
     return clf.coef_[0].astype(np.float32), np.float32(clf.intercept_[0])
 
 
+def _choose_C(Z: np.ndarray, y: np.ndarray, n: np.ndarray, grid: Sequence[float], k: int = 3, seed: int = 0) -> float:
+    """The C of ``grid`` with the lowest k-fold (over queries) weighted soft log-loss: chosen on
+    the training queries alone, so cross-fitted scores stay honest."""
+    fold = np.random.default_rng(seed).permutation(len(Z)) % k
+    loss = []
+    for C in grid:
+        total = 0.0
+        for f in range(k):
+            tr, te = fold != f, fold == f
+            w, b = _probe(Z[tr], y[tr], n[tr], C)
+            p = np.clip(1.0 / (1.0 + np.exp(-(Z[te] @ w + b))), 1e-9, 1 - 1e-9)
+            total -= float(np.sum(n[te] * (y[te] * np.log(p) + (1 - y[te]) * np.log(1 - p))))
+        loss.append(total)
+    return float(grid[int(np.argmin(loss))])
+
+
 class FeatureCache:
     """Per-text feature vectors on disk: ``cache_dir()/features/<key>/*.npz`` shards of
     (sha1 of text -> vector).  Lets cross-fitting reuse a frozen backbone's features."""
@@ -95,16 +112,19 @@ class FeatureCache:
 
 @register
 class BertClassifierRouter(Router):
-    """Fine-tuned small encoder + linear head (mean pooling).  With ``probe_C`` the head starts
-    from a logistic probe on the frozen encoder (LP-FT); ``epochs=0`` then keeps the probe."""
+    """Fine-tuned small encoder + linear head on the L2-normalised mean-pooled tokens (the
+    sentence-transformers pooling of all-MiniLM-L6-v2).  LP-FT: with ``probe_C`` the head starts
+    as a logistic probe on the frozen encoder (``"cv"``: C picked from ``PROBE_GRID`` by inner
+    cross-validation on the training queries; ``None``: a random head); ``epochs=0`` keeps the probe."""
 
     name = "bert"
-    SEARCH_SPACE = {"probe_C": ("loguniform", 1e-4, 1e-2), "lr": ("loguniform", 5e-6, 5e-5), "epochs": [0, 1, 2],
+    PROBE_GRID = (0.03, 0.1, 0.3, 1.0)
+    SEARCH_SPACE = {"probe_C": ("loguniform", 0.01, 3.0), "lr": ("loguniform", 5e-6, 5e-5), "epochs": [0, 1, 2],
                     "max_train": [1000, 2000, 4000]}
 
     def __init__(self, model: str = "minilm-l6", epochs: int = 1, lr: float = 1e-5, head_lr: float = 1e-5,
                  batch_size: int = 16, max_length: int = 128, max_train: int | None = 2000, seed: int = 0,
-                 probe_C: float | None = 1e-3, use_groups: bool = False, use_length: bool = False,
+                 probe_C: float | str | None = "cv", use_groups: bool = False, use_length: bool = False,
                  strong: str | None = None, weak: str | None = None):
         self.model, self.epochs, self.lr, self.head_lr, self.probe_C = model, epochs, lr, head_lr, probe_C
         self.batch_size, self.max_length, self.max_train, self.seed = batch_size, max_length, max_train, seed
@@ -150,8 +170,7 @@ class BertClassifierRouter(Router):
 
     def _linear_probe(self, texts, y, n, side):
         """LP-FT (Kumar et al. 2022): start fine-tuning from a logistic head fitted on the frozen
-        encoder's pooled features, so the encoder is not pulled around by a random head.  The
-        probe sees standardised features; the standardisation is folded into the head."""
+        encoder's pooled features, so the encoder is not pulled around by a random head."""
         torch = _torch()
         self.enc_.eval()
 
@@ -159,19 +178,18 @@ class BertClassifierRouter(Router):
             with torch.no_grad():
                 return np.concatenate([self._pooled(tt[s:s + 64]).numpy() for s in range(0, len(tt), 64)])
 
-        key = "bert_" + hashlib.sha1(json.dumps([self.model, self.max_length]).encode()).hexdigest()[:16]
-        H = FeatureCache(key).get_many(list(texts), compute)  # frozen features: shared by all folds
-        mu, sd = H.mean(0), H.std(0) + 1e-6
-        w, b = _probe(np.hstack([(H - mu) / sd, side]), y, n, self.probe_C)
-        h = H.shape[1]
-        w_h = w[:h] / sd
+        key = "bert_" + hashlib.sha1(json.dumps([self.model, self.max_length, "l2"]).encode()).hexdigest()[:16]
+        Z = np.hstack([FeatureCache(key).get_many(list(texts), compute), side])  # frozen: shared by all folds
+        C = _choose_C(Z, y, n, self.PROBE_GRID, seed=self.seed) if self.probe_C == "cv" else float(self.probe_C)
+        w, b = _probe(Z, y, n, C)
         with torch.no_grad():
-            self.head_.weight.copy_(torch.from_numpy(np.concatenate([w_h, w[h:]])[None, :]))
-            self.head_.bias.fill_(float(b - (w_h * mu).sum()))
+            self.head_.weight.copy_(torch.from_numpy(w[None, :]))
+            self.head_.bias.fill_(float(b))
 
     def _pooled(self, texts):
         x = self.tok_(list(texts), truncation=True, max_length=self.max_length, padding=True, return_tensors="pt")
-        return _mean_pool(self.enc_(**x).last_hidden_state, x["attention_mask"])
+        h = _mean_pool(self.enc_(**x).last_hidden_state, x["attention_mask"])
+        return _torch().nn.functional.normalize(h, dim=-1)
 
     def _logits(self, texts, side: np.ndarray):
         torch = _torch()
