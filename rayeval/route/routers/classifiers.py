@@ -1,8 +1,9 @@
 """Text classifiers as routers (RouteLLM's BERT and causal-LLM classifiers, CPU-sized).
 
-* ``bert``: fine-tunes a small local encoder (MiniLM-L6 by default) + a linear head on
-  mean-pooled tokens, soft BCE on P(strong wins).  ``max_train`` caps the examples so a fit
-  stays within minutes on CPU.
+* ``bert``: a small local encoder (MiniLM-L6 by default) + a linear head on L2-normalised
+  mean-pooled tokens, trained LP-FT: a logistic probe on the frozen encoder (C by inner CV),
+  then soft-BCE fine-tuning on P(strong wins).  ``max_train`` caps the fine-tuning examples so
+  a fit stays within minutes on CPU.
 * ``causal_llm``: SmolLM2-135M-Instruct, truncated to its first ``num_layers`` blocks.  With
   ``train_layers=0`` (default) the backbone is frozen: pooled hidden states are computed once
   per text (cached on disk) and a logistic head is trained on them, so cross-fitting is cheap.
