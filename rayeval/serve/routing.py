@@ -51,11 +51,9 @@ class EmbedderCore:
 
     def __init__(self, model: str = "minilm-l6", max_seq_length: int | None = 128, cache_size: int = 20000,
                  threads: int | None = None, batch_size: int = 64):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import torch
 
-        from rayeval.route.embed import new_embedder
+        from rayeval.route.embed import new_embedder  # sets HF_HUB_OFFLINE / TOKENIZERS_PARALLELISM
 
         if threads:
             torch.set_num_threads(int(threads))

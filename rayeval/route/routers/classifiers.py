@@ -51,6 +51,23 @@ def _mean_pool(hidden, mask):
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
+def _pooled_rows(pool, texts, batch: int) -> np.ndarray:
+    """``pool`` (list of texts -> (b, d) tensor) over length-sorted batches, without gradients;
+    rows come back in input order."""
+    torch = _torch()
+    texts = list(texts)
+    order = np.argsort([len(t) for t in texts], kind="stable")
+    out = np.zeros((0, 0), np.float32)
+    with torch.no_grad():
+        for s in range(0, len(texts), batch):
+            b = order[s:s + batch]
+            v = pool([texts[i] for i in b]).float().numpy()
+            if s == 0:
+                out = np.empty((len(texts), v.shape[1]), np.float32)
+            out[b] = v
+    return out
+
+
 def _probe(Z: np.ndarray, y: np.ndarray, n: np.ndarray, C: float) -> tuple[np.ndarray, np.float32]:
     """Logistic head on fixed features with soft targets: each row enters as a positive with
     weight y*n and a negative with weight (1-y)*n.  Returns (w, b)."""
@@ -174,12 +191,8 @@ class BertClassifierRouter(Router):
         encoder's pooled features, so the encoder is not pulled around by a random head."""
         torch = _torch()
         self.enc_.eval()
-
-        def compute(tt):
-            with torch.no_grad():
-                return np.concatenate([self._pooled(tt[s:s + 64]).numpy() for s in range(0, len(tt), 64)])
-
         key = "bert_" + hashlib.sha1(json.dumps([self.model, self.max_length, "l2"]).encode()).hexdigest()[:16]
+        compute = lambda tt: _pooled_rows(self._pooled, tt, 64)  # noqa: E731
         Z = np.hstack([FeatureCache(key).get_many(list(texts), compute), side])  # frozen: shared by all folds
         C = _choose_C(Z, y, n, self.PROBE_GRID, seed=self.seed) if self.probe_C == "cv" else float(self.probe_C)
         w, b = _probe(Z, y, n, C)
@@ -288,23 +301,8 @@ class CausalLMClassifierRouter(Router):
 
     def features(self, texts) -> np.ndarray:
         """Frozen-backbone pooled features (cached per text)."""
-        torch = _torch()
         self._load()
-
-        def compute(tt):
-            out = []
-            with torch.no_grad():
-                order = np.argsort([len(t) for t in tt])  # length-bucketed batches
-                res = [None] * len(tt)
-                for s in range(0, len(tt), 16):
-                    b = order[s:s + 16]
-                    v = self._pooled([tt[i] for i in b]).float().numpy()
-                    for i, row in zip(b, v):
-                        res[i] = row
-                out = res
-            return out
-
-        return FeatureCache(self._cache_key()).get_many(list(texts), compute)
+        return FeatureCache(self._cache_key()).get_many(list(texts), lambda tt: _pooled_rows(self._pooled, tt, 16))
 
     # -- fit/predict -----------------------------------------------------------------------------
     def _fit(self, ts, emb, data):
@@ -341,13 +339,11 @@ class CausalLMClassifierRouter(Router):
         self.head_b_ = np.float32(head.bias.detach().numpy()[0])
 
     def _predict(self, texts, emb, groups):
-        torch = _torch()
         if not self.train_layers:
             F = self.features(texts)
         else:
             self._load()
-            with torch.no_grad():
-                F = np.concatenate([self._pooled(texts[s:s + 16]).numpy() for s in range(0, len(texts), 16)])
+            F = _pooled_rows(self._pooled, texts, 16)
         Z = np.hstack([(F - self.mu_) / self.sd_, _side(self.side_, texts, groups)])
         z = Z @ self.head_w_ + self.head_b_
         return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
