@@ -9,15 +9,11 @@ benchmark, so a partial run is still usable.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from rayeval.route import metrics as M
-from rayeval.route.evaluate import (EvalResult, calibration_study, embeddings_for, evaluate_routers, markdown_table, df_markdown,
+from rayeval.route.evaluate import (EvalResult, calibration_study, evaluate_routers, markdown_table, df_markdown,
                                     nway_study, out_of_distribution, write_report)
 from rayeval.route.prefs import ROUTERBENCH_TASKS, load_routellm, load_routerbench
 
