@@ -16,6 +16,9 @@ from rayeval.config import load_yaml
 from rayeval.eval import perturb
 from rayeval.eval.prompts import Shots, get_template
 from rayeval.eval.scoring import Scoring, get_scoring
+from rayeval.eval.stats import CORRECTIONS
+
+METRIC_KEYS = ("n_boot", "ci", "pride_fraction", "alpha", "correction")
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
@@ -73,7 +76,7 @@ class EvalConfig:
     batch_size: int = 64
     engine: dict[str, Any] = field(default_factory=dict)
     baseline: Baseline = field(default_factory=Baseline)
-    metrics: dict[str, Any] = field(default_factory=dict)   # n_boot, ci, pride_fraction
+    metrics: dict[str, Any] = field(default_factory=dict)   # METRIC_KEYS
     output_dir: str = "runs/{name}"
 
     @classmethod
@@ -85,8 +88,11 @@ class EvalConfig:
         frac = self.metrics.get("pride_fraction")
         if frac is None:
             frac = next((s.cyclic for s in self.settings if s.name == self.baseline.setting and s.cyclic > 0), 0.05)
-        return {"baseline": self.baseline.pairs(), "n_boot": int(self.metrics.get("n_boot", 1000)),
-                "ci": float(self.metrics.get("ci", 0.95)), "seed": self.seed, "pride_fraction": float(frac)}
+        kw = {"baseline": self.baseline.pairs(), "n_boot": int(self.metrics.get("n_boot", 1000)),
+              "ci": float(self.metrics.get("ci", 0.95)), "seed": self.seed, "pride_fraction": float(frac)}
+        # significance level and multiple-testing control of the paired tests (compute_all's defaults otherwise)
+        kw.update({k: self.metrics[k] for k in ("alpha", "correction") if k in self.metrics})
+        return kw
 
     def setting(self, name: str) -> Setting:
         for s in self.settings:
@@ -225,9 +231,13 @@ def parse_config(d: dict[str, Any]) -> EvalConfig:
     metrics = d.get("metrics") or {}
     if not isinstance(metrics, dict):
         raise ConfigError(f"metrics: expected a mapping, got {metrics!r}")
-    unknown = sorted(set(metrics) - {"n_boot", "ci", "pride_fraction"})
+    unknown = sorted(set(metrics) - set(METRIC_KEYS))
     if unknown:
-        raise ConfigError(f"metrics: unknown key(s) {unknown}; expected some of ['ci', 'n_boot', 'pride_fraction']")
+        raise ConfigError(f"metrics: unknown key(s) {unknown}; expected some of {sorted(METRIC_KEYS)}")
+    if "correction" in metrics and metrics["correction"] not in CORRECTIONS:
+        raise ConfigError(f"metrics.correction: {metrics['correction']!r} is not one of {CORRECTIONS}")
+    if "alpha" in metrics and not (isinstance(metrics["alpha"], (int, float)) and 0 < metrics["alpha"] < 1):
+        raise ConfigError(f"metrics.alpha: expected a number in (0, 1), got {metrics['alpha']!r}")
     return EvalConfig(name=d["name"], models=list(models), datasets=datasets, settings=settings, scorings=scorings,
                       seed=seed, batch_size=batch_size, engine=dict(engine), baseline=b, metrics=dict(metrics),
                       output_dir=str(d.get("output_dir") or "runs/{name}"))

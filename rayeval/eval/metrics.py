@@ -15,6 +15,12 @@ permutation-averaged accuracy and PriDe.
                    plus permutation-averaged accuracy over the same items
   pride            PriDe (Zheng et al. 2024): prior over positions from a few cyclically
                    permuted items, then debias the rest by dividing by it
+  paired_tests     each condition vs its dataset's baseline, per model, on the same items: exact
+                   McNemar, paired bootstrap interval of Δacc, Holm/BH control across the grid
+  rank_table       per condition: bootstrap rank intervals (items resampled jointly for all
+                   models), pairwise model tests, tied groups  (rayeval.eval.stats)
+  rank_uncertainty rank_table plus, vs the baseline, the bootstrap interval of each rank shift and
+                   of Kendall tau
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import kendalltau
 
+from rayeval.eval import stats as S
 from rayeval.eval.scoring import in_calibration
 
 GROUP = ["model", "dataset", "setting", "scoring"]
@@ -253,6 +260,113 @@ def pride(df: pd.DataFrame, fraction: float = 0.05, seed: int = 0,
     return pd.DataFrame(summaries, columns=cols), (pd.concat(items) if items else pd.DataFrame())
 
 
+# ----------------------------------------------------------------------------- paired statistics
+
+PAIRED_COLS = GROUP + ["n_paired", "acc_base", "acc_cond", "delta_paired", "delta_lo", "delta_hi", "n_lost",
+                       "n_gained", "p_mcnemar", "p_adj", "significant"]
+
+
+def correctness_matrix(g: pd.DataFrame, where: str = "") -> pd.DataFrame:
+    """item_id x model table of ``correct`` (rotation-0 rows), keeping the items every model answered."""
+    g = main_rows(to_frame(g))
+    dup = g.duplicated(["model", "item_id"])
+    if dup.any():
+        r = g[dup].iloc[0]
+        raise ValueError(f"{where or 'rows'}: item {r['item_id']!r} appears twice for model {r['model']!r}")
+    return g.pivot(index="item_id", columns="model", values="correct").dropna().astype(bool).sort_index()
+
+
+def _name(key: Any) -> str:
+    return " / ".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
+
+
+def _vs_baseline(df: pd.DataFrame, baseline: Any):
+    """(dataset, setting, scoring, baseline matrix, condition matrix) for every non-baseline condition,
+    both restricted to their common items and models."""
+    df = main_rows(to_frame(df))
+    for (ds, st, sc), g in df.groupby(COND, sort=True):
+        b = baseline_for(baseline, ds)
+        if (st, sc) == b:
+            continue
+        base = df[(df["dataset"] == ds) & (df["setting"] == b[0]) & (df["scoring"] == b[1])]
+        if base.empty:
+            continue
+        A = correctness_matrix(base, _name((ds,) + b))
+        B = correctness_matrix(g, _name((ds, st, sc)))
+        models = sorted(set(A.columns) & set(B.columns))
+        items = A.index.intersection(B.index)
+        if models and len(items):
+            yield ds, st, sc, A.loc[items, models], B.loc[items, models]
+
+
+def paired_tests(df: pd.DataFrame, baseline: Any = ("baseline", "symbol"), n_boot: int = 1000, ci: float = 0.95,
+                 seed: int = 0, alpha: float = 0.05, correction: str = "holm") -> pd.DataFrame:
+    """Each condition against its dataset's baseline, per model, on their common items (points).
+
+    n_lost: items right in the baseline and wrong here, n_gained the reverse; p_mcnemar: exact
+    McNemar; delta_lo/hi: paired bootstrap percentile interval of Δacc (the same resampled items
+    for every model of the condition); p_adj / significant: ``correction`` over the whole grid."""
+    S.check_correction(correction)
+    out = []
+    for ds, st, sc, A, B in _vs_baseline(df, baseline):
+        W = S.boot_weights(len(A), n_boot, _seed(seed, ("paired", ds, st, sc)))
+        for m in A.columns:
+            d, lo, hi = S.paired_delta(A[m].to_numpy(), B[m].to_numpy(), ci=ci, W=W)
+            t = S.mcnemar(A[m].to_numpy(), B[m].to_numpy())
+            out.append({"model": m, "dataset": ds, "setting": st, "scoring": sc, "n_paired": len(A),
+                        "acc_base": 100 * A[m].mean(), "acc_cond": 100 * B[m].mean(), "delta_paired": 100 * d,
+                        "delta_lo": 100 * lo, "delta_hi": 100 * hi, "n_lost": t["n_only_a"],
+                        "n_gained": t["n_only_b"], "p_mcnemar": t["p_value"]})
+    t = pd.DataFrame(out, columns=PAIRED_COLS[:-2])
+    t["p_adj"], t["significant"] = S.adjust_pvalues(t["p_mcnemar"].to_numpy(), correction, alpha)
+    return t
+
+
+def rank_table(df: pd.DataFrame, by: Sequence[str] = COND, n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
+               alpha: float = 0.05, correction: str = "holm") -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per group of ``by`` (a leaderboard): (per model: acc with interval, rank with its bootstrap
+    interval, tied group; per model pair: paired Δacc interval, McNemar, adjusted p).  The
+    pairwise family controlled by ``correction`` is one leaderboard."""
+    df = main_rows(to_frame(df))
+    pers, pws = [], []
+    for key, g in df.groupby(list(by), sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        C = correctness_matrix(g, _name(key))
+        if C.empty:
+            continue
+        per, pw = S.rank_stats(C.to_numpy(), [str(c) for c in C.columns], n_boot, ci, _seed(seed, ("rank",) + key),
+                               alpha, correction)
+        for col, v in zip(by, key):
+            per.insert(list(by).index(col), col, v)
+            pw.insert(list(by).index(col), col, v)
+        pers.append(per)
+        pws.append(pw)
+    if not pers:
+        return pd.DataFrame(columns=list(by) + ["model"]), pd.DataFrame(columns=list(by) + ["model_a", "model_b"])
+    return pd.concat(pers, ignore_index=True), pd.concat(pws, ignore_index=True)
+
+
+def rank_uncertainty(df: pd.DataFrame, baseline: Any = ("baseline", "symbol"), n_boot: int = 1000, ci: float = 0.95,
+                     seed: int = 0, alpha: float = 0.05, correction: str = "holm") -> dict[str, pd.DataFrame]:
+    """rank_intervals and pairwise (``rank_table`` per condition), shift_intervals (bootstrap
+    interval of each model's rank shift vs the baseline on the common items; significant when it
+    excludes 0) and kendall_ci (τ vs the baseline with its bootstrap interval)."""
+    per, pw = rank_table(df, COND, n_boot, ci, seed, alpha, correction)
+    shifts, taus = [], []
+    q = (1 - ci) / 2
+    for ds, st, sc, A, B in _vs_baseline(df, baseline):
+        tau, lo, hi, sh = S.kendall_interval(A.to_numpy(), B.to_numpy(), n_boot, ci, _seed(seed, ("tau", ds, st, sc)))
+        taus.append({"dataset": ds, "setting": st, "scoring": sc, "tau_lo": lo, "tau_hi": hi})
+        s_lo = np.quantile(sh, q, axis=0, method="lower")
+        s_hi = np.quantile(sh, 1 - q, axis=0, method="higher")
+        for m, a, b in zip(A.columns, s_lo, s_hi):
+            shifts.append({"model": m, "dataset": ds, "setting": st, "scoring": sc, "shift_lo": int(a),
+                           "shift_hi": int(b), "shift_significant": bool(a > 0 or b < 0)})
+    return {"rank_intervals": per, "pairwise": pw,
+            "shift_intervals": pd.DataFrame(shifts, columns=GROUP + ["shift_lo", "shift_hi", "shift_significant"]),
+            "kendall_ci": pd.DataFrame(taus, columns=COND + ["tau_lo", "tau_hi"])}
+
+
 # ----------------------------------------------------------------------------- everything
 
 def summary(df: pd.DataFrame, baseline: Any = ("baseline", "symbol"), n_boot: int = 1000,
@@ -269,18 +383,29 @@ def summary(df: pd.DataFrame, baseline: Any = ("baseline", "symbol"), n_boot: in
 
 def compute_all(rows: Iterable[dict] | pd.DataFrame, baseline: Any = ("baseline", "symbol"),
                 n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
-                pride_fraction: float = 0.05) -> dict[str, pd.DataFrame]:
-    """Every metric table, by name."""
+                pride_fraction: float = 0.05, alpha: float = 0.05,
+                correction: str = "holm") -> dict[str, pd.DataFrame]:
+    """Every metric table, by name.  The summary carries the paired test of its Δacc (delta_lo,
+    delta_hi, p_adj, significant at ``alpha`` after ``correction``); kendall carries tau_lo/tau_hi
+    and rank_shift the rank and shift intervals."""
     df = to_frame(rows)
-    s = summary(df, baseline, n_boot, ci, seed)
+    paired = paired_tests(df, baseline, n_boot, ci, seed, alpha, correction)
+    s = summary(df, baseline, n_boot, ci, seed).merge(
+        paired[GROUP + ["delta_lo", "delta_hi", "p_mcnemar", "p_adj", "significant"]], on=GROUP, how="left")
+    unc = rank_uncertainty(df, baseline, n_boot, ci, seed, alpha, correction)
+    ri = unc["rank_intervals"][GROUP + ["rank_lo", "rank_hi", "group"]]
     pr_summary, _ = pride(df, pride_fraction, seed)
     forced = main_rows(df)[main_rows(df)["forced_gold"] >= 0]
     return {
         "summary": s,
         "recall": recall_by_gold(df),
         "prediction_share": prediction_share(df),
-        "kendall": kendall(s, baseline),
-        "rank_shift": rank_shift(s, baseline),
+        "kendall": kendall(s, baseline).merge(unc["kendall_ci"], on=COND, how="left"),
+        "rank_shift": rank_shift(s, baseline).merge(ri, on=GROUP, how="left").merge(
+            unc["shift_intervals"], on=GROUP, how="left"),
+        "paired_tests": paired,
+        "rank_intervals": unc["rank_intervals"],
+        "pairwise": unc["pairwise"],
         "forced_gold": accuracy(forced, GROUP + ["forced_gold"], n_boot, ci, seed) if len(forced) else
         pd.DataFrame(columns=GROUP + ["forced_gold", "n", "acc", "acc_lo", "acc_hi", "n_conflict"]),
         "circular": circular(df) if (df["rotation"] > 0).any() else pd.DataFrame(

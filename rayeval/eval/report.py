@@ -46,7 +46,11 @@ def _cond(df: pd.DataFrame) -> pd.Series:
 # ----------------------------------------------------------------------------- plots
 
 def plot_rank_shift(rs: pd.DataFrame, baseline: Any, path: Path, dataset: str) -> None:
-    """Paper Figure 1: one column per condition, a line per model through its ranks."""
+    """Paper Figure 1: one column per condition, a line per model through its ranks.
+
+    With rank_lo/rank_hi columns each rank gets its bootstrap interval (a vertical bar), and with
+    shift_significant a rank that moved while the bootstrap interval of its shift still holds 0
+    is drawn hollow: a shift within the noise."""
     d = rs[rs["dataset"] == dataset].copy()
     d["cond"] = _cond(d)
     b = M.baseline_for(baseline, dataset)
@@ -54,15 +58,30 @@ def plot_rank_shift(rs: pd.DataFrame, baseline: Any, path: Path, dataset: str) -
     conds = [base] + sorted(c for c in d["cond"].unique() if c != base)
     wide = d.pivot_table(index="model", columns="cond", values="rank").reindex(columns=conds)
     fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(conds)), max(3, 0.5 * len(wide) + 1.5)))
-    for model, r in wide.iterrows():
-        ax.plot(range(len(conds)), r.to_numpy(), marker="o", label=model)
+    has_iv = {"rank_lo", "rank_hi"} <= set(d.columns) and d["rank_lo"].notna().any()
+    offsets = np.linspace(-0.15, 0.15, len(wide)) if has_iv and len(wide) > 1 else np.zeros(len(wide))
+    for k, (model, r) in enumerate(wide.iterrows()):
+        xs = np.arange(len(conds)) + offsets[k]
+        line = ax.plot(xs, r.to_numpy(), marker="o", label=model)[0]
+        if not has_iv:
+            continue
+        g = d[d["model"] == model].set_index("cond").reindex(conds)
+        ax.vlines(xs, g["rank_lo"].to_numpy(dtype=float), g["rank_hi"].to_numpy(dtype=float),
+                  color=line.get_color(), alpha=0.45, linewidth=3)
+        if "shift_significant" not in g.columns:
+            continue
+        noise = ((g["shift"].fillna(0) != 0) & g["shift_significant"].map(lambda v: bool(v == False))).to_numpy()  # noqa: E712
+        ax.plot(xs[noise], r.to_numpy()[noise], linestyle="none", marker="o",
+                markerfacecolor="white", markeredgecolor=line.get_color())
     ax.set_yticks(range(1, len(wide) + 1))
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.set_xticks(range(len(conds)))
     ax.set_xticklabels(conds, rotation=30, ha="right", fontsize=8)
     ax.invert_yaxis()
     ax.set_ylabel("rank (1 = best)")
-    ax.set_title(f"Rank shift vs baseline ({dataset or 'all'})")
+    ax.set_title(f"Rank shift vs baseline ({dataset or 'all'})" + (
+        "\nbars: 95% bootstrap rank interval; hollow: a shift within its bootstrap interval" if has_iv else ""),
+        fontsize=10 if has_iv else None)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -167,12 +186,32 @@ def write_report(rows: Iterable[dict] | pd.DataFrame, out_dir: str | Path,
           f"baseline (setting / scoring): {_baseline_text(baseline, sorted(s['dataset'].unique()))}.  "
           "Accuracy, recall and RStd in points; "
           "rank 1 = best; shift > 0 = moved up vs the baseline.\n"]
+    alpha, correction = metric_kw.get("alpha", 0.05), metric_kw.get("correction", "holm")
+    cols = ["model", "dataset", "setting", "scoring", "n", "acc", "acc_lo", "acc_hi", "delta_acc"]
+    s = s.copy()
+    if "significant" in s.columns:
+        s["sig"] = s["significant"].map(lambda v: "*" if v is True or v == 1 else "")
+        cols += ["delta_lo", "delta_hi", "p_adj", "sig"]
     md += ["\n## Accuracy, Δacc, RStd and rank\n\n",
-           md_table(s, ["model", "dataset", "setting", "scoring", "n", "acc", "acc_lo", "acc_hi", "delta_acc", "rstd",
-                        "delta_rstd", "rank", "baseline_rank", "shift", "n_conflict"]),
+           md_table(s, cols + ["rstd", "delta_rstd", "rank", "baseline_rank", "shift", "n_conflict"]),
            "\nn_conflict: items a perturbation could not fully apply without moving an \"all of the above\"-style "
            "option (left in place; see the rows' conflict column).\n"]
-    md += ["\n## Kendall τ vs the baseline ranking\n\n", "tau01 = (τ+1)/2; p_value from scipy.stats.kendalltau (tau-b).\n\n", md_table(tables["kendall"])]
+    if "significant" in s.columns:
+        md.append(f"\ndelta_lo/hi: paired bootstrap interval of Δacc on the items shared with the baseline; "
+                  f"p_adj: exact McNemar vs the baseline, {correction} over the grid; sig `*`: p_adj ≤ {alpha}.\n")
+    md += ["\n## Kendall τ vs the baseline ranking\n\n", "tau01 = (τ+1)/2; p_value from scipy.stats.kendalltau (tau-b); "
+           "tau_lo/hi: bootstrap interval (items resampled jointly for both conditions and every model).\n\n",
+           md_table(tables["kendall"])]
+    if "paired_tests" in tables:
+        md += ["\n## Paired tests vs the baseline (same items)\n\n",
+               f"n_lost: right in the baseline, wrong here; n_gained: the reverse; exact McNemar; {correction} "
+               f"control across the grid at α = {alpha}.\n\n", md_table(tables["paired_tests"])]
+    if "rank_intervals" in tables:
+        md += ["\n## Rank intervals and tied groups\n\n",
+               "rank_lo/hi: 95% bootstrap interval of the rank (items resampled, the same items for every model); "
+               f"group: statistically tied models (pairwise exact McNemar, {correction} per condition; a group "
+               "takes, best first, the models not significantly different from any of its members).\n\n",
+               md_table(tables["rank_intervals"])]
     rs = tables["rank_shift"].copy()
     if not rs.empty:
         rs["cond"] = _cond(rs)
