@@ -134,6 +134,36 @@ def pipeline_cmd(config: Optional[str] = typer.Argument(None, help="Pipeline YAM
     console.print_json(json.dumps(res))
 
 
+@app.command("leaderboard")
+def leaderboard_cmd(tables: list[str] = typer.Argument(..., help="Per-item correctness files: PATH, or NAME=PATH[,PATH...] "
+                                                      "to join several files into one dataset"),
+                    out: Path = typer.Option(..., "--out", "-o", help="Output directory (leaderboard.md, PNGs, JSON)"),
+                    models: Optional[str] = typer.Option(None, help="Comma-separated model columns of a wide table"),
+                    id_col: Optional[str] = typer.Option(None, "--id-col", help="Item id column of a wide table"),
+                    n_boot: int = typer.Option(1000, "--n-boot", help="Bootstrap resamples of the items"),
+                    alpha: float = typer.Option(0.05, help="Significance level of the paired tests"),
+                    correction: str = typer.Option("holm", help="holm | fdr_bh | bonferroni | none"),
+                    seed: int = typer.Option(0),
+                    title: str = typer.Option("rayeval leaderboard")) -> None:
+    """Rank models from any per-item correctness table: rank intervals, tied groups, paired tests."""
+    from rayeval.eval.leaderboard import condition_keys, leaderboard, read_correctness, write_leaderboard
+
+    try:
+        rows, notes = read_correctness(tables, models.split(",") if models else None, id_col)
+        res = leaderboard(rows, n_boot=n_boot, seed=seed, alpha=alpha, correction=correction)
+    except (ValueError, FileNotFoundError) as e:
+        err.print(f"error: {e}", markup=False)
+        raise typer.Exit(2)
+    files = write_leaderboard(res, out, title=title, notes=notes, sources=tables, alpha=alpha, correction=correction)
+    for n in notes:
+        err.print(n, markup=False)
+    g = res["groups"]
+    keys = condition_keys(g)
+    for _, r in g.iterrows():
+        typer.echo(f"{' / '.join(str(r[c]) for c in keys)}\tgroup {r['group']}\t{r['models']}")
+    typer.echo(f"report: {files['report']}")
+
+
 def _mount_optional() -> None:
     """Sub-apps owned by the later stages; mounted when present."""
     for mod, name in (("rayeval.route.cli", "route"), ("rayeval.route.augment_cli", "augment"),
