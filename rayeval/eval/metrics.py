@@ -276,7 +276,8 @@ def correctness_matrix(g: pd.DataFrame, where: str = "") -> pd.DataFrame:
     return g.pivot(index="item_id", columns="model", values="correct").dropna().astype(bool).sort_index()
 
 
-def _name(key: Any) -> str:
+def key_name(key: Any) -> str:
+    """'a / b / c' for a group key (tuple or scalar)."""
     return " / ".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
 
 
@@ -291,8 +292,8 @@ def _vs_baseline(df: pd.DataFrame, baseline: Any):
         base = df[(df["dataset"] == ds) & (df["setting"] == b[0]) & (df["scoring"] == b[1])]
         if base.empty:
             continue
-        A = correctness_matrix(base, _name((ds,) + b))
-        B = correctness_matrix(g, _name((ds, st, sc)))
+        A = correctness_matrix(base, key_name((ds,) + b))
+        B = correctness_matrix(g, key_name((ds, st, sc)))
         models = sorted(set(A.columns) & set(B.columns))
         items = A.index.intersection(B.index)
         if models and len(items):
@@ -331,7 +332,7 @@ def rank_table(df: pd.DataFrame, by: Sequence[str] = COND, n_boot: int = 1000, c
     pers, pws = [], []
     for key, g in df.groupby(list(by), sort=True):
         key = key if isinstance(key, tuple) else (key,)
-        C = correctness_matrix(g, _name(key))
+        C = correctness_matrix(g, key_name(key))
         if C.empty:
             continue
         per, pw = S.rank_stats(C.to_numpy(), [str(c) for c in C.columns], n_boot, ci, _seed(seed, ("rank",) + key),
