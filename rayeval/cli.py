@@ -164,6 +164,19 @@ def leaderboard_cmd(tables: list[str] = typer.Argument(..., help="Per-item corre
     typer.echo(f"report: {files['report']}")
 
 
+@app.command("html")
+def html_cmd(report: Path = typer.Argument(..., help="A markdown report (eval, leaderboard or routing report.md)"),
+             out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output page (default: beside it, .html)")) -> None:
+    """Render a markdown report as one self-contained HTML page (figures inlined)."""
+    from rayeval.eval.html import write_html
+
+    try:
+        typer.echo(str(write_html(report, out)))
+    except (ValueError, FileNotFoundError) as e:
+        err.print(f"error: {e}", markup=False)
+        raise typer.Exit(2)
+
+
 def _mount_optional() -> None:
     """Sub-apps owned by the later stages; mounted when present."""
     for mod, name in (("rayeval.route.cli", "route"), ("rayeval.route.augment_cli", "augment"),

@@ -43,6 +43,8 @@ def test_holm_and_bh_on_known_pvalues():
     assert rej.all()
     adj, rej = S.adjust_pvalues([0.01, np.nan], "holm")
     assert adj[0] == pytest.approx(0.01) and np.isnan(adj[1]) and rej.tolist() == [True, False]
+    adj, rej = S.adjust_pvalues([0.04, np.nan, 0.02], "bonferroni")
+    assert adj[[0, 2]] == pytest.approx([0.08, 0.04]) and rej.tolist() == [False, False, True]
     with pytest.raises(ValueError, match="correction"):
         S.adjust_pvalues(p, "sidak-ish")
 
@@ -128,6 +130,17 @@ def test_kendall_interval_identical_and_reversed():
     assert tau == pytest.approx(kendalltau(C.mean(0), R.mean(0)).statistic) == pytest.approx(-1.0)
     assert (lo, hi) == (-1.0, -1.0)
     assert (shifts[:, 0] == -3).all() and (shifts[:, 3] == 3).all()
+
+
+def test_vectorised_tau_b_equals_scipy():
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 4, size=(200, 6)).astype(float)  # many ties, as bootstrap accuracies have
+    y = rng.integers(0, 4, size=(200, 6)).astype(float)
+    x[0] = 1.0                                            # a constant row: tau undefined
+    want = np.array([kendalltau(a, b).statistic for a, b in zip(x, y)])
+    got = S.kendall_tau_b(x, y)
+    assert np.isnan(got[0]) and np.isnan(want[0])
+    np.testing.assert_allclose(got, want, equal_nan=True)
 
 
 def grid_rows():

@@ -115,7 +115,7 @@ def test_cli_writes_report(tmp_path):
     assert js["correction"] == "fdr_bh" and len(js["tables"]["pairwise"]) == 3
     r = CliRunner().invoke(app, ["leaderboard", str(tmp_path / "toy.csv"), "--out", str(tmp_path / "o"),
                                  "--correction", "bh"])
-    assert r.exit_code == 2 and "correction: 'bh' is not one of" in r.output
+    assert r.exit_code == 2 and "correction: 'bh' is not one of" in " ".join(r.output.split())
 
 
 def test_routerbench_arc_leaderboard(shared_data, tmp_path):

@@ -33,6 +33,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from rayeval.eval import metrics as M  # noqa: E402
+from rayeval.eval.html import write_html  # noqa: E402
 from rayeval.eval.report import md_table  # noqa: E402
 
 ID_COLUMNS = ("sample_id", "item_id", "id", "question_id")
@@ -256,7 +257,8 @@ def plot_pairwise(per: pd.DataFrame, pw: pd.DataFrame, path: Path, title: str) -
 def write_leaderboard(tables: dict[str, pd.DataFrame], out_dir: str | Path, title: str = "rayeval leaderboard",
                       notes: Sequence[str] = (), sources: Sequence[str] = (), alpha: float = 0.05,
                       correction: str = "holm") -> dict[str, Path]:
-    """leaderboard.md, one accuracy/rank figure and one pairwise figure per leaderboard, leaderboard.json."""
+    """leaderboard.md (+ self-contained leaderboard.html), one accuracy/rank figure and one pairwise
+    figure per leaderboard, leaderboard.json."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     per, pw, groups = tables["leaderboard"], tables["pairwise"], tables["groups"]
@@ -297,6 +299,7 @@ def write_leaderboard(tables: dict[str, pd.DataFrame], out_dir: str | Path, titl
                             "n_only_b", "p_mcnemar", "p_adj", "significant"])]
     (out / "leaderboard.md").write_text("".join(md), encoding="utf-8")
     files["report"] = out / "leaderboard.md"
+    files["html"] = write_html(out / "leaderboard.md", title=title)
     js: dict[str, Any] = {"notes": list(notes), "sources": list(sources), "alpha": alpha, "correction": correction,
                           "tables": {k: json.loads(v.to_json(orient="records")) for k, v in tables.items()}}
     (out / "leaderboard.json").write_text(json.dumps(js, indent=1, ensure_ascii=False), encoding="utf-8")

@@ -1,4 +1,5 @@
-"""Write a run's report: DIR/report.md (tables), PNG plots, metrics.parquet and metrics.json.
+"""Write a run's report: DIR/report.md (tables), report.html (the same page, self-contained), PNG plots,
+metrics.parquet and metrics.json.
 
     write_report(rows, "runs/x", baseline=("baseline", "symbol"))
 """
@@ -18,6 +19,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from rayeval.eval import metrics as M  # noqa: E402
+from rayeval.eval.html import write_html  # noqa: E402
 
 
 def _fmt(v: Any) -> str:
@@ -126,7 +128,8 @@ def plot_rstd(summary: pd.DataFrame, path: Path, recall: pd.DataFrame | None = N
     ax.set_xticklabels(wide.index, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("RStd (points)")
     ax.set_title("Selection bias (RStd) by setting and scoring")
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    if len(wide.columns):
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -232,6 +235,7 @@ def write_report(rows: Iterable[dict] | pd.DataFrame, out_dir: str | Path,
     md += ["\n## PriDe debiasing\n\n", md_table(tables["pride"])]
     (out / "report.md").write_text("".join(md), encoding="utf-8")
     files["report"] = out / "report.md"
+    files["html"] = write_html(out / "report.md", title=title)
 
     _long(tables).to_parquet(out / "metrics.parquet", index=False)
     files["parquet"] = out / "metrics.parquet"

@@ -66,7 +66,7 @@ def adjust_pvalues(p: Sequence[float], method: str = "holm", alpha: float = 0.05
     adj, rej = p.copy(), np.zeros(len(p), dtype=bool)
     ok = ~np.isnan(p)
     if ok.any():
-        if method == "none":
+        if method == "none" or ok.sum() == 1:  # one test: every method leaves its p alone
             adj[ok], rej[ok] = p[ok], p[ok] <= alpha
         else:
             r, a, _, _ = multipletests(p[ok], alpha=alpha, method=method)
@@ -173,6 +173,18 @@ def rank_stats(C: np.ndarray, names: Sequence[str], n_boot: int = 1000, ci: floa
     return per, pw.drop(columns=["_a", "_b"])
 
 
+def kendall_tau_b(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Kendall τ-b of each row of ``x`` against the same row of ``y`` (NaN where one row is constant):
+    Σ sign(x_i - x_j) sign(y_i - y_j) / sqrt(#pairs untied in x · #pairs untied in y), which is
+    scipy.stats.kendalltau's tau-b, vectorised over bootstrap resamples."""
+    x, y = np.atleast_2d(x), np.atleast_2d(y)
+    i, j = np.triu_indices(x.shape[1], k=1)
+    sx, sy = np.sign(x[:, i] - x[:, j]), np.sign(y[:, i] - y[:, j])
+    den = np.sqrt((sx != 0).sum(axis=1) * (sy != 0).sum(axis=1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (sx * sy).sum(axis=1) / np.where(den > 0, den, 1), np.nan)
+
+
 def kendall_interval(C_ref: np.ndarray, C_other: np.ndarray, n_boot: int = 1000, ci: float = 0.95,
                      seed: int = 0) -> tuple[float, float, float, np.ndarray]:
     """Kendall τ-b between the accuracy orderings of two conditions over the same items and columns,
@@ -185,7 +197,7 @@ def kendall_interval(C_ref: np.ndarray, C_other: np.ndarray, n_boot: int = 1000,
     br, bo = boot_accuracy(C_ref, W), boot_accuracy(C_other, W)
     tau = float(kendalltau(C_ref.mean(axis=0), C_other.mean(axis=0)).statistic) if C_ref.shape[1] >= 2 else np.nan
     if C_ref.shape[1] >= 2:
-        taus = np.array([kendalltau(x, y).statistic for x, y in zip(br, bo)], dtype=float)
+        taus = kendall_tau_b(br, bo)
         taus = taus[~np.isnan(taus)]
         lo, hi = _bounds(taus, ci) if len(taus) else (np.nan, np.nan)
     else:
