@@ -66,6 +66,19 @@ class Baseline:
 
 
 @dataclass(frozen=True)
+class Protocol:
+    """An evaluation protocol inside a grid: its reference setting and scoring, and the perturbed
+    settings (run with the same scoring) whose rankings measure its stability."""
+
+    baseline: str
+    scoring: str
+    settings: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"baseline": self.baseline, "scoring": self.scoring, "settings": list(self.settings)}
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     name: str
     models: list[str]
@@ -77,6 +90,7 @@ class EvalConfig:
     engine: dict[str, Any] = field(default_factory=dict)
     baseline: Baseline = field(default_factory=Baseline)
     metrics: dict[str, Any] = field(default_factory=dict)   # METRIC_KEYS
+    protocols: dict[str, Protocol] = field(default_factory=dict)  # e.g. standard vs robust, compared in the report
     output_dir: str = "runs/{name}"
 
     @classmethod
@@ -92,6 +106,8 @@ class EvalConfig:
               "ci": float(self.metrics.get("ci", 0.95)), "seed": self.seed, "pride_fraction": float(frac)}
         # significance level and multiple-testing control of the paired tests (compute_all's defaults otherwise)
         kw.update({k: self.metrics[k] for k in ("alpha", "correction") if k in self.metrics})
+        if self.protocols:
+            kw["protocols"] = {n: p.as_dict() for n, p in self.protocols.items()}
         return kw
 
     def setting(self, name: str) -> Setting:
@@ -238,9 +254,40 @@ def parse_config(d: dict[str, Any]) -> EvalConfig:
         raise ConfigError(f"metrics.correction: {metrics['correction']!r} is not one of {CORRECTIONS}")
     if "alpha" in metrics and not (isinstance(metrics["alpha"], (int, float)) and 0 < metrics["alpha"] < 1):
         raise ConfigError(f"metrics.alpha: expected a number in (0, 1), got {metrics['alpha']!r}")
+    protocols = parse_protocols(d.get("protocols"), settings, labels)
     return EvalConfig(name=d["name"], models=list(models), datasets=datasets, settings=settings, scorings=scorings,
                       seed=seed, batch_size=batch_size, engine=dict(engine), baseline=b, metrics=dict(metrics),
-                      output_dir=str(d.get("output_dir") or "runs/{name}"))
+                      protocols=protocols, output_dir=str(d.get("output_dir") or "runs/{name}"))
+
+
+def parse_protocols(d: Any, settings: list[Setting], labels: list[str]) -> dict[str, Protocol]:
+    """protocols: {name: {baseline: SETTING, scoring: LABEL, settings: [SETTING, ...]}}; every
+    setting named must exist and run the protocol's scoring."""
+    if d is None:
+        return {}
+    if not isinstance(d, dict) or not d:
+        raise ConfigError(f"protocols: expected a mapping {{name: {{baseline, scoring, settings}}}}, got {d!r}")
+    by_name = {s.name: s for s in settings}
+    out = {}
+    for name, p in d.items():
+        where = f"protocols.{name}"
+        p = dict(_check_keys(Protocol, p, where))
+        missing = [k for k in ("baseline", "scoring", "settings") if k not in p]
+        if missing:
+            raise ConfigError(f"{where}: missing {missing}")
+        if p["scoring"] not in labels:
+            raise ConfigError(f"{where}.scoring: {p['scoring']!r} is not one of the scorings {labels}")
+        sts = p["settings"]
+        if not isinstance(sts, list) or not sts or not all(isinstance(x, str) for x in sts):
+            raise ConfigError(f"{where}.settings: expected a non-empty list of setting names, got {sts!r}")
+        for key, st in [("baseline", p["baseline"])] + [(f"settings[{j}]", x) for j, x in enumerate(sts)]:
+            if st not in by_name:
+                raise ConfigError(f"{where}.{key}: {st!r} is not one of the settings {list(by_name)}")
+            runs = by_name[st].scorings
+            if runs is not None and p["scoring"] not in runs:
+                raise ConfigError(f"{where}.{key}: setting {st!r} does not run scoring {p['scoring']!r} (it runs {runs})")
+        out[str(name)] = Protocol(baseline=p["baseline"], scoring=p["scoring"], settings=list(sts))
+    return out
 
 
 def load_eval_config(path: str | Path) -> EvalConfig:

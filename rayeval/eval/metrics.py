@@ -281,23 +281,27 @@ def key_name(key: Any) -> str:
     return " / ".join(str(k) for k in (key if isinstance(key, tuple) else (key,)))
 
 
+def _pair(df: pd.DataFrame, ds: str, ref: tuple[str, str], cond: tuple[str, str]):
+    """Correctness matrices of two conditions of dataset ``ds`` (rotation-0 rows), restricted to
+    their common items and models; None when they share none."""
+    sel = [df[(df["dataset"] == ds) & (df["setting"] == st) & (df["scoring"] == sc)] for st, sc in (ref, cond)]
+    if any(g.empty for g in sel):
+        return None
+    A, B = (correctness_matrix(g, key_name((ds,) + tuple(k))) for g, k in zip(sel, (ref, cond)))
+    models = sorted(set(A.columns) & set(B.columns))
+    items = A.index.intersection(B.index)
+    return (A.loc[items, models], B.loc[items, models]) if models and len(items) else None
+
+
 def _vs_baseline(df: pd.DataFrame, baseline: Any):
     """(dataset, setting, scoring, baseline matrix, condition matrix) for every non-baseline condition,
     both restricted to their common items and models."""
     df = main_rows(to_frame(df))
-    for (ds, st, sc), g in df.groupby(COND, sort=True):
+    for ds, st, sc in df[COND].drop_duplicates().sort_values(COND).itertuples(index=False):
         b = baseline_for(baseline, ds)
-        if (st, sc) == b:
-            continue
-        base = df[(df["dataset"] == ds) & (df["setting"] == b[0]) & (df["scoring"] == b[1])]
-        if base.empty:
-            continue
-        A = correctness_matrix(base, key_name((ds,) + b))
-        B = correctness_matrix(g, key_name((ds, st, sc)))
-        models = sorted(set(A.columns) & set(B.columns))
-        items = A.index.intersection(B.index)
-        if models and len(items):
-            yield ds, st, sc, A.loc[items, models], B.loc[items, models]
+        pair = None if (st, sc) == b else _pair(df, ds, b, (st, sc))
+        if pair is not None:
+            yield (ds, st, sc) + pair
 
 
 def paired_tests(df: pd.DataFrame, baseline: Any = ("baseline", "symbol"), n_boot: int = 1000, ci: float = 0.95,
@@ -368,6 +372,45 @@ def rank_uncertainty(df: pd.DataFrame, baseline: Any = ("baseline", "symbol"), n
             "kendall_ci": pd.DataFrame(taus, columns=COND + ["tau_lo", "tau_hi"])}
 
 
+STABILITY_COLS = ["protocol", "dataset", "setting", "scoring", "n_items", "n_models", "tau", "tau_lo", "tau_hi",
+                  "mean_abs_shift", "rank_width"]
+
+
+def protocol_stability(df: pd.DataFrame, protocols: dict[str, dict[str, Any]], n_boot: int = 1000, ci: float = 0.95,
+                       seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """How stable each protocol's ranking is under its perturbations.
+
+    protocols: {name: {baseline: setting, scoring: label, settings: [perturbed settings]}}.  Per
+    protocol, dataset and perturbed setting: Kendall tau of the model ranking vs the protocol's
+    baseline with its bootstrap interval, mean |rank shift| and rank_width, the mean width
+    (rank_hi - rank_lo) of the models' bootstrap rank intervals under the perturbation.
+    Returns (that table, one row per protocol and dataset with the means: mean_tau, mean_abs_shift,
+    mean_rank_width, n_settings)."""
+    df = main_rows(to_frame(df))
+    out = []
+    for name, p in protocols.items():
+        sc = p["scoring"]
+        for ds in sorted(df["dataset"].unique()):
+            for st in p["settings"]:
+                pair = _pair(df, ds, (p["baseline"], sc), (st, sc))
+                if pair is None:
+                    continue
+                A, B = pair
+                key = ("stability", name, ds, st)
+                tau, lo, hi, shifts = S.kendall_interval(A.to_numpy(), B.to_numpy(), n_boot, ci, _seed(seed, key))
+                point = S.boot_ranks(A.to_numpy().mean(axis=0)) - S.boot_ranks(B.to_numpy().mean(axis=0))
+                per, _ = S.rank_stats(B.to_numpy(), list(B.columns), n_boot, ci, _seed(seed, key + ("ranks",)))
+                out.append({"protocol": name, "dataset": ds, "setting": st, "scoring": sc, "n_items": len(A),
+                            "n_models": A.shape[1], "tau": tau, "tau_lo": lo, "tau_hi": hi,
+                            "mean_abs_shift": float(np.abs(point).mean()),
+                            "rank_width": float((per["rank_hi"] - per["rank_lo"]).mean())})
+    t = pd.DataFrame(out, columns=STABILITY_COLS)
+    summ = t.groupby(["protocol", "dataset"], sort=False).agg(
+        n_settings=("setting", "size"), mean_tau=("tau", "mean"), mean_abs_shift=("mean_abs_shift", "mean"),
+        mean_rank_width=("rank_width", "mean")).reset_index()
+    return t, summ
+
+
 # ----------------------------------------------------------------------------- everything
 
 def summary(df: pd.DataFrame, baseline: Any = ("baseline", "symbol"), n_boot: int = 1000,
@@ -384,11 +427,12 @@ def summary(df: pd.DataFrame, baseline: Any = ("baseline", "symbol"), n_boot: in
 
 def compute_all(rows: Iterable[dict] | pd.DataFrame, baseline: Any = ("baseline", "symbol"),
                 n_boot: int = 1000, ci: float = 0.95, seed: int = 0,
-                pride_fraction: float = 0.05, alpha: float = 0.05,
-                correction: str = "holm") -> dict[str, pd.DataFrame]:
+                pride_fraction: float = 0.05, alpha: float = 0.05, correction: str = "holm",
+                protocols: dict[str, dict[str, Any]] | None = None) -> dict[str, pd.DataFrame]:
     """Every metric table, by name.  The summary carries the paired test of its Δacc (delta_lo,
     delta_hi, p_adj, significant at ``alpha`` after ``correction``); kendall carries tau_lo/tau_hi
-    and rank_shift the rank and shift intervals."""
+    and rank_shift the rank and shift intervals.  With ``protocols``, also stability and
+    stability_summary (``protocol_stability``)."""
     df = to_frame(rows)
     paired = paired_tests(df, baseline, n_boot, ci, seed, alpha, correction)
     s = summary(df, baseline, n_boot, ci, seed).merge(
@@ -397,6 +441,9 @@ def compute_all(rows: Iterable[dict] | pd.DataFrame, baseline: Any = ("baseline"
     ri = unc["rank_intervals"][GROUP + ["rank_lo", "rank_hi", "group"]]
     pr_summary, _ = pride(df, pride_fraction, seed)
     forced = main_rows(df)[main_rows(df)["forced_gold"] >= 0]
+    extra = {}
+    if protocols:
+        extra["stability"], extra["stability_summary"] = protocol_stability(df, protocols, n_boot, ci, seed)
     return {
         "summary": s,
         "recall": recall_by_gold(df),
@@ -412,4 +459,4 @@ def compute_all(rows: Iterable[dict] | pd.DataFrame, baseline: Any = ("baseline"
         "circular": circular(df) if (df["rotation"] > 0).any() else pd.DataFrame(
             columns=GROUP + ["n_items", "circular_acc", "perm_avg_acc", "acc_plain"]),
         "pride": pr_summary,
-    }
+    } | extra

@@ -11,6 +11,8 @@ In-context examples (``Shots``):
   source "self_correct"   the target question itself, answered correctly, as the one example
   source "self_incorrect" the same with a wrong answer (seeded per item)
   fixed_position: p       every example's answer is moved to position p (paper section 5)
+  balanced: true          example answers moved to cycle through the positions (0, 1, 2, 3, 0, ...):
+                          mixed positions, no position for the model to copy
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Shots:
     k: int = 0
     source: str = "dev"
     fixed_position: int | None = None
+    balanced: bool = False
 
     def __post_init__(self) -> None:
         if self.source not in SHOT_SOURCES:
@@ -53,6 +56,10 @@ class Shots:
             raise ValueError(f"shots.k: must be a non-negative integer, got {self.k!r}")
         if self.fixed_position is not None and not isinstance(self.fixed_position, int):
             raise ValueError(f"shots.fixed_position: must be an integer position or null, got {self.fixed_position!r}")
+        if not isinstance(self.balanced, bool):
+            raise ValueError(f"shots.balanced: must be true or false, got {self.balanced!r}")
+        if self.balanced and self.fixed_position is not None:
+            raise ValueError("shots.balanced: cannot be combined with fixed_position")
 
     @classmethod
     def parse(cls, d: "Shots | dict | int | None") -> "Shots":
@@ -166,9 +173,10 @@ def select_examples(item: MCQItem, shots: Shots, dev_items: Sequence[MCQItem], s
         # Too few examples is a data problem worth seeing, not silently papering over.
         raise ValueError(f"shots: item {item.id!r} needs {shots.k} {shots.source} examples, found {len(chosen)}")
     out = []
-    for ex in chosen:
-        if shots.fixed_position is not None:
-            ex = perturb.build({"name": "fix_gold", "position": shots.fixed_position, "keep_special": False})(ex, None)
+    for i, ex in enumerate(chosen):
+        pos = i % ex.n_choices if shots.balanced else shots.fixed_position
+        if pos is not None:
+            ex = perturb.build({"name": "fix_gold", "position": pos, "keep_special": False})(ex, None)
         out.append((ex, ex.gold))
     return out
 
@@ -191,7 +199,8 @@ def build_prompt(item: MCQItem, template: str | PromptTemplate = "mmlu", shots: 
     cloze_parts.append(format_question(item, syms, t, False))
     applied = {
         "template": t.name,
-        "shots": {"k": shots.k, "source": shots.source, "fixed_position": shots.fixed_position},
+        "shots": {"k": shots.k, "source": shots.source, "fixed_position": shots.fixed_position,
+                  "balanced": shots.balanced},
         "example_ids": [ex.id for ex, _ in examples],
         "example_answers": [a for _, a in examples],
         "perm": list(item.meta["perm"]),

@@ -233,6 +233,12 @@ def write_report(rows: Iterable[dict] | pd.DataFrame, out_dir: str | Path,
     md += ["\n## Recall by gold position\n\n", md_table(rec), "\n![rstd](rstd.png)\n"]
     md += ["\n## CircularEval and permutation-averaged accuracy\n\n", md_table(tables["circular"])]
     md += ["\n## PriDe debiasing\n\n", md_table(tables["pride"])]
+    if "stability_summary" in tables:
+        md += ["\n## Protocol stability\n\n",
+               "Per protocol (its own baseline setting and scoring), how much the model ranking moves under the "
+               "perturbations: mean Kendall τ vs the protocol's baseline (higher = more stable), mean |rank shift|, "
+               "and the mean width of the models' 95% bootstrap rank intervals (rank_hi − rank_lo).\n\n",
+               md_table(tables["stability_summary"]), "\n", md_table(tables["stability"])]
     (out / "report.md").write_text("".join(md), encoding="utf-8")
     files["report"] = out / "report.md"
     files["html"] = write_html(out / "report.md", title=title)
