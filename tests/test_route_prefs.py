@@ -119,3 +119,40 @@ def test_battles_jsonl(tmp_path):
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     with pytest.raises(DataValidationError, match=r"b\.jsonl:4: field 'winner'"):
         load_battles_jsonl(p)
+
+
+def _tied_outcomes():
+    # Both models right on 2 of 4 items, on different items: same mean, real disagreements.
+    q = pd.DataFrame({"query_id": [f"q{i}" for i in range(4)], "query": [f"question {i}" for i in range(4)]})
+    return Outcomes(q, pd.DataFrame({"m1": [1, 1, 0, 0], "m2": [0, 1, 1, 0]}), name="tied")
+
+
+def test_strong_weak_tie_is_an_error_or_broken_by_declared_order():
+    o = _tied_outcomes()
+    with pytest.raises(ValueError, match=r"cannot tell strong from weak.*mean score 0\.5 \(m1, m2\)"):
+        o.strong_weak()
+    with pytest.raises(ValueError, match="cannot tell strong from weak"):
+        o.pair_arrays()  # what the routers and APGR use when no pair is given
+    assert o.strong_weak(order=["m2", "m1"]) == ("m2", "m1")
+    assert o.strong_weak(order=["m1", "other", "m2"]) == ("m1", "m2")
+    with pytest.raises(ValueError, match="cannot tell"):  # an order naming one of them does not decide
+        o.strong_weak(order=["m1"])
+    # A gap decides without any order; one model is never a pair.
+    o.scores.loc[2, "m1"] = 1.0
+    assert o.strong_weak() == ("m1", "m2")
+    with pytest.raises(ValueError, match="needs two models"):
+        o.select_models(["m1"]).strong_weak()
+
+
+def test_declared_pair_is_checked_and_kept_by_subsets():
+    o = _tied_outcomes().with_pair("m2", "m1")
+    assert o.strong_weak() == ("m2", "m1")
+    assert o.subset([0, 1]).strong_weak() == ("m2", "m1")  # cross-fitted folds keep the pair
+    s, w = o.pair_arrays()
+    assert s.tolist() == [0, 1, 1, 0] and w.tolist() == [1, 1, 0, 0]
+    with pytest.raises(ValueError, match="strong and weak are the same model 'm1'"):
+        _tied_outcomes().with_pair("m1", "m1")
+    with pytest.raises(ValueError, match=r"model\(s\) \['m3'\] of the pair"):
+        _tied_outcomes().with_pair("m3", "m1")
+    with pytest.raises(ValueError, match="same model"):
+        _tied_outcomes().pair_arrays("m2", "m2")

@@ -26,6 +26,16 @@ ROUTERBENCH_TASKS = ("arc_challenge", "mbpp", "winograde")
 WINNERS = ("a", "b", "tie")
 
 
+def check_pair(strong: str, weak: str, models: Sequence[str], where: str = "pair") -> None:
+    """A strong/weak pair is two different models, both among ``models``."""
+    missing = [m for m in (strong, weak) if m not in models]
+    if missing:
+        raise ValueError(f"{where}: model(s) {missing} of the pair (strong={strong!r}, weak={weak!r}) are not "
+                         f"among {list(models)}")
+    if strong == weak:
+        raise ValueError(f"{where}: strong and weak are the same model {strong!r}; a pair is two models")
+
+
 # --------------------------------------------------------------------------------------------
 # Outcomes: one row per query, one score column per model (and optionally one cost column).
 # --------------------------------------------------------------------------------------------
@@ -80,10 +90,29 @@ class Outcomes:
     def mean_scores(self) -> pd.Series:
         return self.scores.mean()
 
-    def strong_weak(self) -> tuple[str, str]:
-        """(best, worst) model by mean score."""
-        m = self.mean_scores()
-        return str(m.idxmax()), str(m.idxmin())
+    def strong_weak(self, order: Sequence[str] | None = None) -> tuple[str, str]:
+        """(strong, weak): the pair declared with :meth:`with_pair`, else the best and worst model
+        by mean score.  A pair is two models: when the best and worst means tie (no gap, e.g. two
+        models with the same accuracy), ``order`` (strongest first) decides, and without one the
+        tie is an error.  Other ties keep the models' column order."""
+        if self.meta.get("pair"):
+            return tuple(self.meta["pair"])  # type: ignore[return-value]
+        m = self.mean_scores().dropna()
+        if len(m) < 2:
+            raise ValueError(f"outcomes {self.name or '<unnamed>'}: a strong/weak pair needs two models with "
+                             f"scores; have {self.models}")
+        if m.max() > m.min():
+            return str(m.idxmax()), str(m.idxmin())
+        ranked = [x for x in (order or []) if x in m.index]
+        if len(ranked) >= 2:
+            return str(ranked[0]), str(ranked[-1])
+        raise ValueError(f"outcomes {self.name or '<unnamed>'}: cannot tell strong from weak, every model has "
+                         f"mean score {m.max():.4g} ({', '.join(m.index)}); declare the pair (strong first)")
+
+    def with_pair(self, strong: str, weak: str) -> "Outcomes":
+        """A copy whose strong/weak pair is fixed (kept by ``subset``, so cross-fitted folds agree)."""
+        check_pair(strong, weak, self.models, where=f"outcomes {self.name or '<unnamed>'}")
+        return Outcomes(self.queries, self.scores, self.costs, self.name, {**self.meta, "pair": [strong, weak]})
 
     def subset(self, idx: Sequence[int] | np.ndarray) -> "Outcomes":
         idx = np.asarray(idx)
@@ -106,8 +135,10 @@ class Outcomes:
 
     def pair_arrays(self, strong: str | None = None, weak: str | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(strong scores, weak scores) as float arrays."""
-        s, w = self.strong_weak()
-        strong, weak = strong or s, weak or w
+        if not (strong and weak):
+            s, w = self.strong_weak()
+            strong, weak = strong or s, weak or w
+        check_pair(strong, weak, self.models, where=f"outcomes {self.name or '<unnamed>'}")
         return self.scores[strong].to_numpy(float), self.scores[weak].to_numpy(float)
 
     # -- conversion ------------------------------------------------------------------------------

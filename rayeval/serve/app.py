@@ -30,7 +30,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 
-from rayeval.serve.llm import LLMServer
+from rayeval.serve.llm import LLMServer, check_llm_entry
 from rayeval.serve.routing import Embedder, RouterServer, default_router_dir
 
 log = logging.getLogger("ray.serve")
@@ -72,9 +72,10 @@ class AppArgs:
             raise ValueError(f"fallback_model={self.fallback_model!r} is not among llms {sorted(self.llms)}")
         if self.routers and self.default_router not in self.routers:
             raise ValueError(f"default_router={self.default_router!r} is not among routers {sorted(self.routers)}")
-        for n in self.llms:
+        for n, entry in self.llms.items():
             if n.startswith("router") or n == "auto":
                 raise ValueError(f"llm name {n!r} clashes with the router model names")
+            check_llm_entry(n, entry)
         return self
 
 

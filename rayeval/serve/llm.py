@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, AsyncGenerator
 
 from ray import serve
@@ -35,11 +36,85 @@ def cpu_engine_defaults() -> dict[str, Any]:
     return {"dtype": "bfloat16", "enforce_eager": True, "kv_cache_memory_bytes": 1 << 30}
 
 
+@dataclass(frozen=True)
+class PromptFormat:
+    """How one served model turns chat messages into prompt tokens, and where its answers stop.
+
+    ``chat``: the tokenizer's chat template (``chat_template`` when it has none); ``completion``:
+    ``completion_template`` rendered to text.  Either way the text is tokenized with the engine
+    layer's rule (:func:`rayeval.eval.engines.encode_prompt`: BOS when the registry's ``add_bos``
+    or the tokenizer asks for it), so a model sees the same kind of token stream when it is
+    scored and when it is served."""
+
+    kind: str = "chat"
+    chat_template: str | None = None
+    completion_template: str | None = None
+    stop: tuple[str, ...] = ()
+    add_bos: bool = False
+
+    @classmethod
+    def of(cls, spec, name: str, prompt_format: str | None = None, chat_template: str | None = None,
+           completion_template: str | None = None, stop: list[str] | None = None) -> "PromptFormat":
+        """The registry entry's format (``spec`` may be None for ad-hoc models), with the serve
+        config's overrides."""
+        from rayeval.models import check_prompt_format
+
+        kind = prompt_format or (spec.prompt_format if spec else "chat")
+        completion_template = completion_template or (spec.completion_template if spec else None)
+        stop = stop if stop is not None else (spec.stop if spec else ())
+        check_prompt_format(f"llms.{name}", kind, completion_template, stop)
+        return cls(kind=kind, chat_template=chat_template or (spec.chat_template if spec else None),
+                   completion_template=completion_template, stop=tuple(stop),
+                   add_bos=bool(spec.add_bos) if spec else False)
+
+    def text(self, tokenizer, messages: list[dict]) -> str:
+        from rayeval.models import render_completion
+
+        if self.kind == "completion":
+            return render_completion(self.completion_template, messages)
+        kw: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+        if self.chat_template and not getattr(tokenizer, "chat_template", None):
+            kw["chat_template"] = self.chat_template
+        return tokenizer.apply_chat_template(messages, **kw)
+
+    def prompt_ids(self, tokenizer, messages: list[dict]) -> list[int]:
+        from rayeval.eval.engines import encode_prompt
+
+        return encode_prompt(tokenizer, self.text(tokenizer, messages), self.add_bos)
+
+    def stops(self, extra: Any = None) -> list[str] | None:
+        """The format's stop strings plus a request's own (``stop``: a string or a list)."""
+        extra = [extra] if isinstance(extra, str) else list(extra or [])
+        out = list(dict.fromkeys([*self.stop, *extra]))
+        return out or None
+
+
+def check_llm_entry(name: str, entry: dict | None) -> None:
+    """Early check of one ``llms`` entry of the app args: known keys, a valid prompt format."""
+    import inspect
+
+    entry = dict(entry or {})
+    known = set(inspect.signature(LLMServer.func_or_class.__init__).parameters) - {"self", "name"} | {"deployment"}
+    bad = sorted(set(entry) - known)
+    if bad:
+        raise ValueError(f"llms.{name}: unknown key(s) {bad}; known: {sorted(known)}")
+    from rayeval.models import get_spec
+
+    try:
+        spec = get_spec(entry.get("model") or name)
+    except KeyError:
+        spec = None
+    PromptFormat.of(spec, name, entry.get("prompt_format"), entry.get("chat_template"),
+                    entry.get("completion_template"), entry.get("stop"))
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=16, max_queued_requests=64,
                   health_check_period_s=10, health_check_timeout_s=60, graceful_shutdown_timeout_s=5)
 class LLMServer:
     def __init__(self, name: str, model: str | None = None, engine_kwargs: dict | None = None,
-                 cpu_cores: str | None = None, chat_template: str | None = None, max_model_len: int = 2048):
+                 cpu_cores: str | None = None, chat_template: str | None = None, max_model_len: int = 2048,
+                 prompt_format: str | None = None, completion_template: str | None = None,
+                 stop: list[str] | None = None):
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -58,10 +133,11 @@ class LLMServer:
             kw.update(cpu_engine_defaults())
         try:
             spec = get_spec(model)
-            kw.update(spec.engine_defaults)
-            self.chat_template = chat_template or spec.chat_template
         except KeyError:
-            self.chat_template = chat_template
+            spec = None
+        kw.update(spec.engine_defaults if spec else {})
+        self.fmt = PromptFormat.of(spec, name, prompt_format=prompt_format, chat_template=chat_template,
+                                   completion_template=completion_template, stop=stop)
         kw.update(engine_kwargs or {})
         path = resolve_model(model)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(path), **kw))
@@ -77,19 +153,7 @@ class LLMServer:
                 "max_model_len": self.max_model_len, "start_s": round(self.started_s, 1), "requests": self.requests}
 
     def _prompt_ids(self, messages: list[dict]) -> list[int]:
-        kw = {"tokenize": True, "add_generation_prompt": True}
-        if self.chat_template and not getattr(self.tokenizer, "chat_template", None):
-            kw["chat_template"] = self.chat_template
-        ids = self.tokenizer.apply_chat_template(messages, **kw)
-        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
-            ids = ids["input_ids"]
-        ids = list(ids)
-        # Templates that do not emit BOS (e.g. the plain template of the Gemma-3 base model) still
-        # need it: without <bos> Gemma answers with an immediate EOS.
-        bos = getattr(self.tokenizer, "bos_token_id", None)
-        if bos is not None and getattr(self.tokenizer, "add_bos_token", True) and (not ids or ids[0] != bos):
-            ids = [bos] + ids
-        return ids
+        return self.fmt.prompt_ids(self.tokenizer, messages)
 
     def _prepare(self, req: dict):
         """(token ids, SamplingParams) or an error dict."""
@@ -99,14 +163,15 @@ class LLMServer:
         try:
             ids = self._prompt_ids(req["messages"])
         except Exception as e:  # template errors are the caller's (e.g. roles a template rejects)
-            return None, {"error": f"cannot apply the chat template of {self.name}: {e}", "status": 400}
+            return None, {"error": f"cannot apply the {self.fmt.kind} prompt format of {self.name}: {e}",
+                          "status": 400}
         max_tokens = int(req.get("max_tokens") or 128)
         if len(ids) + max_tokens > self.max_model_len:
             return None, {"error": f"prompt is {len(ids)} tokens; with max_tokens={max_tokens} it exceeds "
                                    f"{self.name}'s context of {self.max_model_len} tokens", "status": 400}
         sp = SamplingParams(
             max_tokens=max_tokens, temperature=float(req.get("temperature", 0.0) if req.get("temperature") is not None else 0.0),
-            top_p=float(req.get("top_p") or 1.0), seed=req.get("seed"), stop=req.get("stop") or None,
+            top_p=float(req.get("top_p") or 1.0), seed=req.get("seed"), stop=self.fmt.stops(req.get("stop")),
             output_kind=RequestOutputKind.DELTA if req.get("stream") else RequestOutputKind.FINAL_ONLY)
         return ids, sp
 
