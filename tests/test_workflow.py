@@ -20,6 +20,15 @@ def test_workflow_fake_engine_no_serve(tmp_path):
     rep = (tmp_path / "report.md").read_text()
     for section in ("Benchmark sensitivity", "Gold preference data", "Routers"):
         assert section in rep
+    assert len(set(res["pair"])) == 2 and "Gap strong - weak:" in rep and "acc_95ci" in rep
+    assert "Rank changes beyond noise" in rep
+    g = res["gap"]
+    assert g["gap_lo"] <= g["gap"] <= g["gap_hi"]
+    if g["gap_lo"] <= 0 <= g["gap_hi"]:  # within noise: the report says so and shows RouteLLM's pair
+        assert "**The gap is within noise**" in rep and "The same routers on routellm:mmlu" in rep
+    ref = rep.split("The same routers on routellm:mmlu")[-1]
+    apgr = [float(line.split("|")[2]) for line in ref.splitlines() if line.startswith("| knn")]
+    assert apgr and all(0.3 < a < 1 for a in apgr)  # finite, measured on a real strong/weak pair
     thr = json.loads((tmp_path / "router" / "thresholds.json").read_text())["thresholds"]
     assert [float(k) for k in thr] == cfg.targets
     assert thr["0.25"] >= thr["0.5"] >= thr["0.75"]  # more strong calls need a lower threshold
@@ -34,3 +43,97 @@ def test_workflow_config_rejects_unknown_keys(tmp_path):
     bad.write_text("name: x\nrouterr: {name: knn}\n")
     r = CliRunner().invoke(app, ["pipeline", str(bad), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "unknown key(s) ['routerr']" in r.stderr
+
+
+# ----------------------------------------------------------------------------- the pair, the gap, ranks
+
+import numpy as np
+import pandas as pd
+
+from rayeval.workflow import declare_pair, demo_threshold, gold_outcomes, pair_gap, rank_uncertainty
+
+
+def _rows(correct: dict, dataset="mmlu", setting="baseline", scoring="symbol"):
+    return pd.DataFrame([{"model": m, "dataset": dataset, "setting": setting, "scoring": scoring, "rotation": 0,
+                          "item_id": f"i{i}", "subject": "s", "question": f"question {i}?", "correct": bool(c)}
+                         for m, cs in correct.items() for i, c in enumerate(cs)])
+
+
+def test_gold_pair_tie_is_an_error_and_the_config_can_name_the_pair():
+    tied = gold_outcomes(_rows({"a": [1, 0, 1, 0], "b": [0, 1, 1, 0]}), {"setting": "baseline", "scoring": "symbol"})
+    with pytest.raises(ValueError, match=r"cannot tell strong from weak.*set `pair: \[strong, weak\]`"):
+        declare_pair(tied, None)
+    o = declare_pair(tied, ["b", "a"])
+    assert o.strong_weak() == ("b", "a") and o.subset([0, 1]).strong_weak() == ("b", "a")
+    with pytest.raises(ValueError, match=r"pair: .*model\(s\) \['c'\]"):
+        declare_pair(tied, ["c", "a"])
+    gap = pair_gap(o, n_boot=200)
+    assert gap["gap"] == 0 and gap["within_noise"] and gap["ties"] == 0.5
+
+
+def test_pair_gap_ci_excludes_zero_for_a_real_gap():
+    rng = np.random.default_rng(0)
+    s, w = rng.random(300) < 0.7, rng.random(300) < 0.3
+    o = declare_pair(gold_outcomes(_rows({"s": s, "w": w}), {"setting": "baseline", "scoring": "symbol"}), None)
+    g = pair_gap(o, n_boot=300)
+    assert (g["strong"], g["weak"]) == ("s", "w") and not g["within_noise"]
+    assert g["gap"] == pytest.approx(s.mean() - w.mean()) and 0 < g["gap_lo"] < g["gap"] < g["gap_hi"]
+
+
+def test_gold_rows_can_use_another_scoring_per_dataset():
+    rows = pd.concat([_rows({"a": [1, 0], "b": [0, 0]}, "mmlu", scoring="hybrid"),
+                      _rows({"a": [1, 1], "b": [0, 1]}, "arc", scoring="cloze"),
+                      _rows({"a": [0, 0], "b": [1, 1]}, "arc", scoring="hybrid")])
+    o = gold_outcomes(rows, {"setting": "baseline", "scoring": "hybrid", "datasets": {"arc": {"scoring": "cloze"}}})
+    assert len(o) == 4 and o.mean_scores().to_dict() == {"a": 0.75, "b": 0.25}
+    with pytest.raises(ValueError, match=r"no eval rows of dataset 'arc' for setting='baseline' scoring='symbol'"):
+        gold_outcomes(rows, {"setting": "baseline", "scoring": "symbol", "datasets": {"mmlu": {"scoring": "hybrid"}}})
+
+
+@pytest.mark.parametrize("patch,msg", [
+    ({"pair": ["gemma3-270m", "gemma3-270m"]}, "pair: strong and weak are the same model"),
+    ({"pair": ["gemma3-270m"]}, r"pair: expected \[strong, weak\]"),
+    ({"reference": {"when": "sometimes"}}, "reference.when: 'sometimes' is not one of"),
+    ({"gold": {"setting": "baseline"}}, "gold: needs a 'scoring' string"),
+    ({"serve": {"target_share": 1.5}}, r"serve.target_share: 1.5 is not in \(0, 1\)"),
+])
+def test_workflow_config_errors_name_the_key(tmp_path, patch, msg):
+    import yaml
+
+    from rayeval.workflow import CONFIG_DIR
+
+    d = yaml.safe_load((CONFIG_DIR / "pipeline_small.yaml").read_text())
+    d.update(patch)
+    p = tmp_path / "p.yaml"
+    p.write_text(yaml.safe_dump(d))
+    with pytest.raises(ValueError, match=msg):
+        load_workflow_config(p)
+
+
+def test_demo_threshold_shows_both_paths():
+    assert demo_threshold([0.2, 0.6, 0.4, 0.8], 0.5) == (0.5, "calibrated")
+    thr, how = demo_threshold([0.6, 0.7, 0.9, 0.7], 0.5)  # calibrated: all strong
+    p = np.array([0.6, 0.7, 0.9, 0.7])
+    assert thr == 0.7 and (p >= thr).any() and (p < thr).any() and "median split" in how
+    thr, how = demo_threshold([0.3, 0.3], 0.5)
+    assert thr == 0.5 and "all go weak" in how
+
+
+def test_rank_changes_beyond_noise_are_named():
+    rng = np.random.default_rng(1)
+    n = 400
+    base = {"a": rng.random(n) < 0.7, "b": rng.random(n) < 0.3}          # a clearly ahead
+    flip = {"a": rng.random(n) < 0.2, "b": rng.random(n) < 0.8}          # b clearly ahead: a real swap
+    noise = {"a": rng.random(n) < 0.49, "b": rng.random(n) < 0.51}       # a coin flip
+    rows = pd.concat([_rows(base), _rows(flip, setting="flip"), _rows(noise, setting="noise")], ignore_index=True)
+    acc = rows.groupby(["model", "dataset", "setting", "scoring"]).correct.mean().mul(100).rename("acc").reset_index()
+    acc["acc_lo"], acc["acc_hi"] = acc.acc - 4, acc.acc + 4
+    acc["rank"] = acc.groupby(["dataset", "setting", "scoring"]).acc.rank(ascending=False, method="min").astype(int)
+    b = acc[acc.setting == "baseline"].set_index("model")["rank"]
+    acc["baseline_rank"] = acc.model.map(b)
+    acc["shift"] = acc.baseline_rank - acc["rank"]
+    assert (acc[acc.setting == "noise"]["shift"] != 0).all(), "fixture: the coin flip must swap ranks too"
+    t, lines, n_changes = rank_uncertainty(acc, rows, ("baseline", "symbol"), n_boot=300)
+    assert n_changes == 4 and len(lines) == 2  # a and b in "flip"; neither in "noise"
+    assert all("flip/symbol" in x for x in lines) and not any("noise" in x for x in lines)
+    assert t["acc_95ci"].iloc[0] == f"[{acc.acc_lo.iloc[0]:.1f}, {acc.acc_hi.iloc[0]:.1f}]"
