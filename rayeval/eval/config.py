@@ -8,7 +8,7 @@ Every problem raises ConfigError naming the field, e.g.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,33 @@ class Setting:
     cyclic: float = 0.0                # share of items also evaluated under every cyclic rotation (1.0 = all)
     scorings: list[str] | None = None  # labels of the config's scorings to run here (None: all)
     datasets: list[str] | None = None  # names of the config's datasets this setting applies to (None: all)
+    seeds: int = 1                     # run K independent draws of its randomness (see expand_seeds)
+
+
+SEED_MARK = "@seed"   # replicate j >= 1 of setting "x" is named "x@seed<j>"; replicate 0 keeps "x"
+
+
+def base_setting(name: str) -> str:
+    """The setting a seed replicate was expanded from ("shuffle@seed2" -> "shuffle")."""
+    return name.split(SEED_MARK)[0]
+
+
+def expand_seeds(s: Setting, where: str) -> list[Setting]:
+    """A setting with ``seeds: K`` as K settings: itself (replicate 0, the same draws as without
+    seeds) and "<name>@seed<j>" for j = 1..K-1, whose random perturbations and sampled in-context
+    examples draw with replicate j.  A setting with nothing random cannot take seeds > 1."""
+    if s.seeds == 1:
+        return [s]
+    random_specs = [i for i, p in enumerate(s.perturbations) if perturb.build(p).name in perturb.RANDOM]
+    if not random_specs and not s.shots.sampled:
+        raise ConfigError(f"{where}.seeds: setting {s.name!r} has nothing random to repeat (random perturbations: "
+                          f"{sorted(perturb.RANDOM)}; sampled shots: source ood/trivial/self_incorrect)")
+    out = [replace(s, seeds=1)]
+    for j in range(1, s.seeds):
+        specs = [dict(perturb.build(p).spec, seed=j) if i in random_specs else p for i, p in enumerate(s.perturbations)]
+        shots = replace(s.shots, seed=j) if s.shots.sampled else s.shots
+        out.append(replace(s, name=f"{s.name}{SEED_MARK}{j}", perturbations=specs, shots=shots, seeds=1))
+    return out
 
 
 @dataclass(frozen=True)
@@ -172,8 +199,11 @@ def parse_setting(d: Any, where: str) -> Setting:
         v = d.get(key)
         if v is not None and (not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v)):
             raise ConfigError(f"{where}.{key}: expected a non-empty list of names or null, got {v!r}")
+    if SEED_MARK in d["name"]:
+        raise ConfigError(f"{where}.name: {d['name']!r} contains {SEED_MARK!r}, which names seed replicates")
+    seeds = _int(d.get("seeds", 1), f"{where}.seeds", 1)
     return Setting(name=d["name"], perturbations=list(specs), template=d.get("template"), shots=shots,
-                   cyclic=float(cyc), scorings=d.get("scorings"), datasets=d.get("datasets"))
+                   cyclic=float(cyc), scorings=d.get("scorings"), datasets=d.get("datasets"), seeds=seeds)
 
 
 def parse_config(d: dict[str, Any]) -> EvalConfig:
@@ -202,8 +232,8 @@ def parse_config(d: dict[str, Any]) -> EvalConfig:
         except ValueError as e:
             raise ConfigError(f"{where}.template: {e}") from None
         datasets.append(DatasetSpec(**ds))
-    settings = [parse_setting(s, f"settings[{i}]") for i, s in enumerate(_list(d, "settings", ""))]
-    names = [s.name for s in settings]
+    parsed = [parse_setting(s, f"settings[{i}]") for i, s in enumerate(_list(d, "settings", ""))]
+    names = [s.name for s in parsed]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"settings: duplicate setting name(s) {dup}")
@@ -217,11 +247,13 @@ def parse_config(d: dict[str, Any]) -> EvalConfig:
     if len(set(labels)) != len(labels):
         raise ConfigError(f"scorings: duplicate scoring(s) {labels}")
     ds_names = [ds.name for ds in datasets]
-    for i, st in enumerate(settings):
+    for i, st in enumerate(parsed):
         for key, known in (("scorings", labels), ("datasets", ds_names)):
             bad = [x for x in (getattr(st, key) or []) if x not in known]
             if bad:
                 raise ConfigError(f"settings[{i}].{key}: {bad} not among the config's {key} {known}")
+    settings = [x for i, st in enumerate(parsed) for x in expand_seeds(st, f"settings[{i}]")]
+    names = [s.name for s in settings]
     seed = _int(d.get("seed", 0), "seed")
     batch_size = _int(d.get("batch_size", 64), "batch_size", 1)
     engine = d.get("engine") or {}

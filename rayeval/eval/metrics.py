@@ -21,6 +21,9 @@ permutation-averaged accuracy and PriDe.
                    models), pairwise model tests, tied groups  (rayeval.eval.stats)
   rank_uncertainty rank_table plus, vs the baseline, the bootstrap interval of each rank shift and
                    of Kendall tau
+  seed_variance    accuracy and rank spread across a setting's seed replicates (``seeds: K``)
+  protocol_stability  per protocol (e.g. standard vs robust): Kendall tau, |rank shift| and
+                   rank-interval width under its perturbations
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import pandas as pd
 from scipy.stats import kendalltau
 
 from rayeval.eval import stats as S
+from rayeval.eval.config import base_setting
 from rayeval.eval.scoring import in_calibration
 
 GROUP = ["model", "dataset", "setting", "scoring"]
@@ -372,6 +376,23 @@ def rank_uncertainty(df: pd.DataFrame, baseline: Any = ("baseline", "symbol"), n
             "kendall_ci": pd.DataFrame(taus, columns=COND + ["tau_lo", "tau_hi"])}
 
 
+SEED_COLS = GROUP + ["n_seeds", "acc_mean", "acc_sd", "acc_min", "acc_max", "boot_ci_width", "rank_min", "rank_max"]
+
+
+def seed_variance(summary: pd.DataFrame) -> pd.DataFrame:
+    """Spread across seed replicates (settings "x", "x@seed1", ...; see config.expand_seeds) of each
+    model's accuracy (sd with ddof=1, min, max) and rank, beside the mean width of the bootstrap
+    CIs of those accuracies: seed noise next to item-sampling noise."""
+    t = summary.assign(setting=summary["setting"].map(base_setting), _rep=summary["setting"],
+                       _w=summary["acc_hi"] - summary["acc_lo"])
+    t = t[t.groupby(GROUP)["_rep"].transform("nunique") > 1]
+    out = t.groupby(GROUP, sort=True).agg(
+        n_seeds=("_rep", "nunique"), acc_mean=("acc", "mean"), acc_sd=("acc", lambda x: float(x.std(ddof=1))),
+        acc_min=("acc", "min"), acc_max=("acc", "max"), boot_ci_width=("_w", "mean"), rank_min=("rank", "min"),
+        rank_max=("rank", "max")).reset_index()
+    return out[SEED_COLS] if len(out) else pd.DataFrame(columns=SEED_COLS)
+
+
 STABILITY_COLS = ["protocol", "dataset", "setting", "scoring", "n_items", "n_models", "tau", "tau_lo", "tau_hi",
                   "mean_abs_shift", "rank_width"]
 
@@ -452,6 +473,7 @@ def compute_all(rows: Iterable[dict] | pd.DataFrame, baseline: Any = ("baseline"
         "rank_shift": rank_shift(s, baseline).merge(ri, on=GROUP, how="left").merge(
             unc["shift_intervals"], on=GROUP, how="left"),
         "paired_tests": paired,
+        "seed_variance": seed_variance(s),
         "rank_intervals": unc["rank_intervals"],
         "pairwise": unc["pairwise"],
         "forced_gold": accuracy(forced, GROUP + ["forced_gold"], n_boot, ci, seed) if len(forced) else

@@ -15,7 +15,9 @@ combine orders (CircularEval, PriDe):
 
 Perturbations are named in configs and built from a spec dict: ``{"name": "fix_gold",
 "position": 1, "method": "swap"}``.  ``apply(item, specs, seed)`` derives an independent rng per
-(seed, item id, perturbation name, index), so results never depend on order or sharding.
+(seed, item id, perturbation name, index), so results never depend on order or sharding.  A spec
+may carry ``"seed": j`` (a replicate): the random perturbations (``RANDOM``) then draw
+independently of replicate 0, which is the spec without it.
 """
 
 from __future__ import annotations
@@ -150,13 +152,14 @@ class Perturbation:
     name: str
     params: dict[str, Any]
     fn: Callable[[MCQItem, np.random.Generator], MCQItem] = field(repr=False, compare=False)
+    replicate: int = 0   # the spec's "seed": which independent draw of a random perturbation
 
     def __call__(self, item: MCQItem, rng: np.random.Generator) -> MCQItem:
         return self.fn(init_meta(item), rng)
 
     @property
     def spec(self) -> dict[str, Any]:
-        return {"name": self.name, **self.params}
+        return {"name": self.name, **self.params, **({"seed": self.replicate} if self.replicate else {})}
 
 
 REGISTRY: dict[str, Callable[..., Callable[[MCQItem, np.random.Generator], MCQItem]]] = {}
@@ -181,14 +184,17 @@ def build(spec: str | dict[str, Any] | Perturbation) -> Perturbation:
     if not isinstance(spec, dict) or "name" not in spec:
         raise ValueError(f"perturbation spec must be a name or a mapping with 'name', got {spec!r}")
     name = spec["name"]
-    params = {k: v for k, v in spec.items() if k != "name"}
+    params = {k: v for k, v in spec.items() if k not in ("name", "seed")}
     if name not in REGISTRY:
         raise ValueError(f"unknown perturbation {name!r}; known: {sorted(REGISTRY)}")
+    replicate = spec.get("seed", 0)
+    if isinstance(replicate, bool) or not isinstance(replicate, int) or replicate < 0:
+        raise ValueError(f"perturbation {name!r}: seed must be an integer >= 0, got {replicate!r}")
     try:
         fn = REGISTRY[name](**params)
     except TypeError as e:
         raise ValueError(f"perturbation {name!r}: bad parameters {params}: {e}") from e
-    return Perturbation(name, params, fn)
+    return Perturbation(name, params, fn, replicate)
 
 
 def compose(perturbations: Sequence[str | dict | Perturbation]) -> Perturbation:
@@ -203,9 +209,15 @@ def compose(perturbations: Sequence[str | dict | Perturbation]) -> Perturbation:
     return Perturbation("compose", {"steps": [p.spec for p in ps]}, fn)
 
 
-def item_rng(seed: int, item_id: str, name: str, index: int = 0) -> np.random.Generator:
-    """An rng that depends only on (seed, item id, perturbation name, its index in the list)."""
-    h = hashlib.blake2b(f"{seed}\x1f{item_id}\x1f{name}\x1f{index}".encode(), digest_size=16).digest()
+# Perturbations that draw from their rng: the ones a setting can repeat under several seeds.
+RANDOM = frozenset({"shuffle", "derange", "shuffle_symbols"})
+
+
+def item_rng(seed: int, item_id: str, name: str, index: int = 0, replicate: int = 0) -> np.random.Generator:
+    """An rng that depends only on (seed, item id, perturbation name, its index in the list) and,
+    when not 0, the replicate."""
+    key = f"{seed}\x1f{item_id}\x1f{name}\x1f{index}" + (f"\x1f{replicate}" if replicate else "")
+    h = hashlib.blake2b(key.encode(), digest_size=16).digest()
     return np.random.default_rng(int.from_bytes(h, "little"))
 
 
@@ -214,7 +226,7 @@ def apply(item: MCQItem, specs: Sequence[str | dict | Perturbation], seed: int) 
     item = init_meta(item)
     for i, spec in enumerate(specs):
         p = build(spec)
-        item = p(item, item_rng(seed, item.id, p.name, i))
+        item = p(item, item_rng(seed, item.id, p.name, i, p.replicate))
     return item
 
 

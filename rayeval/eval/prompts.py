@@ -13,6 +13,7 @@ In-context examples (``Shots``):
   fixed_position: p       every example's answer is moved to position p (paper section 5)
   balanced: true          example answers moved to cycle through the positions (0, 1, 2, 3, 0, ...):
                           mixed positions, no position for the model to copy
+  seed: j                 replicate j of the sampled sources (ood, trivial, self_incorrect); 0 = default
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Shots:
     source: str = "dev"
     fixed_position: int | None = None
     balanced: bool = False
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.source not in SHOT_SOURCES:
@@ -60,6 +62,13 @@ class Shots:
             raise ValueError(f"shots.balanced: must be true or false, got {self.balanced!r}")
         if self.balanced and self.fixed_position is not None:
             raise ValueError("shots.balanced: cannot be combined with fixed_position")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"shots.seed: must be an integer >= 0, got {self.seed!r}")
+
+    @property
+    def sampled(self) -> bool:
+        """Whether the examples are drawn at random (so another seed gives other examples)."""
+        return self.source == "self_incorrect" or (self.k > 0 and self.source in ("ood", "trivial"))
 
     @classmethod
     def parse(cls, d: "Shots | dict | int | None") -> "Shots":
@@ -153,7 +162,7 @@ def select_examples(item: MCQItem, shots: Shots, dev_items: Sequence[MCQItem], s
     if shots.source in ("self_correct", "self_incorrect"):
         if shots.source == "self_correct":
             return [(item, item.gold)]
-        rng = perturb.item_rng(seed, item.id, "shots.self_incorrect")
+        rng = perturb.item_rng(seed, item.id, "shots.self_incorrect", replicate=shots.seed)
         wrong = [i for i in range(item.n_choices) if i != item.gold]
         return [(item, int(rng.choice(wrong)))]
     if shots.k == 0:
@@ -166,7 +175,7 @@ def select_examples(item: MCQItem, shots: Shots, dev_items: Sequence[MCQItem], s
             pool = [d for d in dev_items if d.subject != item.subject]
         else:
             pool = trivial_examples()
-        rng = perturb.item_rng(seed, item.id, f"shots.{shots.source}")
+        rng = perturb.item_rng(seed, item.id, f"shots.{shots.source}", replicate=shots.seed)
         idx = rng.choice(len(pool), size=min(shots.k, len(pool)), replace=False) if pool else []
         chosen = [pool[int(i)] for i in idx]
     if shots.k and len(chosen) < shots.k and shots.source != "trivial":
@@ -200,7 +209,7 @@ def build_prompt(item: MCQItem, template: str | PromptTemplate = "mmlu", shots: 
     applied = {
         "template": t.name,
         "shots": {"k": shots.k, "source": shots.source, "fixed_position": shots.fixed_position,
-                  "balanced": shots.balanced},
+                  "balanced": shots.balanced, "seed": shots.seed},
         "example_ids": [ex.id for ex, _ in examples],
         "example_answers": [a for _, a in examples],
         "perm": list(item.meta["perm"]),

@@ -233,6 +233,12 @@ def write_report(rows: Iterable[dict] | pd.DataFrame, out_dir: str | Path,
     md += ["\n## Recall by gold position\n\n", md_table(rec), "\n![rstd](rstd.png)\n"]
     md += ["\n## CircularEval and permutation-averaged accuracy\n\n", md_table(tables["circular"])]
     md += ["\n## PriDe debiasing\n\n", md_table(tables["pride"])]
+    sv = tables.get("seed_variance")
+    if sv is not None and not sv.empty:
+        md += ["\n## Seed variance\n\n",
+               "Settings run under several seeds (`seeds: K`: replicates `x`, `x@seed1`, ...): the spread of "
+               "accuracy (sd, min, max) and rank across seeds, beside the mean width of the 95% bootstrap CI "
+               "of one run's accuracy (item sampling).\n\n", md_table(sv)]
     if "stability_summary" in tables:
         md += ["\n## Protocol stability\n\n",
                "Per protocol (its own baseline setting and scoring), how much the model ranking moves under the "
