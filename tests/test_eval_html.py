@@ -71,3 +71,17 @@ def test_html_renders_in_headless_chromium(tmp_path):
     lb = write_leaderboard(leaderboard(rows, n_boot=200), tmp_path / "lb")
     img = screenshot(lb["html"], tmp_path / "lb.png", tmp_path, 2500)
     assert (img.min(axis=-1) < 200).mean() > 0.01 and c0_pixels(img) > 100
+
+
+def test_routing_report_has_html_with_curves(tmp_path):
+    import pandas as pd
+
+    from rayeval.route.evaluate import EvalResult, write_report as write_route_report
+
+    curve = pd.DataFrame({"strong_share": [0.0, 0.5, 1.0], "quality": [0.6, 0.75, 0.8]})
+    res = EvalResult(rows=[{"router": "knn", "benchmark": "mmlu", "apgr": 0.61, "apgr_paper": 0.6, "cpt50": 0.4,
+                            "cpt80": 0.7}], curves={("knn", "mmlu"): curve, ("random", "mmlu"): curve})
+    md = write_route_report(res, tmp_path / "route")
+    page = (tmp_path / "route" / "report.html").read_text()
+    assert "| knn | mmlu |" in md.read_text() and "<td>knn</td>" in page
+    assert page.count('<img src="data:image/png;base64,') == 1  # the cost-quality curve, inlined

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
+from rayeval.eval.html import write_html
 from rayeval.route import metrics as M
 from rayeval.route.prefs import Outcomes, load_routellm
 from rayeval.route.routers import Router, make_router
@@ -290,6 +291,7 @@ def write_report(res: EvalResult, out_dir: str | Path, extra_md: str = "") -> Pa
     if extra_md:
         md += ["", extra_md]
     (out / "report.md").write_text("\n".join(md) + "\n")
+    write_html(out / "report.md")  # report.html: the same page with the cost-quality curves inlined
     (out / "scores.json").write_text(json.dumps({f"{a}|{b}": v.tolist() for (a, b), v in res.scores.items()}))
     return out / "report.md"
 
