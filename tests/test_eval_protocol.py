@@ -1,5 +1,7 @@
 """The robust protocol: balanced in-context answers, protocols in the config, the stability comparison."""
 
+import json
+
 import pandas as pd
 import pytest
 
@@ -104,3 +106,28 @@ def test_report_has_protocol_section(tmp_path):
     md = (tmp_path / "report.md").read_text()
     section = md.split("## Protocol stability")[1]
     assert "| standard | d | 2 | -0.33 |" in section and "| robust | d | 2 | 1.00 |" in section
+
+
+def test_robust_preset_end_to_end_on_a_fake_engine(tmp_path):
+    """The packaged preset's grid, scored by three biased fakes, reports both protocols."""
+    from rayeval.eval.engines import FakeEngine
+    from rayeval.eval.scoring import reduce
+
+    c = load_eval_config("eval_robust")
+    subjects = c.datasets[0].subjects
+    dev = [MCQItem(id=f"{s}-dev{i}", subject=s, question=f"{s} dev {i}?", choices=tuple(f"{s}{i}{j}" for j in "abcd"),
+                   gold=i % 4) for s in subjects for i in range(5)]
+    items = [MCQItem(id=f"{s}-{k}", subject=s, question=f"{s} question {k}?", choices=tuple(f"o{k}{j}" for j in "abcd"),
+                     gold=k % 4) for s in subjects for k in range(10)]
+    works = expand(items, dev, c, dataset="mmlu")
+    rows = []
+    for k, (name, bias) in enumerate((("a", [2.0, 0, 0, 0]), ("b", [0, 0, 0, 1.0]), ("c", []))):
+        eng = FakeEngine(bias=bias, seed=k)
+        rows += [reduce(w, eng.score(w.requests), model=name) for w in works]
+    files = write_report(rows, tmp_path, **dict(c.report_kwargs(), n_boot=100))
+    md = files["report"].read_text()
+    t = json.loads((tmp_path / "metrics.json").read_text())["tables"]
+    summ = pd.DataFrame(t["stability_summary"]).set_index("protocol")
+    assert set(summ.index) == {"standard", "robust"} and (summ["n_settings"] == 5).all()
+    assert summ["mean_tau"].between(-1, 1).all() and "## Protocol stability" in md
+    assert (tmp_path / "report.html").stat().st_size > 0
