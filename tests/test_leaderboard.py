@@ -94,7 +94,8 @@ def test_rayeval_rows_give_one_leaderboard_per_condition(tmp_path):
                 rows.append(dict(model=model, dataset="mmlu", setting=setting, scoring="symbol", item_id=f"i{k}",
                                  correct=False, rotation=1))  # a cyclic rotation: not part of the leaderboard
     pd.DataFrame(rows).to_parquet(tmp_path / "rows.parquet")
-    got, _ = read_correctness([str(tmp_path / "rows.parquet")])
+    got, notes = read_correctness([str(tmp_path / "rows.parquet")])
+    assert notes == [] and len(got) == 2 * 2 * 30  # rotation-1 rows left out
     per = leaderboard(got, n_boot=200)["leaderboard"].set_index(["setting", "model"])
     assert per.loc[("baseline", "m1"), "acc"] == pytest.approx(90.0)
     assert per.loc[("baseline", "m2"), "rank"] == 2 and per.loc[("shuffle", "m2"), "rank"] == 1

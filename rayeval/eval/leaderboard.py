@@ -101,7 +101,8 @@ def _wide(df: pd.DataFrame, path: Path, name: str, models: Sequence[str] | None,
     empty = vals.isna().all(axis=1)
     if empty.any():
         notes.append(f"{name}: {path.name}: {int(empty.sum())} row(s) with no model's result")
-    keys = {"item_id": df[idc].astype(str), "_src": [f"{path.name} {_row_name(path, i)}" for i in range(len(df))]}
+    keys = {"item_id": df[idc].astype(str), "_src": [f"{path.name} {_row_name(path, i)}" for i in range(len(df))],
+            "_wide": True}
     long = vals.assign(**keys).melt(id_vars=list(keys), var_name="model", value_name="correct")
     long = long.dropna(subset=["correct"])
     costs = [f"{m}|total_cost" for m in cols if f"{m}|total_cost" in df.columns]
@@ -118,6 +119,7 @@ def _long(df: pd.DataFrame, path: Path, name: str) -> tuple[pd.DataFrame, list[s
     out = df[[c for c in ("model", "item_id", "setting", "scoring", "dataset", "cost") if c in df.columns]].copy()
     out["item_id"] = out["item_id"].astype(str)
     out["_src"] = [f"{path.name} {_row_name(path, i)}" for i in range(len(df))]
+    out["_wide"] = False
     out["correct"] = _to01(df["correct"], path, "correct")
     bad = out["correct"].isna()
     if bad.any():
@@ -154,11 +156,12 @@ def read_correctness(specs: Sequence[str], models: Sequence[str] | None = None,
             where = rows[dup & (rows["item_id"] == r["item_id"]) & (rows["model"] == r["model"])]["_src"]
             raise CorrectnessError(f"{name}: model {r['model']!r} has more than one result for item "
                                    f"{r['item_id']!r} ({', '.join(where)})")
-        spread = rows.groupby("item_id")["_src"].nunique()
+        # wide rows hold several models' results, so one item should sit on one row of them
+        spread = rows[rows["_wide"]].groupby("item_id")["_src"].nunique()
         if (spread > 1).any():
             notes.append(f"{name}: {int((spread > 1).sum())} item id(s) spread over several rows (each model's "
                          "result given once) were joined")
-        parts.append(rows.drop(columns="_src"))
+        parts.append(rows.drop(columns=["_src", "_wide"]))
     rows = pd.concat(parts, ignore_index=True)
     by = condition_keys(rows)
     n_models = rows.groupby(by)["model"].transform("nunique")
