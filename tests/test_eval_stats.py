@@ -85,7 +85,9 @@ def test_rank_intervals_contain_true_rank():
         exact_top += all(per.loc[m, "rank_lo"] == per.loc[m, "rank_hi"] == k + 1 for k, m in enumerate(names[:3]))
         bottom_wide += all(tuple(per.loc[m, ["rank_lo", "rank_hi"]]) == (4, 5) for m in ("m4", "m5"))
     assert covered / (5 * reps) >= 0.95
-    assert exact_top >= 0.9 * reps     # separated models get a one-rank interval
+    # separated models get a one-rank interval: a 10-point gap is ~3.7 sd at n=600, so a pair's
+    # interval stays exact unless its sample gap falls below ~1.96 sd (p ~ 0.05): ~0.86 for all three
+    assert exact_top >= 0.7 * reps
     assert bottom_wide >= 0.75 * reps  # the near tie spans both ranks
 
 
