@@ -100,7 +100,7 @@ def data_inspect(path: str = typer.Argument(..., help="MMLU folder, ARC .jsonl, 
 @app.command("eval")
 def eval_cmd(config: str = typer.Argument(..., help="Eval YAML, or a packaged config name (eval_small, eval_paper_grid)"),
              out: Path = typer.Option(..., "--out", "-o", help="Output directory (rows, metrics, report)"),
-             engine: Optional[str] = typer.Option(None, help="Engine kind override: vllm | hf | fake"),
+             engine: Optional[str] = typer.Option(None, help="Engine kind override: auto | vllm | hf | fake"),
              actors: Optional[int] = typer.Option(None, help="Actor-pool size override"),
              address: Optional[str] = typer.Option(None, help="Ray address (default $RAY_ADDRESS or a local cluster)"),
              resume: bool = typer.Option(True, help="Reuse finished shards in --out"),
@@ -116,6 +116,30 @@ def eval_cmd(config: str = typer.Argument(..., help="Eval YAML, or a packaged co
         err.print(f"error: {e}", markup=False)
         raise typer.Exit(2)
     console.print_json(json.dumps(res))
+
+
+@app.command("plan")
+def plan_cmd(config: str = typer.Argument(..., help="Eval YAML, or a packaged config name"),
+             engine: Optional[str] = typer.Option(None, help="Engine kind override: auto | vllm | hf | fake"),
+             as_json: bool = typer.Option(False, "--json", help="Print the plan as JSON"),
+             no_cache: bool = typer.Option(False, "--no-cache", help="Ignore the score cache (count no hits)")) -> None:
+    """Plan an evaluation without running it: requests, distinct token sequences, tokens requested
+    vs the prefix-trie minimum vs what will be computed, shards, cache hits; prompts too long for a
+    model are errors (exit 2).  No Ray, no engine."""
+    from rayeval.eval.config import ConfigError
+    from rayeval.eval.plan import plan_config
+
+    try:
+        p = plan_config(config, engine={"kind": engine} if engine else None, use_cache=not no_cache)
+    except (ConfigError, ValueError, FileNotFoundError, KeyError) as e:
+        err.print(f"error: {e}", markup=False)
+        raise typer.Exit(2)
+    if as_json:
+        print(json.dumps(p.to_dict(), indent=1))
+    else:
+        print(p.render())
+    if any(m.too_long for m in p.models):
+        raise typer.Exit(2)
 
 
 @app.command("pipeline")

