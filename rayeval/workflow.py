@@ -41,7 +41,8 @@ class WorkflowConfig:
     eval: str = "eval_pipeline"                       # packaged eval config name or YAML path
     # Which eval rows are the gold labels: one (setting, scoring), optionally per dataset
     # (``datasets: {arc_challenge: {scoring: cloze}}``, as the paper scores ARC).
-    gold: dict[str, Any] = field(default_factory=lambda: {"setting": "baseline", "scoring": "symbol"})
+    gold: dict[str, Any] = field(default_factory=lambda: {"setting": "baseline", "scoring": "hybrid",
+                                                          "datasets": {"arc_challenge": {"scoring": "cloze"}}})
     # [strong, weak]; null: the better and the worse model on the gold items (a tie is an error).
     pair: list[str] | None = None
     # The router's embedder is the static MiniLM featurizer by default: it embeds RouteLLM's 14k
@@ -404,8 +405,10 @@ def write_report(cfg, out: Path, ev: dict, gap: dict, tr: dict, served: pd.DataF
             "latency_s": served.get("latency_s")})
         tiers = sorted(shown["tier"].dropna().unique())
         md += ["\n## 4. Served through the Serve graph\n\n",
-               f"Threshold {demo['threshold']:.3f}: {demo['how']} (calibrated for a {demo['target_share']:.0%} "
-               f"strong share: {demo['calibrated']:.3f}). Tiers used: {', '.join(tiers) or 'none'}.\n\n",
+               (f"Threshold {demo['threshold']:.3f}, calibrated for a {demo['target_share']:.0%} strong share on the "
+                "cross-fitted gold scores" if demo["how"] == "calibrated" else
+                f"Threshold {demo['threshold']:.3f}: {demo['how']} (calibrated for a {demo['target_share']:.0%} strong "
+                f"share: {demo['calibrated']:.3f})") + f". Tiers used: {', '.join(tiers) or 'none'}.\n\n",
                md_table(shown) + "\n"]
     (out / "report.md").write_text("".join(md), encoding="utf-8")
     return out / "report.md"
