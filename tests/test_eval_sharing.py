@@ -192,6 +192,7 @@ def _numbers(results):
     return [x for r in results for x in (r.symbol_logprobs or r.continuation_logprobs)]
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("arch", ["llama", "gemma"])
 def test_prefix_sharing_equals_separate_passes(tiny_models, arch):
     reqs = _grid_requests()
@@ -208,6 +209,7 @@ def test_prefix_sharing_equals_separate_passes(tiny_models, arch):
     assert max(abs(x - y) for x, y in zip(_numbers(one), _numbers(a[:8]))) < 1e-4
 
 
+@pytest.mark.model
 def test_gemma_sliding_window_is_respected_across_shared_prefixes(tiny_models):
     # prompts far longer than the tiny model's 24-token window: the shared-prefix path must apply
     # the window exactly as a plain forward pass over the whole sequence does
@@ -231,6 +233,7 @@ def test_gemma_sliding_window_is_respected_across_shared_prefixes(tiny_models):
 
 # ----------------------------------------------------------------------------- score cache
 
+@pytest.mark.model
 def test_score_cache_hits_misses_and_invalidation(tiny_models, tmp_path):
     import shutil
 
@@ -272,9 +275,10 @@ def test_score_cache_hits_misses_and_invalidation(tiny_models, tmp_path):
 
 # ----------------------------------------------------------------------------- packaged models
 
+@pytest.mark.model
 @pytest.mark.parametrize("model", ["smollm2-135m", "gemma3-270m"])
 def test_packaged_models_prefix_sharing_numerics(model):
-    reqs = _grid_requests(n=4, shots=2)
+    reqs = _grid_requests(n=3, shots=2)
     fp = {"dtype": "float32", "num_threads": 2}
     a = make_engine("hf", model, fp).score(reqs)
     b = make_engine("hf", model, {**fp, "prefix_sharing": False}).score(reqs)

@@ -390,6 +390,8 @@ def run_eval(config: str | Path | EvalConfig, out_dir: str | Path, *, engine: di
     ``stop_after`` stops after that many newly written shards (simulates an interruption)."""
     cfg = config if isinstance(config, EvalConfig) else load_eval_config(config)
     ex = Execution.from_engine_dict({**cfg.engine, **(engine or {})})
+    # The cache folder is resolved here, by the driver: actors may run with another environment.
+    ex.cache = ex.cache_path() or False
     out = Path(out_dir)
     (out / "shards").mkdir(parents=True, exist_ok=True)
 

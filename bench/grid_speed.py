@@ -1,0 +1,327 @@
+"""Grid benchmark: work sharing and engine efficiency, measured side by side in ONE run.
+
+    .venv/bin/python bench/grid_speed.py --out bench/results/grid-DATE          # defaults below
+    .venv/bin/python bench/grid_speed.py --zero-shot-n 532 --e2e-subjects 4 --e2e-items 25 --e2e-arc 50
+
+Part A, zero-shot symbol scoring (MMLU, three subjects), per model:
+  rayeval         ``make_engine("hf", model)`` with its defaults (what a single-model run gets)
+  roofline        the same run's best matmul rate on the model's own layer shapes (bf16, fp32) and
+                  the FLOPs each question needs (``eval_speed.roofline``): questions/s no
+                  implementation that computes every prompt token can beat
+  lm-eval HF      lm-eval 0.4.13's HF backend on the same questions (lm-eval's MMLU prompt), at the
+                  dtype the roofline found fastest here, 64 per batch, the same threads
+Part B, the paper grid (``eval_paper_grid``: 25 settings, three scorings) on a slice, both models:
+  plan            tokens requested, the prefix-trie minimum and what rayeval computes (``rayeval
+                  plan``) on the slice the targets name (--plan-subjects x --plan-items + --plan-arc)
+  end to end      ``run_eval`` (Ray Data, one actor, engine ``auto``, empty score cache) against
+                  lm-eval running every (setting, scoring) as its own task on exactly rayeval's
+                  prompts (one ``simple_evaluate`` over all tasks), on a smaller slice; predictions
+                  compared on the raw log-likelihood argmax
+  added setting   the slice without one setting, then the full slice on the same score cache: what
+                  the second run computed against that setting's share of the plan
+
+Results: ``OUT.json`` and ``OUT.md`` (CPU model and flags, load, every figure and ratio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import eval_speed as es  # noqa: E402
+
+SUBJECTS = ["high_school_geography", "us_foreign_policy", "marketing", "high_school_biology"]
+
+
+def log(msg: str) -> None:
+    print(f"[grid {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def cpu_info() -> dict:
+    model, flags = platform.processor(), []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and not model:
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                break
+    except OSError:
+        pass
+    keep = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
+    return {"model": model, "flags": keep, "cores": len(os.sched_getaffinity(0))}
+
+
+# ----------------------------------------------------------------------------- part A
+
+def zero_shot(model: str, n_q: int, env, tmp: Path) -> dict:
+    import torch
+
+    from rayeval.eval.engines import make_engine
+    from rayeval.eval.pipeline import build_work, make_shards
+    from rayeval.eval.scoring import flatten
+    from rayeval.models import resolve_model
+
+    subjects = SUBJECTS[:3]
+    cfg = es.make_config(model, subjects, es.per_subject_limit(n_q, subjects), 64)
+    works, _ = build_work(cfg)
+    works = [w for s in make_shards(works, len(works)) for w in s]
+    reqs = flatten(works)
+    gold = {w.prompt.item_id: w.prompt.gold for w in works}
+    n = len(works)
+    eng = make_engine("hf", model)
+    eng.score(reqs[:8])
+    eng.stats = {k: 0 for k in eng.stats}
+    t0 = time.perf_counter()
+    res = eng.score(reqs)
+    dt = time.perf_counter() - t0
+    preds = es.preds_from_results(works, res)
+    out = {"n": n, "rayeval": {"q_per_s": n / dt, "seconds": dt, "dtype": eng.dtype, "threads": torch.get_num_threads(),
+                                "acc": es.accuracy(preds, gold), "stats": dict(eng.stats)}}
+    log(f"{model}: rayeval default engine {n / dt:.2f} q/s ({eng.dtype}, {torch.get_num_threads()} threads)")
+    roof = es.roofline(eng, reqs, torch, rows_options=(1024,), reps=5)
+    out["roofline"] = roof
+    out["rayeval"]["pct_of_roofline"] = 100 * out["rayeval"]["q_per_s"] / roof["ceiling_q_per_s"]
+    threads = torch.get_num_threads()
+    del eng
+    if env is not None:
+        from rayeval.config import data_root
+        from rayeval.data.loaders import load_items
+
+        items = load_items(data_root() / "mmlu", split="test", subjects=subjects,
+                           limit=es.per_subject_limit(n_q, subjects)).items
+        tasks, idmap = es.write_lmeval_tasks(items, tmp / model)
+        dtype = roof["best"].split("/")[0]
+        d = es.run_lmeval("hf", str(resolve_model(model)), dict(env), tmp / model, tasks, idmap, dtype=dtype,
+                          batch_size=64, extra_env={"OMP_NUM_THREADS": str(threads)})
+        agree = es.agreement(preds, d["preds"])
+        out["lm_eval_hf"] = {"q_per_s": n / d["eval_s"], "seconds": d["eval_s"], "dtype": dtype,
+                             "acc": es.accuracy(d["preds"], gold), "agreement_with_rayeval": agree}
+        out["rayeval"]["x_lm_eval"] = out["rayeval"]["q_per_s"] / out["lm_eval_hf"]["q_per_s"]
+        log(f"{model}: lm-eval HF {n / d['eval_s']:.2f} q/s ({dtype}); rayeval = {out['rayeval']['x_lm_eval']:.2f}x, "
+            f"agreement {agree:.3f}")
+    return out
+
+
+# ----------------------------------------------------------------------------- part B
+
+def grid_config(models, subjects: int, items: int, arc: int, name: str, drop: str | None = None):
+    from rayeval.config import load_yaml
+    from rayeval.eval.config import CONFIG_DIR, parse_config
+
+    d = load_yaml(CONFIG_DIR / "eval_paper_grid.yaml")
+    d["name"] = name
+    d["models"] = list(models)
+    d["batch_size"] = 64
+    d["engine"] = {"kind": "auto", "max_model_len": 2048, "cache": True}
+    d["metrics"] = {"n_boot": 100}
+    d["datasets"] = [{"name": "mmlu", "split": "test", "dev_split": "dev", "subjects": SUBJECTS[:subjects],
+                      "limit": items, "template": "mmlu"},
+                     {"name": "arc_challenge", "split": "test", "dev_split": "dev", "limit": arc, "template": "arc"}]
+    if drop:
+        d["settings"] = [s for s in d["settings"] if s["name"] != drop]
+    return parse_config(d)
+
+
+def lmeval_grid_tasks(works, tmp: Path) -> tuple[list[str], dict[str, tuple]]:
+    """One lm-eval task per (dataset, setting, scoring) with rayeval's exact prompts and options."""
+    tdir = tmp / "lmeval_tasks"  # where eval_speed.run_lmeval points lm-eval
+    tdir.mkdir(parents=True, exist_ok=True)
+    groups: dict[tuple, list] = {}
+    for w in works:
+        groups.setdefault((w.dataset, w.setting, w.scoring.label), []).append(w)
+    tasks, idmap = [], {}
+    for i, ((ds, st, sc), ws) in enumerate(sorted(groups.items())):
+        task = f"rayeval_grid_{i:03d}"
+        with open(tdir / f"{task}.jsonl", "w", encoding="utf-8") as f:
+            for d, w in enumerate(ws):
+                r = w.requests[0]
+                choices = [" " + s for s in r.symbols] if r.symbols is not None else list(r.continuations)
+                f.write(json.dumps({"text": r.prompt, "choices": choices, "gold": w.prompt.gold}) + "\n")
+                idmap[f"{task}/{d}"] = (ds, st, sc, w.prompt.item_id, w.rotation)
+        spec = {"task": task, "dataset_path": "json",
+                "dataset_kwargs": {"data_files": {"test": str(tdir / f"{task}.jsonl")}}, "test_split": "test",
+                "output_type": "multiple_choice", "doc_to_text": "{{text}}", "doc_to_choice": "{{choices}}",
+                "doc_to_target": "gold", "target_delimiter": "",
+                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}],
+                "metadata": {"version": 1.0}}
+        (tdir / f"{task}.yaml").write_text(json.dumps(spec, indent=1))
+        tasks.append(task)
+    return tasks, idmap
+
+
+def grid(models, a, env, tmp: Path) -> dict:
+    from rayeval.eval.pipeline import build_work
+    from rayeval.eval.plan import plan_config
+    from rayeval.models import resolve_model
+
+    out: dict = {}
+    # plan on the slice the targets name
+    cfg = grid_config(models, a.plan_subjects, a.plan_items, a.plan_arc, "grid_plan")
+    p = plan_config(cfg, use_cache=False)
+    out["plan"] = p.to_dict()
+    for m in p.models:
+        log(f"plan {m.model}: requested {m.tokens_requested:,}, trie {m.trie_minimum:,}, to compute {m.to_compute:,} "
+            f"({m.to_compute / m.trie_minimum:.3f}x trie, {m.sharing:.2f}x less than requested)")
+    # end to end, rayeval
+    os.environ["RAYEVAL_CACHE"] = str(tmp / "cache_e2e")
+    from rayeval.eval.pipeline import run_eval
+
+    cfg = grid_config(models, a.e2e_subjects, a.e2e_items, a.e2e_arc, "grid_e2e")
+    t0 = time.perf_counter()
+    res = run_eval(cfg, tmp / "e2e", resume=False, report=False)
+    wall = time.perf_counter() - t0
+    out["rayeval_e2e"] = {"wall_s": wall, "rows": res["rows"], "accounting": res["accounting"]}
+    log(f"rayeval end to end: {wall:.1f}s, {res['rows']} rows")
+    import pandas as pd
+
+    rows = pd.read_parquet(tmp / "e2e" / "rows.parquet")
+    works, _ = build_work(cfg)
+    if env is not None:
+        tasks, idmap = lmeval_grid_tasks(works, tmp)
+        out["lm_eval_hf"] = {}
+        for model in models:
+            d = es.run_lmeval("hf", str(resolve_model(model)), dict(env), tmp, tasks, {k: k for k in idmap},
+                              dtype="float32" if not _bf16() else "bfloat16", batch_size=64,
+                              extra_env={"OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}, timeout=5400)
+            mine = rows[rows.model == model].set_index(["dataset", "setting", "scoring", "item_id", "rotation"])
+            same = sum(int(mine.loc[idmap[k], "pred_none"]) == v for k, v in d["preds"].items())
+            out["lm_eval_hf"][model] = {"eval_s": d["eval_s"], "wall_s": d["wall_s"], "n_requests": d["n_requests"],
+                                        "agreement": same / len(d["preds"]), "docs": len(d["preds"])}
+            log(f"lm-eval HF {model}: eval {d['eval_s']:.1f}s (wall {d['wall_s']:.1f}s), agreement "
+                f"{same / len(d['preds']):.4f}")
+        lm_total = sum(v["wall_s"] for v in out["lm_eval_hf"].values())
+        out["e2e_ratio"] = lm_total / wall
+        log(f"end to end: lm-eval {lm_total:.1f}s vs rayeval {wall:.1f}s = {out['e2e_ratio']:.2f}x")
+    # an added setting on a finished grid
+    drop = a.added_setting
+    os.environ["RAYEVAL_CACHE"] = str(tmp / "cache_added")
+    run_eval(grid_config(models, a.e2e_subjects, a.e2e_items, a.e2e_arc, "grid_minus", drop=drop), tmp / "minus",
+             resume=False, report=False)
+    t0 = time.perf_counter()
+    full = run_eval(cfg, tmp / "plus", resume=False, report=False)
+    out["added_setting"] = {"setting": drop, "wall_s": time.perf_counter() - t0, "models": {}}
+    only = grid_config(models, a.e2e_subjects, a.e2e_items, a.e2e_arc, "grid_only")
+    only = dataclasses.replace(only, settings=[s for s in only.settings if s.name == drop])
+    share = plan_config(only, use_cache=False)
+    whole = plan_config(cfg, use_cache=False)
+    for m, ms, mw in zip(models, share.models, whole.models):
+        got = full["accounting"]["models"][m]["tokens_computed"]
+        out["added_setting"]["models"][m] = {"computed": got, "setting_alone": ms.to_compute,
+                                             "full_grid": mw.to_compute, "ratio_to_share": got / max(ms.to_compute, 1)}
+        log(f"added setting {drop} ({m}): computed {got:,} tokens; the setting alone plans {ms.to_compute:,}, "
+            f"the whole grid {mw.to_compute:,}")
+    return out
+
+
+def _bf16() -> bool:
+    from rayeval.eval.engines import cpu_has_bf16
+
+    return cpu_has_bf16()
+
+
+def render(R: dict) -> str:
+    c = R["cpu"]
+    L = [f"# Grid benchmark, {R['date']}", "",
+         f"CPU: {c['model']}, {c['cores']} cores; flags {' '.join(c['flags'])}; native bf16: {R['native_bf16']}. "
+         f"Load average {R['loadavg_start'][0]:.1f} at start, {R.get('loadavg_end', [0])[0]:.1f} at end.", ""]
+    if R.get("zero_shot"):
+        L += ["## Zero-shot symbol scoring (MMLU, three subjects)", "",
+              "| model | questions | rayeval default (q/s) | roofline ceiling (q/s) | % of roofline | lm-eval HF (q/s) | "
+              "rayeval / lm-eval | agreement |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for m, z in R["zero_shot"].items():
+            r, lm = z["rayeval"], z.get("lm_eval_hf", {})
+            L.append(f"| {m} | {z['n']} | {r['q_per_s']:.2f} ({r['dtype']}, {r['threads']}t) | "
+                     f"{z['roofline']['ceiling_q_per_s']:.2f} ({z['roofline']['best']}) | {r['pct_of_roofline']:.0f}% | "
+                     f"{lm.get('q_per_s', float('nan')):.2f} | {r.get('x_lm_eval', float('nan')):.2f}x | "
+                     f"{lm.get('agreement_with_rayeval', float('nan')):.3f} |")
+        L += ["", "Matmul rates measured in this run (GFLOP/s): " + "; ".join(
+            f"{m}: " + ", ".join(f"{k} {v:.0f}" for k, v in z["roofline"]["matmul_gflops"].items())
+            for m, z in R["zero_shot"].items()), ""]
+    g = R.get("grid")
+    if g:
+        L += ["## Paper grid slice: tokens", "", "| model | tokens requested | trie minimum | rayeval computes | "
+              "/ trie | requested / computed |", "|---|---:|---:|---:|---:|---:|"]
+        for m in g["plan"]["models"]:
+            L.append(f"| {m['model']} | {m['tokens_requested']:,} | {m['trie_minimum']:,} | {m['to_compute']:,} | "
+                     f"{m['to_compute'] / m['trie_minimum']:.3f}x | {m['sharing']:.2f}x |")
+        L += ["", f"Slice for the token counts: {R['args']['plan_subjects']} MMLU subjects x {R['args']['plan_items']} "
+              f"items + {R['args']['plan_arc']} ARC items, all 25 settings of eval_paper_grid, their scorings.", ""]
+        if "e2e_ratio" in g:
+            L += ["## Paper grid slice: end to end against lm-eval", "",
+                  f"Slice: {R['args']['e2e_subjects']} MMLU subject(s) x {R['args']['e2e_items']} items + "
+                  f"{R['args']['e2e_arc']} ARC items, all settings and scorings, both models.", "",
+                  f"rayeval `run_eval` (Ray Data, engine auto, empty cache): {g['rayeval_e2e']['wall_s']:.1f} s, "
+                  f"{g['rayeval_e2e']['rows']} rows.", "",
+                  "| model | lm-eval HF wall s | lm-eval requests | prediction agreement |", "|---|---:|---:|---:|"]
+            for m, v in g["lm_eval_hf"].items():
+                L.append(f"| {m} | {v['wall_s']:.1f} | {v['n_requests']:,} | {v['agreement']:.4f} ({v['docs']} docs) |")
+            L += ["", f"**End to end: lm-eval / rayeval = {g['e2e_ratio']:.2f}x**", ""]
+        a = g.get("added_setting")
+        if a:
+            L += [f"## A finished grid plus one setting (`{a['setting']}`)", "",
+                  "| model | tokens computed by the rerun | the setting's own plan | whole grid's plan | rerun / setting |",
+                  "|---|---:|---:|---:|---:|"]
+            for m, v in a["models"].items():
+                L.append(f"| {m} | {v['computed']:,} | {v['setting_alone']:,} | {v['full_grid']:,} | "
+                         f"{v['ratio_to_share']:.2f} |")
+            L.append("")
+    return "\n".join(L)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    ap.add_argument("--zero-shot-n", type=int, default=532, help="0 skips part A")
+    ap.add_argument("--plan-subjects", type=int, default=4)
+    ap.add_argument("--plan-items", type=int, default=25)
+    ap.add_argument("--plan-arc", type=int, default=50)
+    ap.add_argument("--e2e-subjects", type=int, default=2)
+    ap.add_argument("--e2e-items", type=int, default=3)
+    ap.add_argument("--e2e-arc", type=int, default=4)
+    ap.add_argument("--added-setting", default="shot5_fixed_B")
+    ap.add_argument("--skip-grid", action="store_true")
+    ap.add_argument("--skip-lm-eval", action="store_true")
+    ap.add_argument("--lm-eval-path", default=os.environ.get("LMEVAL_PATH", "/tmp/lmeval-site"))
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    models = [m for m in a.models.split(",") if m]
+    tmp = Path(tempfile.mkdtemp(prefix="rayeval-grid-"))
+    env = None if a.skip_lm_eval else es.lmeval_env(a.lm_eval_path)
+    if env is None and not a.skip_lm_eval:
+        log("lm-eval is not importable (see bench/README.md): lm-eval rows skipped")
+    R: dict = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_info(),
+               "native_bf16": _bf16(), "loadavg_start": os.getloadavg(), "args": vars(a)}
+
+    def save():
+        if a.out:
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out + ".json").write_text(json.dumps(R, indent=1, default=str))
+            Path(a.out + ".md").write_text(render(R) + "\n")
+
+    if a.zero_shot_n:
+        R["zero_shot"] = {}
+        for m in models:
+            R["zero_shot"][m] = zero_shot(m, a.zero_shot_n, env, tmp)
+            save()
+    if not a.skip_grid:
+        R["grid"] = grid(models, a, env, tmp)
+    R["loadavg_end"] = os.getloadavg()
+    save()
+    print(render(R))
+    return R
+
+
+if __name__ == "__main__":  # lm-eval's and Ray's subprocesses need the guard
+    main()
