@@ -267,7 +267,8 @@ def main():
     from lm_eval.tasks import TaskManager
     if a["backend"] == "hf":
         from lm_eval.models.huggingface import HFLM
-        lm = HFLM(pretrained=a["model_path"], dtype=a["dtype"], batch_size=a["batch_size"], device="cpu")
+        lm = HFLM(pretrained=a["model_path"], dtype=a["dtype"], batch_size=a["batch_size"], device="cpu",
+                  add_bos_token=a.get("add_bos") or None)
     else:
         from lm_eval.models.vllm_causallms import VLLM
         lm = VLLM(pretrained=a["model_path"], dtype="bfloat16", max_model_len=2048, enforce_eager=True,
@@ -368,13 +369,15 @@ def write_lmeval_tasks(items, tmp: Path) -> tuple[list[str], dict[str, str]]:
 
 def run_lmeval(backend: str, model_path: str, env: dict, tmp: Path, tasks: list[str], idmap: dict,
                dtype: str = "bfloat16", batch_size: int = 16, extra_env: dict | None = None,
-               timeout: int = 1800) -> dict:
+               timeout: int = 1800, add_bos: bool = False) -> dict:
+    """lm-eval in a subprocess; ``add_bos``: prepend BOS as rayeval does for this model (the
+    registry's ``add_bos``; the converted Gemma tokenizer does not add it by itself)."""
     out = tmp / f"lmeval_{backend}.json"
     runner = tmp / "lmeval_runner.py"
     runner.write_text(LMEVAL_RUNNER)
     e = dict(env, HF_DATASETS_CACHE=str(tmp / "hf_datasets"), **(extra_env or {}))
     arg = json.dumps({"backend": backend, "model_path": model_path, "dtype": dtype, "batch_size": batch_size,
-                      "tasks": tasks, "task_dir": str(tmp / "lmeval_tasks"), "out": str(out)})
+                      "tasks": tasks, "task_dir": str(tmp / "lmeval_tasks"), "out": str(out), "add_bos": add_bos})
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, str(runner), arg], env=e, capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t0

@@ -104,7 +104,7 @@ def zero_shot(model: str, n_q: int, env, tmp: Path) -> dict:
         tasks, idmap = es.write_lmeval_tasks(items, tmp / model)
         dtype = roof["best"].split("/")[0]
         d = es.run_lmeval("hf", str(resolve_model(model)), dict(env), tmp / model, tasks, idmap, dtype=dtype,
-                          batch_size=64, extra_env={"OMP_NUM_THREADS": str(threads)})
+                          batch_size=64, extra_env={"OMP_NUM_THREADS": str(threads)}, add_bos=_bos(model))
         agree = es.agreement(preds, d["preds"])
         out["lm_eval_hf"] = {"q_per_s": n / d["eval_s"], "seconds": d["eval_s"], "dtype": dtype,
                              "acc": es.accuracy(d["preds"], gold), "agreement_with_rayeval": agree}
@@ -161,16 +161,17 @@ def lmeval_grid_tasks(works, tmp: Path) -> tuple[list[str], dict[str, tuple]]:
     return tasks, idmap
 
 
-def grid(models, a, env, tmp: Path) -> dict:
+def grid(models, a, env, tmp: Path, out: dict, save) -> dict:
+    """Fills ``out`` step by step (``save`` after each), so a run stopped half way keeps what it measured."""
     from rayeval.eval.pipeline import build_work
     from rayeval.eval.plan import plan_config
     from rayeval.models import resolve_model
 
-    out: dict = {}
     # plan on the slice the targets name
     cfg = grid_config(models, a.plan_subjects, a.plan_items, a.plan_arc, "grid_plan")
     p = plan_config(cfg, use_cache=False)
     out["plan"] = p.to_dict()
+    save()
     for m in p.models:
         log(f"plan {m.model}: requested {m.tokens_requested:,}, trie {m.trie_minimum:,}, to compute {m.to_compute:,} "
             f"({m.to_compute / m.trie_minimum:.3f}x trie, {m.sharing:.2f}x less than requested)")
@@ -183,6 +184,7 @@ def grid(models, a, env, tmp: Path) -> dict:
     res = run_eval(cfg, tmp / "e2e", resume=False, report=False)
     wall = time.perf_counter() - t0
     out["rayeval_e2e"] = {"wall_s": wall, "rows": res["rows"], "accounting": res["accounting"]}
+    save()
     log(f"rayeval end to end: {wall:.1f}s, {res['rows']} rows")
     import pandas as pd
 
@@ -194,13 +196,15 @@ def grid(models, a, env, tmp: Path) -> dict:
         for model in models:
             d = es.run_lmeval("hf", str(resolve_model(model)), dict(env), tmp, tasks, {k: k for k in idmap},
                               dtype="float32" if not _bf16() else "bfloat16", batch_size=64,
-                              extra_env={"OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}, timeout=5400)
+                              extra_env={"OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}, timeout=5400,
+                              add_bos=_bos(model))
             mine = rows[rows.model == model].set_index(["dataset", "setting", "scoring", "item_id", "rotation"])
             same = sum(int(mine.loc[idmap[k], "pred_none"]) == v for k, v in d["preds"].items())
             out["lm_eval_hf"][model] = {"eval_s": d["eval_s"], "wall_s": d["wall_s"], "n_requests": d["n_requests"],
                                         "agreement": same / len(d["preds"]), "docs": len(d["preds"])}
             log(f"lm-eval HF {model}: eval {d['eval_s']:.1f}s (wall {d['wall_s']:.1f}s), agreement "
                 f"{same / len(d['preds']):.4f}")
+            save()
         lm_total = sum(v["wall_s"] for v in out["lm_eval_hf"].values())
         out["e2e_ratio"] = lm_total / wall
         log(f"end to end: lm-eval {lm_total:.1f}s vs rayeval {wall:.1f}s = {out['e2e_ratio']:.2f}x")
@@ -223,6 +227,12 @@ def grid(models, a, env, tmp: Path) -> dict:
         log(f"added setting {drop} ({m}): computed {got:,} tokens; the setting alone plans {ms.to_compute:,}, "
             f"the whole grid {mw.to_compute:,}")
     return out
+
+
+def _bos(model: str) -> bool:
+    from rayeval.models import get_spec
+
+    return get_spec(model).add_bos
 
 
 def _bf16() -> bool:
@@ -250,7 +260,7 @@ def render(R: dict) -> str:
             f"{m}: " + ", ".join(f"{k} {v:.0f}" for k, v in z["roofline"]["matmul_gflops"].items())
             for m, z in R["zero_shot"].items()), ""]
     g = R.get("grid")
-    if g:
+    if g and "plan" in g:
         L += ["## Paper grid slice: tokens", "", "| model | tokens requested | trie minimum | rayeval computes | "
               "/ trie | requested / computed |", "|---|---:|---:|---:|---:|---:|"]
         for m in g["plan"]["models"]:
@@ -258,7 +268,7 @@ def render(R: dict) -> str:
                      f"{m['to_compute'] / m['trie_minimum']:.3f}x | {m['sharing']:.2f}x |")
         L += ["", f"Slice for the token counts: {R['args']['plan_subjects']} MMLU subjects x {R['args']['plan_items']} "
               f"items + {R['args']['plan_arc']} ARC items, all 25 settings of eval_paper_grid, their scorings.", ""]
-        if "e2e_ratio" in g:
+        if "lm_eval_hf" in g and "rayeval_e2e" in g:
             L += ["## Paper grid slice: end to end against lm-eval", "",
                   f"Slice: {R['args']['e2e_subjects']} MMLU subject(s) x {R['args']['e2e_items']} items + "
                   f"{R['args']['e2e_arc']} ARC items, all settings and scorings, both models.", "",
@@ -267,7 +277,8 @@ def render(R: dict) -> str:
                   "| model | lm-eval HF wall s | lm-eval requests | prediction agreement |", "|---|---:|---:|---:|"]
             for m, v in g["lm_eval_hf"].items():
                 L.append(f"| {m} | {v['wall_s']:.1f} | {v['n_requests']:,} | {v['agreement']:.4f} ({v['docs']} docs) |")
-            L += ["", f"**End to end: lm-eval / rayeval = {g['e2e_ratio']:.2f}x**", ""]
+            if "e2e_ratio" in g:
+                L += ["", f"**End to end: lm-eval / rayeval = {g['e2e_ratio']:.2f}x**", ""]
         a = g.get("added_setting")
         if a:
             L += [f"## A finished grid plus one setting (`{a['setting']}`)", "",
@@ -316,7 +327,8 @@ def main(argv=None) -> dict:
             R["zero_shot"][m] = zero_shot(m, a.zero_shot_n, env, tmp)
             save()
     if not a.skip_grid:
-        R["grid"] = grid(models, a, env, tmp)
+        R["grid"] = {}
+        grid(models, a, env, tmp, R["grid"], save)
     R["loadavg_end"] = os.getloadavg()
     save()
     print(render(R))

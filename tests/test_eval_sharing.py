@@ -285,6 +285,7 @@ def test_packaged_models_prefix_sharing_numerics(model):
     assert max(abs(x - y) for x, y in zip(_numbers(a), _numbers(b))) < 1e-3
 
 
+@pytest.mark.model
 def test_plan_cli_on_a_packaged_config():
     from rayeval.cli import app
 
