@@ -1,7 +1,7 @@
 """``ray job submit ... -- python jobs/eval.py --config CONFIG --out DIR``
 
 Evaluate models x datasets x perturbations x scorings on the cluster (Ray Data actor pool, one
-vLLM engine per model per actor) = ``rayeval eval CONFIG --out DIR``.  CONFIG is an eval YAML or a
+engine per model per actor, `auto` by default) = ``rayeval eval CONFIG --out DIR``.  CONFIG is an eval YAML or a
 packaged name (eval_small, eval_paper_grid).  Rerunning with the same --out resumes.
 """
 
@@ -17,7 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jobs/eval.py", description=__doc__.split("\n\n")[1])
     p.add_argument("--config", required=True, help="eval YAML, or a packaged config name")
     p.add_argument("--out", required=True, help="output folder (rows, metrics, report); resumes")
-    p.add_argument("--engine", choices=["vllm", "hf", "fake"], help="engine kind override")
+    p.add_argument("--engine", choices=["auto", "vllm", "hf", "fake"], help="engine kind override")
     p.add_argument("--actors", type=int, help="actor-pool size override (e.g. the number of GPUs)")
     p.add_argument("--no-resume", action="store_true", help="recompute every shard")
     return p

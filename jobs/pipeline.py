@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--serve", dest="serve", action="store_true", default=None, help="deploy and query the Serve graph")
     g.add_argument("--no-serve", dest="serve", action="store_false", help="stop after the router and thresholds")
-    p.add_argument("--engine", choices=["vllm", "hf", "fake"], help="eval engine override")
+    p.add_argument("--engine", choices=["auto", "vllm", "hf", "fake"], help="eval engine override")
     return p
 
 

@@ -146,7 +146,7 @@ def plan_cmd(config: str = typer.Argument(..., help="Eval YAML, or a packaged co
 def pipeline_cmd(config: Optional[str] = typer.Argument(None, help="Pipeline YAML or packaged name (default pipeline_small)"),
                  out: Path = typer.Option(Path("runs/main"), "--out", "-o", help="Output directory"),
                  serve: Optional[bool] = typer.Option(None, "--serve/--no-serve", help="Deploy and query the Serve graph"),
-                 engine: Optional[str] = typer.Option(None, help="Eval engine override: vllm | hf | fake")) -> None:
+                 engine: Optional[str] = typer.Option(None, help="Eval engine override: auto | vllm | hf | fake")) -> None:
     """The whole pipeline: evaluate -> gold preference data -> router -> thresholds -> Serve -> report."""
     from rayeval.workflow import run_workflow
 
