@@ -121,8 +121,9 @@ def test_real_vllm_pipeline_both_models(tmp_path):
     from rayeval.route.routers import ROUTERS
 
     gold = rows[(rows.setting == "baseline") & (rows.scoring == "symbol") & (rows.rotation == 0)]
-    outcomes = outcomes_from_eval(gold)
-    assert len(outcomes.queries) == 7
+    # 7 items: the two models may tie, so the pair is declared (a tie without one is an error)
+    outcomes = outcomes_from_eval(gold).with_pair("smollm2-135m", "gemma3-270m")
+    assert len(outcomes.queries) == 7 and outcomes.strong_weak() == ("smollm2-135m", "gemma3-270m")
     router = ROUTERS["length"]().fit(outcomes)
     p = router.win_probability(gold.question.unique().tolist())
     assert p.shape == (7,) and ((p >= 0) & (p <= 1)).all()
