@@ -434,7 +434,7 @@ class HFEngine(TokenEngine):
         return PrefixTrie(seqs) if self.prefix_sharing else PrefixTrie.flat(seqs)
 
     def _tokens_computed(self, jobs: Sequence[TokenJob]) -> int:
-        return PrefixTrie([j.ids for j in jobs]).size if self.prefix_sharing else super()._tokens_computed(jobs)
+        return self._last_trie_size if jobs else 0  # the trie _compute just ran (flat without sharing)
 
     def _head(self, h):
         logits = self.model.lm_head(h).float()
@@ -484,6 +484,7 @@ class HFEngine(TokenEngine):
     def _compute(self, jobs: Sequence[TokenJob]) -> list:
         torch = self._torch
         trie = self._trie(jobs)
+        self._last_trie_size = trie.size
         reads: dict[int, list[tuple[int, int, int, int]]] = {}
         for k, j in enumerate(jobs):
             for slot, (pos, tok) in enumerate(j.queries()):
