@@ -32,12 +32,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_router(router: str, params: list[str], config: str | None) -> None:
+    """The router and its parameters as ``rayeval route train`` will parse them (``--param k=v``,
+    JSON values) must construct: an unknown router or parameter is an error here, before the job
+    loads any data (``rayeval.check.router_problems``)."""
+    import typer
+
+    from rayeval.check import router_problems
+    from rayeval.route.cli import _params
+
+    where = f"{config}: " if config else ""
+    try:
+        parsed = _params(params)
+    except typer.BadParameter as e:
+        raise SystemExit(f"jobs/train_router.py: {e}") from None
+    bad = router_problems(router, parsed, f"{where}router", f"{where}params")
+    if bad:
+        raise SystemExit("jobs/train_router.py: " + "\njobs/train_router.py: ".join(bad))
+
+
 def commands(a: argparse.Namespace) -> list[list[str]]:
     cfg = load_config(a.config)
     router, data, out = pick(a, cfg, "router"), pick(a, cfg, "data"), pick(a, cfg, "out")
     if not (router and data and out):
         raise SystemExit("jobs/train_router.py: need router, data and out (flags or --config)")
     params = [f"{k}={json.dumps(v)}" for k, v in (cfg.get("params") or {}).items()] + list(a.param or [])
+    check_router(router, params, a.config)
     train = ["route", "train", router, "--data", data, "--out", out]
     for kv in params:
         train += ["--param", kv]

@@ -1,4 +1,4 @@
-"""The one front door: ``rayeval models|data|eval|route|tune|serve|pipeline``.
+"""The one front door: ``rayeval models|data|check|plan|eval|route|tune|serve|pipeline``.
 
 Every command parses arguments and calls the library; nothing here computes anything itself.
 """
@@ -106,16 +106,37 @@ def eval_cmd(config: str = typer.Argument(..., help="Eval YAML, or a packaged co
              resume: bool = typer.Option(True, help="Reuse finished shards in --out"),
              ) -> None:
     """Evaluate models x datasets x perturbations x scorings on Ray Data; write rows, metrics and a report."""
+    from rayeval.check import check_eval, fail_on_problems
     from rayeval.eval.config import ConfigError
     from rayeval.eval.pipeline import run_eval
 
     over = {k: v for k, v in {"kind": engine, "actors": actors}.items() if v is not None}
+    # run_eval plans the grid (prompt lengths) itself before Ray starts: the check leaves that to it
+    fail_on_problems(check_eval(config, engine=over, plan=False))
     try:
         res = run_eval(config, out, engine=over, resume=resume, address=address)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         err.print(f"error: {e}", markup=False)
         raise typer.Exit(2)
     console.print_json(json.dumps(res))
+
+
+@app.command("check")
+def check_cmd(config: str = typer.Argument(..., help="A config YAML or packaged name (eval_small, pipeline_small, "
+                                                    "tune_small, serve_configs/local_cpu.yaml, judge_mt_bench)"),
+              kind: Optional[str] = typer.Option(None, "--kind", help="eval | pipeline | tune | serve | judge | generate "
+                                                                      "(default: told from the config)"),
+              engine: Optional[str] = typer.Option(None, help="Eval engine override: auto | vllm | hf | fake")) -> None:
+    """Validate a config in seconds, without Ray: one line per problem (file: field: what), exit 2.
+
+    Keys and types at every level, models, datasets, splits and subjects, routers and their
+    parameters, engine options per engine kind, prompt lengths, Serve app args; 'ok: ...' when
+    all resolve.  `rayeval eval`, `pipeline` and `tune` run the same check before Ray starts."""
+    from rayeval.check import check, fail_on_problems
+
+    res = check(config, kind, engine={"kind": engine} if engine else None)
+    fail_on_problems(res)
+    typer.echo(res.summary())
 
 
 @app.command("plan")
@@ -148,8 +169,10 @@ def pipeline_cmd(config: Optional[str] = typer.Argument(None, help="Pipeline YAM
                  serve: Optional[bool] = typer.Option(None, "--serve/--no-serve", help="Deploy and query the Serve graph"),
                  engine: Optional[str] = typer.Option(None, help="Eval engine override: auto | vllm | hf | fake")) -> None:
     """The whole pipeline: evaluate -> gold preference data -> router -> thresholds -> Serve -> report."""
+    from rayeval.check import check_pipeline, fail_on_problems
     from rayeval.workflow import run_workflow
 
+    fail_on_problems(check_pipeline(config, serve=serve, engine={"kind": engine} if engine else None, plan=False))
     try:
         res = run_workflow(config, out, serve=serve, engine={"kind": engine} if engine else None)
     except (ValueError, FileNotFoundError) as e:

@@ -124,6 +124,35 @@ def get_spec(name: str) -> ModelSpec:
                    "not a local folder, and not a hub id of the form org/name")
 
 
+def chat_template_status(name: str) -> tuple[bool | None, str]:
+    """Whether ``name`` renders chat turns with a chat template of its own, read without loading it:
+    registry entries by their prompt format (a base model's minimal template is for serving
+    tools, not an instruct format to evaluate), local folders by their tokenizer files.
+    (None, why) when it cannot be told here (a hub id not downloaded, a name the registry lacks)."""
+    try:
+        spec = get_spec(name)
+    except KeyError:
+        return None, "not a known model"
+    if spec.role != "llm":
+        return False, f"{spec.role}, not a language model"
+    if spec.kind != "hf":
+        if spec.prompt_format != "chat":
+            return False, f"a base model: its registry prompt format is {spec.prompt_format!r}"
+        return True, "instruct model"
+    p = Path(spec.source).expanduser()
+    if not p.is_dir():
+        return None, "hub id, checked when the engine loads it"
+    if (p / "chat_template.jinja").exists() or (p / "chat_template.json").exists():
+        return True, "chat_template file"
+    try:
+        cfg = json.loads((p / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False, f"{p} has no tokenizer_config.json"
+    if cfg.get("chat_template"):
+        return True, "tokenizer_config.json"
+    return False, f"{p}/tokenizer_config.json has no chat_template"
+
+
 def _gguf_path(spec: ModelSpec) -> Path:
     if spec.name == "gemma3-270m":
         mod = importlib.import_module(spec.source)

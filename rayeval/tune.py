@@ -110,6 +110,13 @@ class TuneConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "tune config") -> "TuneConfig":
+        cfg = cls.parse(d, where)
+        cfg.validate(where)
+        return cfg
+
+    @classmethod
+    def parse(cls, d: dict[str, Any], where: str = "tune config") -> "TuneConfig":
+        """The config's keys at every level (unknown ones are errors), not yet validated."""
         d = dict(d)
         sub = {"data": DataSpec, "search": SearchSpec, "scheduler": SchedulerSpec, "calibration": CalibrationSpec}
         for k, typ in sub.items():
@@ -120,9 +127,7 @@ class TuneConfig:
             if isinstance(rs, dict):  # {name: {num_samples: ..}} shorthand
                 rs = [{"name": n, **(v or {})} for n, v in rs.items()]
             d["routers"] = [from_dict(RouterSpec, r, f"{where}: routers[{i}]") for i, r in enumerate(rs)]
-        cfg = from_dict(cls, d, where)
-        cfg.validate(where)
-        return cfg
+        return from_dict(cls, d, where)
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TuneConfig":
@@ -132,27 +137,28 @@ class TuneConfig:
     def validate(self, where: str = "tune config") -> None:
         from rayeval.route.routers import ROUTERS
 
-        for r in self.routers:
+        for i, r in enumerate(self.routers):
             if r.name not in ROUTERS:
-                raise ValueError(f"{where}: unknown router {r.name!r}; known: {sorted(ROUTERS)}")
+                raise ValueError(f"{where}: routers[{i}].name: unknown router {r.name!r}; known: {sorted(ROUTERS)}")
             if r.num_samples < 1:
-                raise ValueError(f"{where}: routers.{r.name}.num_samples must be >= 1")
-            bad = sorted((set(r.params) | set(r.space)) - set(ROUTERS[r.name].param_names()))
-            if bad:
-                raise ValueError(f"{where}: {r.name} has no parameter(s) {bad}; "
-                                 f"it takes {ROUTERS[r.name].param_names()}")
+                raise ValueError(f"{where}: routers[{i}].num_samples: must be >= 1 ({r.name})")
+            for key in ("params", "space"):
+                bad = sorted(set(getattr(r, key)) - set(ROUTERS[r.name].param_names()))
+                if bad:
+                    raise ValueError(f"{where}: routers[{i}].{key}: {r.name} has no parameter(s) {bad}; "
+                                     f"it takes {ROUTERS[r.name].param_names()}")
         if len({r.name for r in self.routers}) != len(self.routers):
             raise ValueError(f"{where}: a router is listed twice")
         if self.search.type not in ("random", "grid", "optuna"):
-            raise ValueError(f"{where}: search.type must be random, grid or optuna")
+            raise ValueError(f"{where}: search.type: must be random, grid or optuna, got {self.search.type!r}")
         if self.scheduler.type not in ("asha", "fifo"):
-            raise ValueError(f"{where}: scheduler.type must be asha or fifo")
+            raise ValueError(f"{where}: scheduler.type: must be asha or fifo, got {self.scheduler.type!r}")
         f = self.data.valid_fraction + self.data.test_fraction
         if not (0 < self.data.valid_fraction < 1 and 0 < self.data.test_fraction < 1 and f < 1):
-            raise ValueError(f"{where}: need 0 < valid_fraction, test_fraction and their sum < 1")
-        for t in self.calibration.targets:
+            raise ValueError(f"{where}: data.valid_fraction, data.test_fraction: need each in (0, 1) and their sum < 1")
+        for i, t in enumerate(self.calibration.targets):
             if not 0 <= t <= 1:
-                raise ValueError(f"{where}: calibration target {t} outside [0, 1]")
+                raise ValueError(f"{where}: calibration.targets[{i}]: target {t} outside [0, 1]")
 
 
 def resolve_config(path: str | Path) -> Path:
@@ -809,6 +815,9 @@ def tune_cmd(config: str = typer.Argument(..., metavar="CONFIG", help="tune YAML
              resume: bool = typer.Option(False, "--resume", help="continue the experiments under --out "
                                                                  "(Tuner.restore: unfinished and errored trials)")):
     """Search each router's space, export the best router + thresholds.json to OUT/best."""
+    from rayeval.check import check_tune, fail_on_problems
+
+    fail_on_problems(check_tune(config))
     try:
         summary = run(config, out, resume, log=typer.echo)
     except (ValueError, FileNotFoundError) as e:

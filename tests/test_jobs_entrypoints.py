@@ -97,18 +97,40 @@ def test_prefs_job_reads_yaml_and_flags_override(tmp_path):
 
 def test_train_router_job_trains_then_calibrates(tmp_path):
     pytest.importorskip("rayeval.route.cli")
+    from rayeval.route.cli import _params
+    from rayeval.route.routers import make_router
+
     cfg = tmp_path / "router.yaml"
     cfg.write_text(yaml.safe_dump({"router": "knn", "data": "routellm:mmlu", "out": "/tmp/r",
-                                   "params": {"k": 10, "weights": "distance"},
+                                   "params": {"k": 10, "weighting": "similarity"},
                                    "calibrate": {"targets": [0.25, 0.5]}}))
     job = load_job("train_router")
-    train, cal = job.commands(job.build_parser().parse_args(["--config", str(cfg)]))
+    train, cal = job.commands(job.build_parser().parse_args(["--config", str(cfg), "-p", "shrinkage=5.0"]))
     path, params = parse_cli(train)
     assert path == "rayeval route train"
-    assert params["router"] == "knn" and params["param"] == ["k=10", 'weights="distance"']
+    assert params["router"] == "knn" and params["param"] == ["k=10", 'weighting="similarity"', "shrinkage=5.0"]
+    # what `rayeval route train` builds from the parsed argv: a real kNN router with those parameters
+    r = make_router(params["router"], **_params(params["param"]))
+    assert (r.k, r.weighting, r.shrinkage) == (10, "similarity", 5.0)
     path, params = parse_cli(cal)
     assert path == "rayeval route calibrate"
     assert str(params["out"]) == "/tmp/r/thresholds.json" and params["target"] == [0.25, 0.5]
+
+
+@pytest.mark.parametrize("params,flags,msg", [
+    ({"k": 10, "weights": "distance"}, [], r"params: knn has no parameter\(s\) \['weights'\]; it takes \[.*'weighting'"),
+    ({"k": 10}, ["-p", 'k="ten"'], r"params\.k: expected int, got 'ten'"),
+])
+def test_train_router_job_rejects_parameters_the_router_does_not_take(tmp_path, params, flags, msg):
+    """The real job would raise TypeError inside `route train`; it stops before that, naming the field."""
+    cfg = tmp_path / "router.yaml"
+    cfg.write_text(yaml.safe_dump({"router": "knn", "data": "routellm:mmlu", "out": "/tmp/r", "params": params}))
+    job = load_job("train_router")
+    with pytest.raises(SystemExit, match=msg) as e:
+        job.commands(job.build_parser().parse_args(["--config", str(cfg), *flags]))
+    assert str(cfg) in str(e.value) and len(str(e.value).splitlines()) == 1
+    with pytest.raises(SystemExit, match=r"router: unknown router 'knnn'"):
+        job.commands(job.build_parser().parse_args(["--router", "knnn", "--data", "d", "--out", "o"]))
 
 
 def test_run_cli_passes_exit_codes_through(tmp_path):

@@ -179,15 +179,24 @@ def test_load_prompts_formats(tmp_path, shared_data):
         load_prompts("nope.jsonl")
 
 
-def test_render_chat_keeps_bos():
+def test_render_chat_leaves_bos_to_the_engine_rule():
     class Tok:
         chat_template = "x"
-        bos_token = "<bos>"
+        bos_token, bos_token_id = "<bos>", 7
 
         def apply_chat_template(self, msgs, add_generation_prompt, tokenize):
             return "Question: " + msgs[-1]["content"] + "\nAnswer:"
 
-    assert render_chat(Tok(), [{"role": "user", "content": "hi"}], " X") == "<bos>Question: hi\nAnswer: X"
+        def encode(self, text, add_special_tokens=False):
+            return [7 if w == "<bos>" else len(w) for w in text.replace("<bos>", "<bos> ").split()]
+
+    text = render_chat(Tok(), [{"role": "user", "content": "hi"}], " X")
+    assert text == "Question: hi\nAnswer: X"
+    from rayeval.eval.engines import encode_prompt
+
+    # BOS once, from the registry's rule, whether or not the text already carries it
+    assert encode_prompt(Tok(), text, add_bos=True)[:2] == [7, len("Question:")]
+    assert encode_prompt(Tok(), "<bos>" + text, add_bos=True)[:2] == [7, len("Question:")]
     assert render_chat(None, [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}]) == "s\n\nhi"
 
 

@@ -259,7 +259,8 @@ def detect_format(path: Path) -> str:
     return "generic"
 
 
-def _mmlu_files(path: Path, split: str | None, subjects: list[str] | None) -> list[tuple[Path, str, str]]:
+def _mmlu_index(path: Path) -> list[tuple[Path, str, str]]:
+    """(file, subject, split) of every CSV of an MMLU folder (flat, or one sub-folder per split)."""
     out = []
     folders = [path] if any(path.glob("*.csv")) else sorted(p for p in path.iterdir() if p.is_dir())
     for folder in folders:
@@ -268,11 +269,41 @@ def _mmlu_files(path: Path, split: str | None, subjects: list[str] | None) -> li
             subj, _, sp = stem.rpartition("_")
             if not subj:
                 subj, sp = stem, folder.name
-            if split and sp != split:
-                continue
-            if subjects and subj not in subjects:
-                continue
             out.append((f, subj, sp))
+    return out
+
+
+def mmlu_layout(path: str | Path) -> tuple[list[str], list[str]] | None:
+    """(subjects, splits) of an MMLU folder from its file names alone; None when ``path`` is not
+    an MMLU folder on this machine."""
+    path = Path(path).expanduser()
+    try:
+        if not path.is_dir() or detect_format(path) != "mmlu":
+            return None
+    except ValueError:  # a folder of no known format: the loader says so
+        return None
+    index = _mmlu_index(path)
+    return sorted({s for _, s, _ in index}), sorted({sp for _, _, sp in index})
+
+
+def check_subjects(path: str | Path, subjects: Iterable[str] | None) -> None:
+    """A requested subject the MMLU folder lacks is an error listing the valid ones (a filter
+    would drop it silently).  Nothing to check for other formats or a missing folder."""
+    layout = mmlu_layout(path) if subjects else None
+    if layout is None:
+        return
+    bad = [s for s in subjects if s not in layout[0]]
+    if bad:
+        raise ValueError(f"unknown subject(s) {bad}; known: {layout[0]}")
+
+
+def _mmlu_files(path: Path, split: str | None, subjects: list[str] | None) -> list[tuple[Path, str, str]]:
+    try:
+        check_subjects(path, subjects)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    out = [(f, subj, sp) for f, subj, sp in _mmlu_index(path)
+           if (not split or sp == split) and (not subjects or subj in subjects)]
     if not out:
         raise FileNotFoundError(f"{path}: no MMLU CSV files for split={split!r} subjects={subjects}")
     return out

@@ -48,6 +48,10 @@ class Setting:
     scorings: list[str] | None = None  # labels of the config's scorings to run here (None: all)
     datasets: list[str] | None = None  # names of the config's datasets this setting applies to (None: all)
     seeds: int = 1                     # run K independent draws of its randomness (see expand_seeds)
+    # Render the prompt through each model's chat template: "single" (the whole prompt as one user
+    # turn) or "multiturn" (each in-context example a user turn and an assistant answer); None: raw text.
+    chat: str | None = None
+    models: list[str] | None = None    # names of the config's models this setting applies to (None: all)
 
 
 SEED_MARK = "@seed"   # replicate j >= 1 of setting "x" is named "x@seed<j>"; replicate 0 keeps "x"
@@ -169,6 +173,20 @@ def _int(v: Any, where: str, lo: int | None = None) -> int:
     return v
 
 
+CHAT_MODES = ("single", "multiturn")
+
+
+def _chat_mode(v: Any, where: str) -> str | None:
+    """``chat: false | true | single | multiturn`` (true = multiturn, lm-eval's fewshot_as_multiturn)."""
+    if v is None or v is False:
+        return None
+    if v is True:
+        return "multiturn"
+    if v not in CHAT_MODES:
+        raise ConfigError(f"{where}.chat: expected false, true or one of {list(CHAT_MODES)}, got {v!r}")
+    return v
+
+
 def parse_setting(d: Any, where: str) -> Setting:
     d = dict(_check_keys(Setting, d, where))
     if not isinstance(d.get("name"), str) or not d["name"]:
@@ -195,7 +213,7 @@ def parse_setting(d: Any, where: str) -> Setting:
         cyc = 1.0
     if isinstance(cyc, bool) or not isinstance(cyc, (int, float)) or not 0 <= cyc <= 1:
         raise ConfigError(f"{where}.cyclic: expected a share in [0, 1] (or true), got {cyc!r}")
-    for key in ("scorings", "datasets"):
+    for key in ("scorings", "datasets", "models"):
         v = d.get(key)
         if v is not None and (not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v)):
             raise ConfigError(f"{where}.{key}: expected a non-empty list of names or null, got {v!r}")
@@ -203,7 +221,8 @@ def parse_setting(d: Any, where: str) -> Setting:
         raise ConfigError(f"{where}.name: {d['name']!r} contains {SEED_MARK!r}, which names seed replicates")
     seeds = _int(d.get("seeds", 1), f"{where}.seeds", 1)
     return Setting(name=d["name"], perturbations=list(specs), template=d.get("template"), shots=shots,
-                   cyclic=float(cyc), scorings=d.get("scorings"), datasets=d.get("datasets"), seeds=seeds)
+                   cyclic=float(cyc), scorings=d.get("scorings"), datasets=d.get("datasets"), seeds=seeds,
+                   chat=_chat_mode(d.get("chat"), where), models=d.get("models"))
 
 
 def parse_config(d: dict[str, Any]) -> EvalConfig:
@@ -227,6 +246,7 @@ def parse_config(d: dict[str, Any]) -> EvalConfig:
         subj = ds.get("subjects")
         if subj is not None and (not isinstance(subj, list) or not all(isinstance(s, str) for s in subj)):
             raise ConfigError(f"{where}.subjects: expected a list of subject names or null, got {subj!r}")
+        check_dataset_subjects(ds, where)
         try:
             get_template(ds.get("template", "mmlu"))
         except ValueError as e:
@@ -248,10 +268,13 @@ def parse_config(d: dict[str, Any]) -> EvalConfig:
         raise ConfigError(f"scorings: duplicate scoring(s) {labels}")
     ds_names = [ds.name for ds in datasets]
     for i, st in enumerate(parsed):
-        for key, known in (("scorings", labels), ("datasets", ds_names)):
+        for key, known in (("scorings", labels), ("datasets", ds_names), ("models", models)):
             bad = [x for x in (getattr(st, key) or []) if x not in known]
             if bad:
                 raise ConfigError(f"settings[{i}].{key}: {bad} not among the config's {key} {known}")
+    for i, st in enumerate(parsed):
+        if st.chat:
+            check_chat_models(st, models, f"settings[{i}]")
     settings = [x for i, st in enumerate(parsed) for x in expand_seeds(st, f"settings[{i}]")]
     names = [s.name for s in settings]
     seed = _int(d.get("seed", 0), "seed")
@@ -290,6 +313,37 @@ def parse_config(d: dict[str, Any]) -> EvalConfig:
     return EvalConfig(name=d["name"], models=list(models), datasets=datasets, settings=settings, scorings=scorings,
                       seed=seed, batch_size=batch_size, engine=dict(engine), baseline=b, metrics=dict(metrics),
                       protocols=protocols, output_dir=str(d.get("output_dir") or "runs/{name}"))
+
+
+def dataset_path(ds: dict[str, Any]) -> Path:
+    """Where a ``datasets:`` entry's files are: its ``path``, else ``<data_root>/<name>``."""
+    from rayeval.config import data_root
+
+    return Path(ds["path"]).expanduser() if ds.get("path") else data_root() / ds["name"]
+
+
+def check_dataset_subjects(ds: dict[str, Any], where: str) -> None:
+    """Subjects an MMLU folder on this machine lacks are an error listing the valid ones (the
+    loader's filter would drop them silently); other formats, or data not here, are not checked."""
+    from rayeval.data.loaders import check_subjects
+
+    try:
+        check_subjects(dataset_path(ds), ds.get("subjects"))
+    except ValueError as e:
+        raise ConfigError(f"{where}.subjects: {e}") from None
+
+
+def check_chat_models(st: Setting, models: list[str], where: str) -> None:
+    """A chat setting needs a chat template in every model it applies to: a base model (or a
+    folder whose tokenizer has none) is a config error here, not a silent skip or an actor crash."""
+    from rayeval.models import chat_template_status
+
+    for m in st.models or models:
+        ok, why = chat_template_status(m)
+        if ok is False:
+            others = [x for x in (st.models or models) if x != m]
+            hint = f"; limit the setting to chat models with models: {others}" if others else ""
+            raise ConfigError(f"{where}.chat: model {m!r} has no chat template ({why}){hint}")
 
 
 def parse_protocols(d: Any, settings: list[Setting], labels: list[str]) -> dict[str, Protocol]:

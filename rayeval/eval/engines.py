@@ -27,6 +27,9 @@ class ScoreRequest:
     prompt: str
     symbols: tuple[str, ...] | None = None
     continuations: tuple[str, ...] | None = None
+    # chat turns ((role, content), ...): the engine renders them with its model's chat template
+    # (``prompt`` then is the same prompt as raw text, for ordering and display)
+    chat: tuple[tuple[str, str], ...] | None = None
 
 
 @dataclass
@@ -65,14 +68,15 @@ class FakeEngine:
         self.calls += 1
         out = []
         for r in requests:
+            key = r.prompt if not r.chat else repr(r.chat)
             if r.symbols is not None:
-                lp = [self._h(r.prompt, s) + (self.bias[i] if i < len(self.bias) else 0.0)
+                lp = [self._h(key, s) + (self.bias[i] if i < len(self.bias) else 0.0)
                       for i, s in enumerate(r.symbols)]
                 out.append(ScoreResult(symbol_logprobs=lp))
             else:
                 conts = r.continuations or ()
                 ntok = [max(1, len(c.split())) for c in conts]
-                out.append(ScoreResult(continuation_logprobs=[self._h(r.prompt, c) * n for c, n in zip(conts, ntok)],
+                out.append(ScoreResult(continuation_logprobs=[self._h(key, c) * n for c, n in zip(conts, ntok)],
                                        continuation_tokens=ntok))
         return out
 
@@ -105,6 +109,26 @@ def encode_prompt(tokenizer, prompt: str, add_bos: bool = False) -> list[int]:
     return ids
 
 
+def chat_text(tokenizer, messages: Sequence, chat_template: str | None = None) -> str:
+    """Chat turns rendered by the model's chat template with the assistant generation prompt.
+    ``messages``: dicts with role/content, or (role, content) pairs.  ``chat_template`` is used
+    only when the tokenizer has none (a registry entry's template for a prepared folder)."""
+    msgs = [m if isinstance(m, dict) else {"role": m[0], "content": m[1]} for m in messages]
+    kw: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
+    if not getattr(tokenizer, "chat_template", None):
+        if not chat_template:
+            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+            raise ValueError(f"{name}: the tokenizer has no chat template, so chat turns cannot be rendered")
+        kw["chat_template"] = chat_template
+    return tokenizer.apply_chat_template(msgs, **kw)
+
+
+def encode_chat(tokenizer, messages: Sequence, add_bos: bool = False, chat_template: str | None = None) -> list[int]:
+    """Token ids of chat turns: the chat template's text, then the same BOS rule as raw prompts.
+    Scoring, generation and serving all call this, so one chat is one token stream everywhere."""
+    return encode_prompt(tokenizer, chat_text(tokenizer, messages, chat_template), add_bos)
+
+
 def encode_continuation(tokenizer, context_ids: list[int], continuation: str) -> list[int]:
     """Tokens of ``continuation`` after the context.  Tokenized separately (lm-eval style) so the
     context tokens stay fixed; a leading space is kept when the continuation has one."""
@@ -116,7 +140,7 @@ def _expand(requests: Sequence[ScoreRequest], tokenizer, sym_cache: dict, add_bo
     ('cont', req_index, option_index, context_ids, cont_ids)."""
     jobs = []
     for i, r in enumerate(requests):
-        ctx = encode_prompt(tokenizer, r.prompt, add_bos)
+        ctx = encode_chat(tokenizer, r.chat, add_bos) if r.chat else encode_prompt(tokenizer, r.prompt, add_bos)
         if r.symbols is not None:
             key = tuple(r.symbols)
             if key not in sym_cache:
@@ -404,6 +428,7 @@ class HFEngine(TokenEngine):
         self.max_tokens_per_batch = int(kw.pop("max_tokens_per_batch", 4096))
         self.max_kv_tokens = int(kw.pop("max_kv_tokens", 65536))
         self.row_tokens = int(kw.pop("row_tokens", 256))
+        self.min_fill = float(kw.pop("min_fill", 0.75))
         self.prefix_sharing = bool(kw.pop("prefix_sharing", True))
         cache = kw.pop("score_cache", None)
         limit = kw.pop("max_model_len", None)
@@ -474,7 +499,10 @@ class HFEngine(TokenEngine):
                 qmax = q[batch[0]]
                 pmax = max(p[j] for j in batch + [i])
                 b = len(batch) + 1
-                if b > self.batch_size or b * qmax > self.max_tokens_per_batch or b * (pmax + qmax) > self.max_kv_tokens:
+                # rows are sorted longest first: a row much shorter than the batch's first would
+                # be mostly padding, so it opens the next batch instead
+                if (b > self.batch_size or b * qmax > self.max_tokens_per_batch or b * (pmax + qmax) > self.max_kv_tokens
+                        or q[i] < self.min_fill * qmax):
                     yield [rows[j] for j in batch]
                     batch = []
             batch.append(i)

@@ -45,7 +45,7 @@ log = logging.getLogger("rayeval.eval")
 EXEC_KEYS = ("kind", "actors", "num_cpus", "num_gpus", "resources", "cpu_cores", "max_restarts", "fault", "cache",
              "hf", "vllm")
 # Engine options each kind takes (besides ``from_pretrained`` / ``vllm.LLM`` passthrough below).
-HF_KEYS = {"dtype", "num_threads", "batch_size", "max_tokens_per_batch", "max_kv_tokens", "row_tokens",
+HF_KEYS = {"dtype", "num_threads", "batch_size", "max_tokens_per_batch", "max_kv_tokens", "row_tokens", "min_fill",
            "prefix_sharing", "max_model_len", "attn_implementation", "revision", "trust_remote_code"}
 
 
@@ -212,18 +212,19 @@ class ScoreActor:
             shard = int(shard)
             self._maybe_crash(shard)
             works: list[Work] = pickle.loads(blob)
-            reqs = [r for w in works for r in w.requests]
+            mine = {m: [w for w in works if w.for_model(m)] for m in self.engines}
             before, cpu0, t0 = self._stats(), time.process_time(), time.perf_counter()
             # Engines of different models run side by side (each vLLM engine core is its own
             # process, pinned to its own cores), so one shard costs max(), not sum(), of them.
-            scored = list(self.pool.map(lambda eng: eng.score(reqs), self.engines.values()))
+            scored = list(self.pool.map(lambda m: self.engines[m].score([r for w in mine[m] for r in w.requests]),
+                                        self.engines))
             after = self._stats()
             for model, results in zip(self.engines, scored):
                 st = {k: v - before[model].get(k, 0) for k, v in after[model].items()}
-                st.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - cpu0, works=len(works))
+                st.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - cpu0, works=len(mine[model]))
                 tag = json.dumps(st)
                 i = 0
-                for w in works:
+                for w in mine[model]:
                     n = len(w.requests)
                     row = reduce(w, results[i: i + n], model=model)
                     row["shard"] = shard
@@ -341,8 +342,11 @@ def plan_checked(cfg: EvalConfig, ex: Execution, shards: Sequence[Sequence[Work]
     from rayeval.eval.plan import plan_works
 
     limit = ex.engine_kwargs.get("max_model_len")
-    grid = plan_works(shards, cfg.models, config=cfg.name, engine=ex.kind, context_limit=limit,
-                      caches=engine_caches(cfg, ex))
+    try:
+        grid = plan_works(shards, cfg.models, config=cfg.name, engine=ex.kind, context_limit=limit,
+                          caches=engine_caches(cfg, ex))
+    except ValueError as e:  # a request the model's tokenizer cannot encode (a chat turn without a template)
+        raise ConfigError(str(e)) from None
     bad = [f"{m.model}: {t}" for m in grid.models for t in m.too_long]
     if bad:
         more = f" (and {len(bad) - 10} more)" if len(bad) > 10 else ""
@@ -402,7 +406,7 @@ def run_eval(config: str | Path | EvalConfig, out_dir: str | Path, *, engine: di
     t_plan = time.time() - t0
     fp = fingerprint(cfg, shards)
     res = run_sharded(cfg.name, shards, ScoreActor, {"models": list(cfg.models), "execution": asdict(ex)}, out, fp,
-                      lambda i: len(cfg.models) * len(shards[i]), ex, resume=resume, stop_after=stop_after,
+                      lambda i: sum(w.for_model(m) for m in cfg.models for w in shards[i]), ex, resume=resume, stop_after=stop_after,
                       address=address, meta={"work_units": len(works), "models": cfg.models})
     t_eval = time.time() - t0 - t_plan
     written = res["written"]

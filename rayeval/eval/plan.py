@@ -89,8 +89,13 @@ class ByteTokenizer:
     bos_token_id = None
     add_bos_token = False
 
+    chat_template = "role: content turns"
+
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return list(text.encode("utf-8"))
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, **_):
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant:" if add_generation_prompt else "")
 
 
 def load_tokenizer(model: str):
@@ -133,7 +138,13 @@ def plan_works(shards: Sequence[Sequence[Any]], models: Sequence[str], *, config
         for shard in shards:
             shard_jobs = []
             for w in shard:
-                jobs = _expand(w.requests, tok, sym_cache, add_bos)
+                if not w.for_model(model):
+                    continue
+                try:
+                    jobs = _expand(w.requests, tok, sym_cache, add_bos)
+                except ValueError as e:
+                    raise ValueError(f"{model}: {w.dataset}/{w.prompt.item_id} (setting {w.setting}, scoring "
+                                     f"{w.scoring.label}): {e}") from None
                 mp.requests += len(w.requests)
                 tjs = [token_job(j) for j in jobs]
                 shard_jobs.extend(tjs)

@@ -14,6 +14,14 @@ In-context examples (``Shots``):
   balanced: true          example answers moved to cycle through the positions (0, 1, 2, 3, 0, ...):
                           mixed positions, no position for the model to copy
   seed: j                 replicate j of the sampled sources (ood, trivial, self_incorrect); 0 = default
+
+Chat (``chat`` of a setting): the same prompt as chat turns, rendered later by each model's own
+chat template in the engine layer (the only place text becomes token ids), as lm-eval's
+``--apply_chat_template`` does:
+  "single"     one user turn holding the whole prompt (header, examples, question, answer cue)
+  "multiturn"  the header and first example as the first user turn, each example's answer an
+               assistant turn, the question the last user turn (lm-eval's fewshot_as_multiturn)
+The scored continuation (" A", " <option>") follows the assistant generation prompt.
 """
 
 from __future__ import annotations
@@ -91,6 +99,9 @@ class Prompt:
     options: tuple[str, ...]       # option texts in displayed order
     gold: int                      # gold position in displayed order
     applied: dict[str, Any] = field(default_factory=dict, compare=False)  # template, shots, perturbation meta
+    # chat settings: the prompt as (role, content) turns, options shown / hidden; () for raw text
+    messages: tuple[tuple[str, str], ...] = ()
+    cloze_messages: tuple[tuple[str, str], ...] = ()
 
 
 # ----------------------------------------------------------------------------- loading
@@ -151,10 +162,12 @@ def format_question(item: MCQItem, symbols: Sequence[str], t: PromptTemplate, sh
     return s + t.answer
 
 
-def format_example(item: MCQItem, answer: int, symbols: Sequence[str], t: PromptTemplate, show_options: bool) -> str:
-    s = format_question(item, symbols, t, show_options)
+def example_parts(item: MCQItem, answer: int, symbols: Sequence[str], t: PromptTemplate,
+                  show_options: bool) -> tuple[str, str]:
+    """An in-context example as (question with answer cue, answer text)."""
     fmt = t.example_answer if show_options else t.cloze_example_answer
-    return s + fmt.format(symbol=symbols[answer], text=str(item.choices[answer]).strip())
+    return (format_question(item, symbols, t, show_options),
+            fmt.format(symbol=symbols[answer], text=str(item.choices[answer]).strip()))
 
 
 def select_examples(item: MCQItem, shots: Shots, dev_items: Sequence[MCQItem], seed: int) -> list[tuple[MCQItem, int]]:
@@ -190,22 +203,40 @@ def select_examples(item: MCQItem, shots: Shots, dev_items: Sequence[MCQItem], s
     return out
 
 
+CHAT_MODES = ("single", "multiturn")
+
+
+def chat_turns(head: str, examples: Sequence[tuple[str, str]], question: str, mode: str) -> tuple[tuple[str, str], ...]:
+    """The prompt as chat turns: ``examples`` are (question text, answer text) pairs."""
+    if mode == "single":
+        return (("user", head + "".join(q + a for q, a in examples) + question),)
+    if mode != "multiturn":
+        raise ValueError(f"chat: {mode!r} is not one of {CHAT_MODES}")
+    turns: list[tuple[str, str]] = []
+    for i, (q, a) in enumerate(examples):
+        turns += [("user", (head if i == 0 else "") + q), ("assistant", a.strip())]
+    turns.append(("user", (head if not examples else "") + question))
+    return tuple(turns)
+
+
 def build_prompt(item: MCQItem, template: str | PromptTemplate = "mmlu", shots: Shots | dict | int | None = None,
-                 dev_items: Sequence[MCQItem] = (), seed: int = 0) -> Prompt:
-    """The Prompt for one (perturbed) item.  Pure: same inputs, same text."""
+                 dev_items: Sequence[MCQItem] = (), seed: int = 0, chat: str | None = None) -> Prompt:
+    """The Prompt for one (perturbed) item.  Pure: same inputs, same text.  ``chat`` ("single" or
+    "multiturn") also gives the prompt as chat turns (``messages``, ``cloze_messages``)."""
     t = get_template(template)
     shots = Shots.parse(shots)
     item = perturb.init_meta(item)
     syms = item_symbols(item, t)
     examples = select_examples(item, shots, dev_items, seed)
     head = t.instruction.format(subject=subject_name(item.subject), k=len(examples))
-    parts, cloze_parts = [head], [head]
+    shown, hidden = [], []  # (question, answer) of each example, options shown / hidden
     for ex, ans in examples:
         ex_syms = syms if ex.n_choices == len(syms) else perturb.symbols_for(t.symbols, ex.n_choices)
-        parts.append(format_example(ex, ans, ex_syms, t, True))
-        cloze_parts.append(format_example(ex, ans, ex_syms, t, False))
-    parts.append(format_question(item, syms, t, True))
-    cloze_parts.append(format_question(item, syms, t, False))
+        shown.append(example_parts(ex, ans, ex_syms, t, True))
+        hidden.append(example_parts(ex, ans, ex_syms, t, False))
+    q_shown, q_hidden = format_question(item, syms, t, True), format_question(item, syms, t, False)
+    parts = [head, *(q + a for q, a in shown), q_shown]
+    cloze_parts = [head, *(q + a for q, a in hidden), q_hidden]
     applied = {
         "template": t.name,
         "shots": {"k": shots.k, "source": shots.source, "fixed_position": shots.fixed_position,
@@ -218,7 +249,10 @@ def build_prompt(item: MCQItem, template: str | PromptTemplate = "mmlu", shots: 
         "conflicts": list(item.meta["conflicts"]),
         "pinned": list(item.meta["pinned"]),
         "refs_symbols": bool(item.meta["refs_symbols"]),
+        "chat": chat,
     }
+    messages = chat_turns(head, shown, q_shown, chat) if chat else ()
+    cloze_messages = chat_turns(head, hidden, q_hidden, chat) if chat else ()
     return Prompt(item_id=item.id, subject=item.subject, text="".join(parts), cloze_text="".join(cloze_parts),
                   symbols=tuple(syms), options=tuple(str(c).strip() for c in item.choices), gold=item.gold,
-                  applied=applied)
+                  applied=applied, messages=messages, cloze_messages=cloze_messages)

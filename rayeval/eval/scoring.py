@@ -67,9 +67,12 @@ class Scoring:
 
     def build_requests(self, prompt: Prompt) -> list[ScoreRequest]:
         if self.name == "symbol":
-            return [ScoreRequest(prompt=prompt.text, symbols=tuple(prompt.symbols))]
-        text = prompt.text if self.name == "hybrid" else prompt.cloze_text
-        return [ScoreRequest(prompt=text, continuations=self.continuations(prompt))]
+            return [ScoreRequest(prompt=prompt.text, symbols=tuple(prompt.symbols), chat=prompt.messages or None)]
+        if self.name == "hybrid":
+            text, chat = prompt.text, prompt.messages
+        else:
+            text, chat = prompt.cloze_text, prompt.cloze_messages
+        return [ScoreRequest(prompt=text, continuations=self.continuations(prompt), chat=chat or None)]
 
     def reduce(self, prompt: Prompt, results: Sequence[ScoreResult]) -> dict[str, Any]:
         if len(results) != 1:
@@ -138,6 +141,10 @@ class Work:
     rotation: int
     prompt: Prompt
     requests: list[ScoreRequest] = field(default_factory=list)
+    models: tuple[str, ...] | None = None   # the models that score it (None: every model of the run)
+
+    def for_model(self, model: str) -> bool:
+        return self.models is None or model in self.models
 
     @property
     def key(self) -> tuple:
@@ -174,12 +181,15 @@ def expand_item(item: MCQItem, setting: Any, scorings: Sequence[Any], dev_items:
     out = []
     for r in rotations_for(perturbed, get("cyclic", None), seed):
         it = perturbed if r == 0 else perturb.build({"name": "rotate", "r": r})(perturbed, None)
-        prompt = build_prompt(it, get("template", None) or default_template, get("shots", None), dev_items, seed)
+        prompt = build_prompt(it, get("template", None) or default_template, get("shots", None), dev_items, seed,
+                              chat=get("chat", None))
+        models = get("models", None)
         for sc in scorings:
             sc = get_scoring(sc)
             if r and sc.name == "cloze":
                 continue  # cloze never shows the options: every rotation would score the same
-            out.append(Work(dataset, name, sc, r, prompt, sc.build_requests(prompt)))
+            out.append(Work(dataset, name, sc, r, prompt, sc.build_requests(prompt),
+                            tuple(models) if models else None))
     return out
 
 
@@ -222,6 +232,13 @@ def expand(items: Sequence[MCQItem], dev_items: Sequence[MCQItem], config: Any, 
     return out
 
 
+def _prompt_sha(r: ScoreRequest) -> str:
+    h = hashlib.sha1(r.prompt.encode())
+    if r.chat:
+        h.update(repr(r.chat).encode())
+    return h.hexdigest()[:12]
+
+
 def reduce(work: Work, results: Sequence[ScoreResult], model: str = "") -> dict[str, Any]:
     """One output row (flat dict; lists for per-option columns) from a Work and its results."""
     p = work.prompt
@@ -248,7 +265,8 @@ def reduce(work: Work, results: Sequence[ScoreResult], model: str = "") -> dict[
         "conflict": bool(a["conflicts"]),
         "special": bool(a["pinned"]),
         "refs_symbols": a["refs_symbols"],
-        "prompt_sha": hashlib.sha1(work.requests[0].prompt.encode()).hexdigest()[:12] if work.requests else "",
+        "chat": a.get("chat") or "",
+        "prompt_sha": _prompt_sha(work.requests[0]) if work.requests else "",
     }
     row.update(work.scoring.reduce(p, results))
     return row
@@ -273,7 +291,7 @@ def reduce_all(works: Sequence[Work], results: Sequence[ScoreResult], model: str
 
 ROW_COLUMNS = (
     "model", "dataset", "setting", "scoring", "item_id", "subject", "rotation", "n_options", "gold", "orig_gold",
-    "perm", "symbols", "template", "shots", "shots_source", "forced_gold", "conflict", "special", "refs_symbols", "prompt_sha",
+    "perm", "symbols", "template", "shots", "shots_source", "forced_gold", "conflict", "special", "refs_symbols", "chat", "prompt_sha",
     "per_option_scores", "per_option_raw_logprob", "per_option_score_tokens", "per_option_score_chars",
     "per_option_score_bytes", "tokens", "chars", "bytes", "normalize", "prediction", "correct",
     "pred_none", "pred_tokens", "pred_chars", "pred_bytes",

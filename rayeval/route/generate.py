@@ -191,18 +191,16 @@ def load_prompts(source: str | PromptSource = "mt_bench", limit: int | None = No
 # ----------------------------------------------------------------------------- chat rendering
 
 def render_chat(tokenizer, messages: Sequence[dict], assistant_prefix: str = "") -> str:
-    """The model's own chat template applied to ``messages`` with the generation prompt, then
-    ``assistant_prefix``.  The BOS token is written into the text when the template leaves it out
-    (the prepared Gemma tokenizer neither templates nor adds it), so the text tokenizes to the
-    exact stream the model expects.  Without a tokenizer (test doubles): plain text."""
+    """The model's own chat template applied to ``messages`` with the generation prompt
+    (``rayeval.eval.engines.chat_text``), then ``assistant_prefix``.  BOS is the engine's to add
+    (``encode_prompt``: the registry's rule), as for every other prompt.  Without a tokenizer or
+    template (test doubles, ``use_chat_template: false``): plain text."""
+    from rayeval.eval.engines import chat_text
+
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         body = "\n\n".join(m["content"] for m in messages)
         return body + ("\n" + assistant_prefix if assistant_prefix else "")
-    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
-    bos = getattr(tokenizer, "bos_token", None)
-    if bos and not text.startswith(bos):
-        text = bos + text
-    return text + assistant_prefix
+    return chat_text(tokenizer, messages) + assistant_prefix
 
 
 def conversation(prompt: str, system: str | None = None) -> list[dict]:
@@ -223,15 +221,19 @@ class VLLMGenerator:
         self.name = model
         self.tokenizer = self.engine.tokenizer
 
+    def prompt_ids(self, conv: Sequence[dict]) -> list[int]:
+        """A conversation's token ids: ``encode_chat``, the rule scoring and serving use too."""
+        from rayeval.eval.engines import encode_chat
+
+        return encode_chat(self.tokenizer, conv, self.engine.add_bos)
+
     def generate(self, messages: Sequence[Sequence[dict]], sampling: Sampling) -> list[dict]:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        from rayeval.eval.engines import encode_prompt
-
         prompts, params = [], []
         for i, conv in enumerate(messages):
-            ids = encode_prompt(self.tokenizer, render_chat(self.tokenizer, conv))
+            ids = self.prompt_ids(conv)
             room = self.engine.max_model_len - len(ids)
             if room < 1:
                 raise ValueError(f"prompt {i}: {len(ids)} tokens, no room under max_model_len={self.engine.max_model_len}")

@@ -72,15 +72,18 @@ class PromptFormat:
 
         if self.kind == "completion":
             return render_completion(self.completion_template, messages)
-        kw: dict[str, Any] = {"tokenize": False, "add_generation_prompt": True}
-        if self.chat_template and not getattr(tokenizer, "chat_template", None):
-            kw["chat_template"] = self.chat_template
-        return tokenizer.apply_chat_template(messages, **kw)
+        from rayeval.eval.engines import chat_text
+
+        return chat_text(tokenizer, messages, self.chat_template)
 
     def prompt_ids(self, tokenizer, messages: list[dict]) -> list[int]:
-        from rayeval.eval.engines import encode_prompt
+        """Token ids of a request: the chat path is ``encode_chat``, the one rule that scoring
+        (chat settings) and generation use too."""
+        from rayeval.eval.engines import encode_chat, encode_prompt
 
-        return encode_prompt(tokenizer, self.text(tokenizer, messages), self.add_bos)
+        if self.kind == "completion":
+            return encode_prompt(tokenizer, self.text(tokenizer, messages), self.add_bos)
+        return encode_chat(tokenizer, messages, self.add_bos, self.chat_template)
 
     def stops(self, extra: Any = None) -> list[str] | None:
         """The format's stop strings plus a request's own (``stop``: a string or a list)."""
