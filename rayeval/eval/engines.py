@@ -413,8 +413,10 @@ class HFEngine(TokenEngine):
     Options: ``dtype`` (``auto``: bf16 where the CPU has native bf16 matmuls or on GPU, else
     fp32), ``num_threads`` (default: every core this process may use), ``batch_size`` (rows per
     forward), ``max_tokens_per_batch`` (segment tokens per forward), ``max_kv_tokens`` (parent
-    cache tokens per forward), ``prefix_sharing``, ``score_cache``; anything else goes to
-    ``from_pretrained``."""
+    cache tokens per forward), ``row_tokens`` (sibling tokens packed per row), ``min_fill`` (a row
+    shorter than this share of its pass's longest row starts a new pass: padding stays small),
+    ``head_rows`` (read positions per vocabulary-head chunk), ``prefix_sharing``, ``score_cache``;
+    anything else goes to ``from_pretrained``."""
 
     def __init__(self, model: str, engine_kwargs: dict | None = None):
         import torch
@@ -429,6 +431,7 @@ class HFEngine(TokenEngine):
         self.max_kv_tokens = int(kw.pop("max_kv_tokens", 65536))
         self.row_tokens = int(kw.pop("row_tokens", 256))
         self.min_fill = float(kw.pop("min_fill", 0.75))
+        self.head_rows = int(kw.pop("head_rows", 256))
         self.prefix_sharing = bool(kw.pop("prefix_sharing", True))
         cache = kw.pop("score_cache", None)
         limit = kw.pop("max_model_len", None)
@@ -521,15 +524,47 @@ class HFEngine(TokenEngine):
         is_next = [j.next_token for j in jobs]
         values: list = [[0.0] * len(j.cands) if j.next_token else [0.0, len(j.ids) - j.start] for j in jobs]
         kv: dict[int, list] = {}  # node -> per layer (keys, values) of its whole path
+        self._pending: list = []  # (hidden states at read positions, their reads), headed at the end
         with torch.inference_mode():
             for level in trie.levels():
                 nxt: dict[int, list] = {}
                 for batch in self._batches(self._rows(level, trie), trie):
-                    self._forward(batch, trie, kv, nxt, reads, values, is_next)
+                    self._forward(batch, trie, kv, nxt, reads)
                 kv = nxt
+            self._read_heads(values, is_next)
         return [v if j.next_token else (v[0], int(v[1])) for j, v in zip(jobs, values)]
 
-    def _forward(self, batch: list[list[int]], trie: PrefixTrie, kv, nxt, reads, values, is_next) -> None:
+    def _read_heads(self, values, is_next) -> None:
+        """The vocabulary head over every read position of the call at once, in chunks of
+        ``head_rows``: its weights (Gemma-3: 262k x 640) stream from memory once per chunk, not once
+        per forward pass."""
+        torch = self._torch
+        if not self._pending:
+            return
+        h = torch.cat([p[0] for p in self._pending])
+        want = [(q + off, tok, k, slot) for off, (_, w) in zip(self._offsets(), self._pending) for q, tok, k, slot in w]
+        self._pending = []
+        qi = torch.tensor([w[0] for w in want], device=h.device)
+        ti = torch.tensor([w[1] for w in want], device=h.device)
+        lp = torch.empty(len(want))
+        for a in range(0, len(want), self.head_rows):
+            # the positions these reads use, headed once each
+            rows, inv = torch.unique(qi[a: a + self.head_rows], return_inverse=True)
+            logits = self._head(h[rows])
+            lp[a: a + self.head_rows] = (logits[inv, ti[a: a + self.head_rows]] - torch.logsumexp(logits, -1)[inv]).cpu()
+        for (q, tok, k, slot), x in zip(want, lp.tolist()):
+            if is_next[k]:
+                values[k][slot] = x
+            else:
+                values[k][0] += x
+
+    def _offsets(self):
+        off = 0
+        for hid, _ in self._pending:
+            yield off
+            off += hid.shape[0]
+
+    def _forward(self, batch: list[list[int]], trie: PrefixTrie, kv, nxt, reads) -> None:
         """One forward pass over rows of sibling nodes on top of their parents' caches.
 
         Layout of row r: [left pad | parent path (P_r) | node a | node b | ... | right pad].  The
@@ -589,7 +624,8 @@ class HFEngine(TokenEngine):
         out = self.base(input_ids=ids.to(dev), attention_mask=attn, position_ids=pos.to(dev),
                         past_key_values=cache, use_cache=True)
         h = out.last_hidden_state
-        # Read the log-probabilities jobs ask for: the head runs once per distinct position.
+        # Keep the hidden state of every position a job reads (once per distinct position); the
+        # head runs over all of them when the call's last pass is done (_read_heads).
         at: dict[tuple[int, int], int] = {}
         want = []
         for r, row in enumerate(batch):
@@ -600,16 +636,7 @@ class HFEngine(TokenEngine):
         if want:
             rr = torch.tensor([rc[0] for rc in at], device=dev)
             cc = torch.tensor([rc[1] for rc in at], device=dev)
-            logits = self._head(h[rr, cc])
-            lse = torch.logsumexp(logits, -1)
-            qi = torch.tensor([w[0] for w in want], device=dev)
-            ti = torch.tensor([w[1] for w in want], device=dev)
-            lp = (logits[qi, ti] - lse[qi]).tolist()
-            for (q, tok, k, slot), x in zip(want, lp):
-                if is_next[k]:
-                    values[k][slot] = x
-                else:
-                    values[k][0] += x
+            self._pending.append((h[rr, cc], want))
         # Keep the whole-path cache of every node that has children, for the next level.
         for r, row in enumerate(batch):
             for g, n in enumerate(row):
