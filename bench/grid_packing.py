@@ -6,10 +6,12 @@ The main job's evaluation grid (``eval_pipeline``: 6 settings, three scorings on
 MMLU/ARC items) in prompt order, its first ``--works`` work units, scored by ``HFEngine`` on one
 thread per model (what each model gets in the main job's actor), in shards of ``shard`` works:
 
-  before   shards of 32 works, ``min_fill: 0`` (rows of any length share a forward pass)
+  before   shards of 32 works, ``min_fill: 0`` (rows of any length share a forward pass),
+           ``head_rows: 0`` (the vocabulary head after every forward pass)
   after    shards of 128 works, ``min_fill: 0.75`` (a row shorter than 3/4 of the longest in its
-           pass opens a new pass), the main job's configuration now
-  and the two changes one at a time.
+           pass opens a new pass), ``head_rows: 256`` (the head once over all read positions of a
+           call, 256 at a time): the main job's configuration now
+  and the three changes one at a time.
 
 For each: seconds, tokens computed (real trie tokens), tokens the forward passes processed
 (padding included), passes, tokens/s.  Scores must agree (same jobs, same positions).
@@ -29,7 +31,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid_speed import cpu_info  # noqa: E402
 
-VARIANTS = [("before", 32, 0.0), ("packing only", 32, 0.75), ("shards only", 128, 0.0), ("after", 128, 0.75)]
+# (name, works per shard, min_fill, head_rows)
+VARIANTS = [("before", 32, 0.0, 0), ("packing only", 32, 0.75, 0), ("shards only", 128, 0.0, 0),
+            ("head batched only", 32, 0.0, 256), ("after", 128, 0.75, 256)]
 
 
 def run(model: str, n: int) -> list[dict]:
@@ -51,8 +55,8 @@ def run(model: str, n: int) -> list[dict]:
     HFEngine._forward = counted
     out, ref = [], None
     try:
-        for name, shard, fill in VARIANTS:
-            eng.min_fill = fill
+        for name, shard, fill, head in VARIANTS:
+            eng.min_fill, eng.head_rows = fill, head
             passes.update(n=0, padded=0)
             before = eng.stats["tokens_computed"]
             t0 = time.perf_counter()
@@ -63,7 +67,8 @@ def run(model: str, n: int) -> list[dict]:
             dt = time.perf_counter() - t0
             tokens = eng.stats["tokens_computed"] - before
             ref = ref or scores
-            out.append({"model": model, "variant": name, "shard_works": shard, "min_fill": fill, "seconds": round(dt, 1),
+            out.append({"model": model, "variant": name, "shard_works": shard, "min_fill": fill, "head_rows": head,
+                        "seconds": round(dt, 1),
                         "tokens_computed": tokens, "tokens_processed": passes["padded"], "passes": passes["n"],
                         "tokens_per_s": round(tokens / dt, 1),
                         "max_abs_diff_vs_before": max(abs(a - b) for a, b in zip(scores, ref))})
@@ -89,11 +94,11 @@ def main() -> None:
              f"CPU: {c['model']}, {c['cores']} cores; flags {' '.join(c['flags'])}. Load average at start "
              f"{load0[0]:.2f}, at end {res['load_end'][0]:.2f}. First {a.works} work units of `eval_pipeline` in "
              "prompt order, one thread per model, fp32.", "",
-             "| model | variant | works/shard | min_fill | s | tokens computed | tokens processed (with padding) | "
-             "passes | tokens/s | speed-up vs before | max abs diff vs before |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | variant | works/shard | min_fill | head_rows | s | tokens computed | tokens processed (with padding) | "
+             "passes | tokens/s | speed-up vs before | max abs diff vs before |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         base = next(x for x in rows if x["model"] == r["model"] and x["variant"] == "before")
-        lines.append(f"| {r['model']} | {r['variant']} | {r['shard_works']} | {r['min_fill']} | {r['seconds']} | "
+        lines.append(f"| {r['model']} | {r['variant']} | {r['shard_works']} | {r['min_fill']} | {r['head_rows']} | {r['seconds']} | "
                      f"{r['tokens_computed']:,} | {r['tokens_processed']:,} | {r['passes']} | {r['tokens_per_s']} | "
                      f"{base['seconds'] / r['seconds']:.2f}x | {r['max_abs_diff_vs_before']:.1e} |")
     Path(a.out + ".md").write_text("\n".join(lines) + "\n")

@@ -33,7 +33,7 @@ FAST = [
     ("mf", {}), ("mf", {"objective": "pointwise"}), MF_SIDE,
     ("logistic", {"C": 0.1}), LOGI_SIDE, ("group", {}), KNN_GROUP, LOGI_PAIR, BLEND, BLEND3,
 ]
-# Classifier settings: the causal head's C was chosen on GSM8K (session 3), BERT's probe C by inner CV
+# Classifier settings: the causal head's C was chosen on GSM8K (2026-11-30), BERT's probe C by inner CV
 # inside every training fold; both then run unchanged on MMLU and MT-Bench (docs/routing.md).
 SLOW = [
     ("bert", {"epochs": 1, "max_train": 2000, **SIDE}),  # LP-FT: probe C by inner CV, then 1 epoch at lr 1e-5

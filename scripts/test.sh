@@ -8,7 +8,7 @@ bash scripts/setup.sh
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 if [ "${1:-}" = "--fast" ]; then
   shift
-  exec .venv/bin/python -m pytest tests -q -m "not (engine or ray or serve or model)" "$@"
+  exec .venv/bin/python -m pytest tests -q -m "not (engine or ray or serve or model or slow)" "$@"
 fi
 # The HTML report test renders in a real headless browser (Debian's chromium).
 if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

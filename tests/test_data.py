@@ -134,6 +134,7 @@ def test_generic_csv_and_parquet_columns(tmp_path):
     assert [i.n_choices for i in items] == [2, 3] and items[1].gold == 2
 
 
+@pytest.mark.ray
 def test_ray_dataset_output(shared_data):
     from rayeval.cluster import init_ray
     from rayeval.data.loaders import to_ray_dataset

@@ -57,6 +57,7 @@ def c0_pixels(img):
     return int((np.abs(img - np.array([31, 119, 180])).max(axis=-1) < 25).sum())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
 def test_html_renders_in_headless_chromium(tmp_path):
     files = write_report(grid_rows(), tmp_path / "r", n_boot=200, pride_fraction=0.5)

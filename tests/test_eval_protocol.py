@@ -101,6 +101,7 @@ def test_protocol_stability_hand_computed():
     assert s.loc["robust", "n_settings"] == 2
 
 
+@pytest.mark.slow
 def test_report_has_protocol_section(tmp_path):
     write_report(pd.DataFrame(protocol_rows()), tmp_path, n_boot=100, pride_fraction=0.5, protocols=PROTOCOLS)
     md = (tmp_path / "report.md").read_text()
@@ -108,6 +109,7 @@ def test_report_has_protocol_section(tmp_path):
     assert "| standard | d | 2 | -0.33 |" in section and "| robust | d | 2 | 1.00 |" in section
 
 
+@pytest.mark.slow
 def test_robust_preset_end_to_end_on_a_fake_engine(tmp_path):
     """The packaged preset's grid, scored by three biased fakes, reports both protocols."""
     from rayeval.eval.engines import FakeEngine

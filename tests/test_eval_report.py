@@ -1,5 +1,7 @@
 """The report writes its files with the expected content, from synthetic rows."""
 
+import pytest
+
 import json
 
 import pandas as pd
@@ -61,6 +63,7 @@ def test_md_table():
     assert md_table(pd.DataFrame()) == "_(none)_\n"
 
 
+@pytest.mark.slow
 def test_write_report_per_dataset_baseline(tmp_path):
     rows = synthetic_rows()
     rows += [dict(r, dataset="toy2") for r in rows]

@@ -197,9 +197,13 @@ def _numbers(results):
 def test_prefix_sharing_equals_separate_passes(tiny_models, arch):
     reqs = _grid_requests()
     shared = make_engine("hf", tiny_models[arch], {"dtype": "float32", "num_threads": 1})
-    alone = make_engine("hf", tiny_models[arch], {"dtype": "float32", "num_threads": 1, "prefix_sharing": False})
-    a, b = shared.score(reqs), alone.score(reqs)
+    # the reference: no sharing, rows of any length in one pass, the head after every pass
+    alone = make_engine("hf", tiny_models[arch], {"dtype": "float32", "num_threads": 1, "prefix_sharing": False,
+                                                  "min_fill": 0.0, "head_rows": 0})
+    chunked = make_engine("hf", tiny_models[arch], {"dtype": "float32", "num_threads": 1, "head_rows": 3})
+    a, b, c = shared.score(reqs), alone.score(reqs), chunked.score(reqs)
     assert max(abs(x - y) for x, y in zip(_numbers(a), _numbers(b))) < 1e-4
+    assert max(abs(x - y) for x, y in zip(_numbers(c), _numbers(b))) < 1e-4
     assert all(math.isfinite(x) for x in _numbers(a))
     assert [r.continuation_tokens for r in a] == [r.continuation_tokens for r in b]
     assert shared.stats["tokens_computed"] < alone.stats["tokens_computed"] / 2

@@ -68,6 +68,7 @@ def test_paired_bootstrap_covers_known_delta():
     assert np.mean(widths) == pytest.approx(2 * 1.96 * np.sqrt(var_d / n), rel=0.1)
 
 
+@pytest.mark.slow
 def test_rank_intervals_contain_true_rank():
     # known gaps: 10 points between the first four, then a near tie (55 vs 54) at the bottom
     true_acc = np.array([0.85, 0.75, 0.65, 0.55, 0.54])

@@ -31,6 +31,7 @@ def test_prepared_folder_is_plain_hf(name):
     assert resolve_model(name) == path  # idempotent, no re-conversion
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_transformers_engine_scores(name):
     eng = make_engine("hf", name)
@@ -41,6 +42,7 @@ def test_transformers_engine_scores(name):
     assert all(t >= 1 for t in cont.continuation_tokens)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_transformers_engine_batched_left_padding_matches_single(name):
     """Symbol jobs run left-padded with last-position logits only; prompts of different lengths

@@ -142,6 +142,7 @@ def test_crossfit_similarity_hand_computed():
     assert crossfit_similarity(e, fid) == pytest.approx((3 * r + 0) / 4)
 
 
+@pytest.mark.slow
 def test_route_evaluate_cli_report_has_similarity_and_transfer(tmp_path, shared_data):
     from typer.testing import CliRunner
 

@@ -125,6 +125,7 @@ def test_nway_router_routes_by_lambda():
     assert np.mean([r.cost_[tr.models.index(m)] for m in budget]) <= np.median(r.cost_) + 1e-12
 
 
+@pytest.mark.slow
 def test_bert_classifier_trains_and_round_trips(tmp_path, mmlu_split):
     tr, etr, te, ete = mmlu_split
     r = make_router("bert", epochs=1, max_train=32, batch_size=16, max_length=32).fit(tr.subset(np.arange(32)))
@@ -177,6 +178,7 @@ def torch_no_grad():
     return torch.no_grad()
 
 
+@pytest.mark.slow
 def test_causal_classifier_trains_and_round_trips(tmp_path, mmlu_split):
     tr, etr, te, ete = mmlu_split
     r = make_router("causal_llm", num_layers=4, max_length=32, max_train=48).fit(tr.subset(np.arange(48)))

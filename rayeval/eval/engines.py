@@ -415,7 +415,8 @@ class HFEngine(TokenEngine):
     forward), ``max_tokens_per_batch`` (segment tokens per forward), ``max_kv_tokens`` (parent
     cache tokens per forward), ``row_tokens`` (sibling tokens packed per row), ``min_fill`` (a row
     shorter than this share of its pass's longest row starts a new pass: padding stays small),
-    ``head_rows`` (read positions per vocabulary-head chunk), ``prefix_sharing``, ``score_cache``;
+    ``head_rows`` (read positions per vocabulary-head chunk; 0: the head after every forward pass),
+    ``prefix_sharing``, ``score_cache``;
     anything else goes to ``from_pretrained``."""
 
     def __init__(self, model: str, engine_kwargs: dict | None = None):
@@ -530,6 +531,8 @@ class HFEngine(TokenEngine):
                 nxt: dict[int, list] = {}
                 for batch in self._batches(self._rows(level, trie), trie):
                     self._forward(batch, trie, kv, nxt, reads)
+                    if not self.head_rows:  # head_rows 0: the head after every pass (the reference)
+                        self._read_heads(values, is_next)
                 kv = nxt
             self._read_heads(values, is_next)
         return [v if j.next_token else (v[0], int(v[1])) for j, v in zip(jobs, values)]
@@ -547,11 +550,12 @@ class HFEngine(TokenEngine):
         qi = torch.tensor([w[0] for w in want], device=h.device)
         ti = torch.tensor([w[1] for w in want], device=h.device)
         lp = torch.empty(len(want))
-        for a in range(0, len(want), self.head_rows):
+        step = self.head_rows or len(want)
+        for a in range(0, len(want), step):
             # the positions these reads use, headed once each
-            rows, inv = torch.unique(qi[a: a + self.head_rows], return_inverse=True)
+            rows, inv = torch.unique(qi[a: a + step], return_inverse=True)
             logits = self._head(h[rows])
-            lp[a: a + self.head_rows] = (logits[inv, ti[a: a + self.head_rows]] - torch.logsumexp(logits, -1)[inv]).cpu()
+            lp[a: a + step] = (logits[inv, ti[a: a + step]] - torch.logsumexp(logits, -1)[inv]).cpu()
         for (q, tok, k, slot), x in zip(want, lp.tolist()):
             if is_next[k]:
                 values[k][slot] = x

@@ -1,4 +1,4 @@
-"""``rayeval augment ...``: preference data beyond gold labels (issue 8).
+"""``rayeval augment ...``: preference data beyond gold labels.
 
     rayeval augment generate judge_mt_bench --out runs/mtb/generate
     rayeval augment judge judge_mt_bench --responses runs/mtb/generate --out runs/mtb/judge
