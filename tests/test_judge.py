@@ -266,7 +266,12 @@ def test_tiny_real_run_generate_judge_train(tmp_path, shared_data):
                            engine=gens[cfg.model].engine)
         items = pairwise_items(pd.read_parquet(tmp_path / "responses.parquet"))
         assert len(items) == 6
-        assert judge.build(items[0]).startswith("<bos>")  # the base model gets its BOS token
+        # the base model gets its BOS token once: from the registry rule, as every prompt does
+        from rayeval.eval.engines import encode_prompt
+
+        eng = gens[cfg.model].engine
+        ids = encode_prompt(eng.tokenizer, judge.build(items[0]), eng.add_bos)
+        assert eng.add_bos and ids[0] == eng.tokenizer.bos_token_id != ids[1]
         calls = pd.DataFrame(judge.judge(items))
         lp = calls[["lp_first", "lp_second", "lp_tie"]].to_numpy()
         assert np.isfinite(lp).all() and (lp < 0).all() and (lp > -50).all()
