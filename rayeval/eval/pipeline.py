@@ -33,10 +33,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from rayeval.config import data_root
 from rayeval.data.loaders import load_items
 from rayeval.data.schema import MCQItem
-from rayeval.eval.config import EvalConfig, load_eval_config
+from rayeval.eval.config import EvalConfig, dataset_path, load_eval_config
 from rayeval.eval.scoring import Work, expand, reduce
 
 log = logging.getLogger("rayeval.eval")
@@ -105,17 +104,11 @@ class Execution:
 
 # ----------------------------------------------------------------------------- loading + expansion
 
-def _dataset_path(name: str, path: str | None) -> Path:
-    if path:
-        return Path(path).expanduser()
-    return data_root() / name
-
-
 def load_config_items(cfg: EvalConfig) -> list[tuple[str, list[MCQItem], list[MCQItem]]]:
     """(dataset name, eval items, dev items) for every dataset in the config."""
     out = []
     for ds in cfg.datasets:
-        p = _dataset_path(ds.name, ds.path)
+        p = dataset_path({"name": ds.name, "path": ds.path})
         items = load_items(p, split=ds.split, subjects=ds.subjects, limit=ds.limit).items
         try:
             dev = load_items(p, split=ds.dev_split, subjects=ds.subjects).items if ds.dev_split else []
