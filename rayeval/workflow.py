@@ -268,13 +268,13 @@ def demo_threshold(p: Sequence[float], calibrated: float) -> tuple[float, str]:
 
 
 def serve_and_query(cfg: WorkflowConfig, router_dir: Path, threshold: float, strong: str, weak: str) -> pd.DataFrame:
-    """Deploy the Serve graph with the trained router and send real chat requests through it."""
+    """Deploy the Serve graph with the trained router (alone) and send real chat requests through it."""
     from rayeval.serve import client as serve_client
 
     return serve_client.deploy_and_query(config=str(REPO_ROOT / cfg.serve["config"]) if not Path(
         cfg.serve["config"]).is_absolute() else cfg.serve["config"], router_dir=str(router_dir),
         threshold=threshold, strong=strong, weak=weak, prompts=demo_prompts(cfg),
-        max_tokens=int(cfg.serve.get("max_tokens", 32)))
+        max_tokens=int(cfg.serve.get("max_tokens", 32)), only=True)
 
 
 def demo_prompts(cfg: WorkflowConfig) -> list[str]:

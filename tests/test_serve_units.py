@@ -180,3 +180,31 @@ def test_routing_ok_and_unknown_router():
     with pytest.raises(BadRequest) as e:
         asyncio.run(cls._route(ns, "hello", "x", 0.5))
     assert e.value.code == "model_not_found"
+
+
+@pytest.mark.parametrize("embedder, needs_deployment", [("minilm-l6-static", False), ("minilm-l6", True), (None, False)])
+def test_app_args_for_only_serves_the_trained_router(tmp_path, embedder, needs_deployment):
+    """The workflow's demo deploys its trained router alone: no build-time default routers, and
+    no Embedder deployment unless that router needs a transformer encode."""
+    import numpy as np
+    import pandas as pd
+
+    from rayeval.route.prefs import Outcomes
+    from rayeval.route.routers import make_router
+
+    rng = np.random.default_rng(0)
+    texts = [f"question {i}" for i in range(20)]
+    o = Outcomes(pd.DataFrame({"query_id": [str(i) for i in range(20)], "query": texts, "group": "g"}),
+                 pd.DataFrame({"strong": rng.integers(0, 2, 20).astype(float), "weak": rng.integers(0, 2, 20).astype(float)}))
+    if embedder is None:
+        r = make_router("length").fit(o)
+    else:
+        r = make_router("knn", k=3, strong="strong", weak="weak", embedder=embedder).fit(o, rng.normal(size=(20, 8)))
+    r.save(tmp_path / "r")
+    base = {"routers": {"knn": None, "length": None}, "thresholds": {"knn": 0.5, "length": 0.5}}
+    a = app_args_for(base, "trained", str(tmp_path / "r"), 0.4, only=True)
+    assert a["routers"] == {"trained": str(tmp_path / "r")} and a["thresholds"] == {"trained": 0.4}
+    assert ("embedder" not in a) == needs_deployment and (a.get("embedder", {}) is None) != needs_deployment
+    assert parse_args(a).embedder is None or needs_deployment
+    full = app_args_for(base, "trained", str(tmp_path / "r"), 0.4)  # default: the config's routers stay
+    assert set(full["routers"]) == {"knn", "length", "trained"} and "embedder" not in full

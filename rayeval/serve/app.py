@@ -52,7 +52,9 @@ class AppArgs:
     default_router: str = "knn"
     default_router_data: str = "routellm:mt_bench"
     thresholds: dict[str, float] = field(default_factory=lambda: {"knn": 0.5, "knn-static": 0.5, "length": 0.5})
-    embedder: dict = field(default_factory=lambda: {"model": "minilm-l6", "max_seq_length": 128})
+    # null: no Embedder deployment (every router is featureless or uses a static featurizer,
+    # which runs inside the router replica)
+    embedder: dict | None = field(default_factory=lambda: {"model": "minilm-l6", "max_seq_length": 128})
     router_deployment: dict = field(default_factory=dict)
     ingress: dict = field(default_factory=lambda: {"max_ongoing_requests": 64, "max_queued_requests": 128})
     fallback_model: str | None = None          # when routing fails; default: weak_model
@@ -436,9 +438,11 @@ def router_dirs(a: AppArgs) -> dict[str, str]:
 def build_app(args: dict | None = None):
     """The whole graph from ``args`` (see :class:`AppArgs`); used by ``serve run``/``serve deploy``."""
     a = parse_args(args)
-    emb_kw = dict(a.embedder)
-    emb_dep = _opts(emb_kw.pop("deployment", None))
-    embedder = Embedder.options(name="Embedder", **emb_dep).bind(**emb_kw)
+    embedder = None
+    if a.embedder is not None:
+        emb_kw = dict(a.embedder)
+        emb_dep = _opts(emb_kw.pop("deployment", None))
+        embedder = Embedder.options(name="Embedder", **emb_dep).bind(**emb_kw)
     defaults = {"routers": router_dirs(a), "default_router": a.default_router, "thresholds": a.thresholds,
                 "strong_model": a.strong_model, "weak_model": a.weak_model}
     router = RouterServer.options(name="Router", **_opts(a.router_deployment)).bind(embedder, defaults)
@@ -453,9 +457,19 @@ def build_app(args: dict | None = None):
 
 
 def app_args_for(args: dict, router_name: str, router_dir: str, threshold: float, strong: str | None = None,
-                 weak: str | None = None) -> dict:
-    """``args`` with a trained router folder added as the default router (used by the workflow)."""
+                 weak: str | None = None, only: bool = False) -> dict:
+    """``args`` with a trained router folder added as the default router (used by the workflow).
+
+    ``only``: serve that router alone (no build-time default routers), and no Embedder deployment
+    when it does not need one (a static featurizer runs in the router replica)."""
     a = dict(args)
+    if only:
+        from rayeval.route.routers import load_router
+        from rayeval.serve.routing import uses_embedder
+
+        a["routers"], a["thresholds"] = {router_name: str(router_dir)}, {router_name: float(threshold)}
+        if not uses_embedder(load_router(str(router_dir))):
+            a["embedder"] = None
     a["routers"] = {**(a.get("routers") or {}), router_name: str(router_dir)}
     a["default_router"] = router_name
     a["thresholds"] = {**(a.get("thresholds") or {}), router_name: float(threshold)}

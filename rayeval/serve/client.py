@@ -47,7 +47,7 @@ def chat(url: str, model: str, prompt: str, max_tokens: int = 32, api_key: str |
 
 def deploy_and_query(config: str, router_dir: str, threshold: float | None, strong: str, weak: str,
                      prompts: Sequence[str], router_name: str = "trained", max_tokens: int = 32,
-                     num_cpus: float | None = None, shutdown: bool = True) -> pd.DataFrame:
+                     num_cpus: float | None = None, shutdown: bool = True, only: bool = False) -> pd.DataFrame:
     """Deploy ``config`` with the trained router (and its threshold) as the default, send ``prompts``
     through ``router-<name>-<threshold>``, and return one row per request.
 
@@ -61,10 +61,13 @@ def deploy_and_query(config: str, router_dir: str, threshold: float | None, stro
     threshold = 0.5 if threshold is None else float(threshold)
     cfg = copy.deepcopy(load_config(config))
     app = app_config(cfg)
-    app["args"] = app_args_for(app.get("args") or {}, router_name, router_dir, threshold, strong, weak)
+    app["args"] = app_args_for(app.get("args") or {}, router_name, router_dir, threshold, strong, weak,
+                                 only=only)
     for d in app.get("deployments") or []:  # the config's hot user_config must not undo ours
         if d.get("name") == "Router":
             d.pop("user_config", None)
+    if app["args"].get("embedder", {}) is None:  # no Embedder deployment to override
+        app["deployments"] = [d for d in app.get("deployments") or [] if d.get("name") != "Embedder"]
     deploy(cfg, num_cpus=num_cpus or float((os.cpu_count() or 1) + 2))
     url = base_url(cfg)
     try:

