@@ -90,6 +90,30 @@ def test_crashed_actor_is_restarted_and_rows_exactly_once(clean_run, tmp_path):
 
 @pytest.mark.engine
 @pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_vllm_engine_core_killed_mid_eval_is_retried_rows_exactly_once(tmp_path):
+    """The OOM killer takes a vLLM engine-core process while its actor is scoring a shard: the
+    call fails instead of hanging, the actor exits, Ray restarts it, the shard is retried, and
+    the rows are those of an undisturbed run, each once."""
+    cfg = small_config(name="core_kill", models=["smollm2-135m"], batch_size=4, scorings=["symbol"],
+                       datasets=[{"name": "mmlu", "split": "test", "subjects": ["marketing"], "limit": 6}],
+                       settings=[{"name": "baseline"},
+                                 {"name": "gold_B", "perturbations": [{"name": "fix_gold", "position": 1}],
+                                  "scorings": ["symbol"]}],
+                       engine={"max_model_len": 1024})
+    clean = run_eval(cfg, tmp_path / "clean", engine={"kind": "vllm", "cache": False}, report=False)
+    marker = tmp_path / "killed"
+    got = run_eval(cfg, tmp_path / "run", report=False, engine={
+        "kind": "vllm", "cache": False, "fault": {"kill_engine_core_on_shard": 1, "marker": str(marker)}})
+    assert marker.exists() and json.loads(marker.read_text()), "no engine-core process was killed"
+    assert clean["shards"] >= 3 and got["complete"] and got["rows"] == clean["rows"]
+    rows = _rows(tmp_path / "run")
+    assert not rows.duplicated(KEY).any()
+    pd.testing.assert_frame_equal(rows, _rows(tmp_path / "clean"))
+
+
+@pytest.mark.engine
+@pytest.mark.ray
 def test_real_vllm_pipeline_both_models(tmp_path):
     """Both packaged models through Ray Data + real vLLM engines: every perturbation family,
     all three scorings, real MMLU and ARC items; then the rows train a router as gold data."""

@@ -322,6 +322,17 @@ class TokenEngine:
         raise NotImplementedError
 
 
+class EngineDead(RuntimeError):
+    """An engine's own worker process died (OOM killer, segfault): the engine cannot be used again.
+    Sharded actors turn it into their own exit (:func:`rayeval.eval.pipeline.crash_only`), so Ray
+    restarts them and retries the shard."""
+
+
+def engine_died(e: BaseException) -> bool:
+    """Is ``e`` an engine's death (ours, or vLLM's ``EngineDeadError``)?"""
+    return isinstance(e, EngineDead) or type(e).__name__ == "EngineDeadError"
+
+
 class VLLMEngine(TokenEngine):
     """The real engine: one ``vllm.LLM`` per model.
 
@@ -365,9 +376,59 @@ class VLLMEngine(TokenEngine):
         self._has_token_ids = "logprob_token_ids" in SamplingParams.__struct_fields__ if hasattr(
             SamplingParams, "__struct_fields__") else hasattr(SamplingParams(), "logprob_token_ids")
         self._init_common(cache, engine_identity("vllm", model, kw))
+        self._closing, self._dead = False, None
+        self._watch_engine_core()
+
+    def engine_core_pids(self) -> list[int]:
+        """The pids of this engine's engine-core processes ([] for an in-process engine)."""
+        return [p.pid for p in self._engine_procs()]
+
+    def _engine_procs(self) -> list:
+        core = getattr(getattr(getattr(self, "llm", None), "llm_engine", None), "engine_core", None)
+        mgr = getattr(getattr(core, "resources", None), "engine_manager", None)
+        return list(getattr(mgr, "processes", None) or [])
+
+    def _watch_engine_core(self) -> None:
+        """vLLM notices a dead engine-core process but leaves a blocked ``generate`` waiting for
+        outputs that never come (the evaluation then hangs).  This thread waits on the processes
+        and, when one dies while the engine is open, fails the waiting call with :class:`EngineDead`."""
+        import threading
+        from multiprocessing.connection import wait
+
+        procs = self._engine_procs()
+        if not procs:  # in-process engine: a crash takes this process with it
+            return
+        core = self.llm.llm_engine.engine_core
+
+        def watch():
+            wait([p.sentinel for p in procs])
+            if self._closing:
+                return
+            for p in procs:
+                p.join(timeout=1)  # reap, so the exit code is known
+            codes = {p.name: p.exitcode for p in procs if p.exitcode is not None}
+            self._dead = f"{self.name}: vLLM engine-core process died (exit codes {codes})"
+            queue = getattr(core, "outputs_queue", None)
+            if queue is not None:  # wakes a generate() blocked on engine outputs
+                queue.put_nowait(EngineDead(self._dead))
+
+        threading.Thread(target=watch, name=f"rayeval-engine-watch-{self.name}", daemon=True).start()
+
+    def generate(self, prompts: list, params: list) -> list:
+        """``vllm.LLM.generate`` that raises :class:`EngineDead` instead of hanging or failing
+        obscurely when the engine-core process is gone."""
+        if self._dead:
+            raise EngineDead(self._dead)
+        try:
+            return self.llm.generate(prompts, params, use_tqdm=False)
+        except Exception as e:
+            if self._dead or engine_died(e):
+                raise EngineDead(self._dead or f"{self.name}: vLLM engine is dead ({e!r})") from e
+            raise
 
     def close(self) -> None:
         """Stop the engine-core process now (rather than at interpreter exit)."""
+        self._closing = True
         core = getattr(getattr(self, "llm", None), "llm_engine", None)
         core = getattr(core, "engine_core", None)
         if core is not None:
@@ -386,7 +447,7 @@ class VLLMEngine(TokenEngine):
                 params.append(self._SP(max_tokens=1, temperature=0.0, logprobs=20))
             else:
                 params.append(self._SP(max_tokens=1, temperature=0.0, prompt_logprobs=0))
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        outs = self.generate(prompts, params)
         values = []
         for j, o in zip(jobs, outs):
             if j.next_token:

@@ -17,11 +17,14 @@ keyed by id, so a retried batch can never duplicate rows.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
 import pickle
+import signal
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -57,7 +60,7 @@ class Execution:
     resources: dict[str, float] = field(default_factory=dict)  # custom resources per actor, e.g. {"gpu_node": 1}
     cpu_cores: dict[str, str] = field(default_factory=dict)  # CPU pinning per model, e.g. {m1: "0", m2: "1"}
     max_restarts: int = 3         # actor restarts after a crash; its batch is retried
-    fault: dict[str, Any] = field(default_factory=dict)      # test hook: {"crash_on_shard": k, "marker": path}
+    fault: dict[str, Any] = field(default_factory=dict)      # test hook: {"crash_on_shard" | "kill_engine_core_on_shard": k, "marker": path}
     cache: bool | str = True      # score cache: true (local default folder), false, or a path / URI
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -166,6 +169,25 @@ def default_cpu_cores(models: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def crash_only(call: Callable) -> Callable:
+    """For the batch method of a sharded actor: when an engine's worker process died, the engine
+    cannot be used again, so the actor process exits.  Ray restarts the actor (``max_restarts``) and
+    retries its shard; the driver writes each shard once, atomically, so rows land exactly once."""
+    from rayeval.eval.engines import engine_died
+
+    @functools.wraps(call)
+    def wrapped(self, batch):
+        try:
+            return call(self, batch)
+        except Exception as e:
+            if not engine_died(e):
+                raise
+            print(f"[rayeval] actor pid {os.getpid()}: {e}; exiting so that Ray restarts this actor and "
+                  f"retries its shard", file=sys.stderr, flush=True)
+            os._exit(70)
+    return wrapped
+
+
 class ScoreActor:
     """One engine per model; scores whole shards.  Used as a Ray Data ``map_batches`` class."""
 
@@ -192,13 +214,21 @@ class ScoreActor:
         return {m: dict(getattr(e, "stats", {}) or {}) for m, e in self.engines.items()}
 
     def _maybe_crash(self, shard: int) -> None:
+        """Test hook: ``crash_on_shard`` kills this actor process; ``kill_engine_core_on_shard``
+        kills the engine-core processes of its engines (as the OOM killer would), once each."""
         f = self.fault
-        if f and int(f.get("crash_on_shard", -1)) == shard:
-            marker = Path(f["marker"])
-            if not marker.exists():
-                marker.write_text(str(os.getpid()))
-                os._exit(1)  # the process dies as a crashed engine would
+        if not f or Path(f["marker"]).exists():
+            return
+        if int(f.get("crash_on_shard", -1)) == shard:
+            Path(f["marker"]).write_text(str(os.getpid()))
+            os._exit(1)  # the process dies as a crashed engine would
+        if int(f.get("kill_engine_core_on_shard", -1)) == shard:
+            pids = [p for e in self.engines.values() for p in getattr(e, "engine_core_pids", list)()]
+            Path(f["marker"]).write_text(json.dumps(pids))
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
 
+    @crash_only
     def __call__(self, batch: dict[str, Any]) -> pd.DataFrame:
         rows: list[dict[str, Any]] = []
         for shard, blob in zip(batch["shard"], batch["payload"]):

@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 
 from rayeval.config import data_root, from_dict, load_yaml
-from rayeval.eval.pipeline import Execution, _write_atomic, default_cpu_cores, read_rows, run_sharded
+from rayeval.eval.pipeline import Execution, _write_atomic, crash_only, default_cpu_cores, read_rows, run_sharded
 
 log = logging.getLogger("rayeval.augment")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -241,7 +241,7 @@ class VLLMGenerator:
             params.append(SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
                                          max_tokens=min(sampling.max_tokens, room), seed=sampling.seed,
                                          stop=list(sampling.stop) or None))
-        outs = self.engine.llm.generate(prompts, params, use_tqdm=False)
+        outs = self.engine.generate(prompts, params)
         return [{"response": o.outputs[0].text.strip(), "tokens": len(o.outputs[0].token_ids),
                  "finish_reason": str(o.outputs[0].finish_reason)} for o in outs]
 
@@ -300,6 +300,7 @@ class GenerateActor:
             self.gens[m] = make_generator(ex.kind, m, kw)
         self.pool = ThreadPoolExecutor(max(1, len(self.gens)))
 
+    @crash_only
     def __call__(self, batch: dict[str, Any]) -> pd.DataFrame:
         rows = []
         for shard, blob in zip(batch["shard"], batch["payload"]):

@@ -38,7 +38,7 @@ import pandas as pd
 
 from rayeval.config import from_dict, load_yaml
 from rayeval.eval.engines import ScoreRequest
-from rayeval.eval.pipeline import Execution, read_rows
+from rayeval.eval.pipeline import Execution, crash_only, read_rows
 from rayeval.route.generate import conversation, digest, find_config, render_chat, run_sharded, write_parquet
 from rayeval.route.prefs import Preferences, WINNERS
 
@@ -197,6 +197,7 @@ class JudgeActor:
             rows.append(row)
         return rows
 
+    @crash_only
     def __call__(self, batch: dict[str, Any]) -> pd.DataFrame:
         rows = []
         for shard, blob in zip(batch["shard"], batch["payload"]):
