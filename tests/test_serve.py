@@ -2,7 +2,8 @@
 (SmolLM2-135M weak, Gemma-3-270M strong), MiniLM embedder, trained routers.
 
 One app is deployed for the whole module from serve_configs/local_cpu.yaml (through the controller's
-``deploy_apps``, as ``serve run`` does) with a lower ingress queue so the overload test is cheap.
+``deploy_apps``, as ``serve run`` does) with a lower ingress queue and a smaller strong-model queue,
+so both overload paths (Serve's proxy, and rayeval's own 503 + Retry-After) are cheap to reach.
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ def gateway():
     cfg["http_options"]["port"] = port
     args = app_config(cfg)["args"]
     args["ingress"] = {**args["ingress"], "max_ongoing_requests": 4, "max_queued_requests": 4}
+    # The strong model's deployment admits less than the ingress does (1 ongoing + 1 queued), so a
+    # burst at it is refused by rayeval's own 503 path (back-pressure from the LLM handle).
+    strong = args["llms"][STRONG]
+    strong["deployment"] = {**strong.get("deployment", {}), "max_ongoing_requests": 1, "max_queued_requests": 1}
     for k, v in SERVE_ENV.items():
         os.environ.setdefault(k, v)
     # This machine is shared: Ray's memory monitor counts other people's processes towards its 95%
@@ -240,6 +245,33 @@ def test_overload_returns_503_then_recovers(gateway):
     assert r.status_code == 200 and r.headers["x-rayeval-served-by"] == WEAK
     st = _stats(gateway)
     assert st["ingress"]["errors_5xx"] == 0
+
+
+def test_llm_backpressure_is_rayevals_503_with_retry_after(gateway):
+    """The ingress admits 4 + 4, the strong model's deployment 1 + 1: of 6 concurrent requests to
+    it, the ones its handle refuses get rayeval's own 503 (OpenAI error shape, code "overloaded",
+    Retry-After), never a 500; the rest are answered, and the model answers again afterwards."""
+
+    async def burst():
+        async with httpx.AsyncClient(timeout=180, headers=_h()) as cl:
+            body = {"model": STRONG, "max_tokens": 16, "messages": [{"role": "user", "content": "Tell me a story."}]}
+            return await asyncio.gather(*[cl.post(gateway["url"] + "/v1/chat/completions", json=body)
+                                          for _ in range(6)], return_exceptions=True)
+
+    before = _stats(gateway)["ingress"]["errors_5xx"]
+    res = asyncio.run(burst())
+    assert all(isinstance(r, httpx.Response) for r in res), res
+    codes = [r.status_code for r in res]
+    assert set(codes) <= {200, 503} and codes.count(200) >= 1, codes
+    ours = [r for r in res if r.status_code == 503 and r.headers.get("content-type", "").startswith("application/json")]
+    assert ours, [(r.status_code, r.text[:200]) for r in res]
+    for r in ours:
+        err = r.json()["error"]
+        assert err["code"] == "overloaded" and err["type"] == "server_error" and STRONG in err["message"]
+        assert r.headers["retry-after"] == "1"
+    assert _stats(gateway)["ingress"]["errors_5xx"] == before
+    r = _post(gateway, {"model": STRONG, "max_tokens": 4, "messages": [{"role": "user", "content": "ok?"}]})
+    assert r.status_code == 200 and r.headers["x-rayeval-served-by"] == STRONG
 
 
 def test_route_only_and_stats(gateway):
