@@ -5,7 +5,9 @@ would on a GPU cluster:
 
 * Ray Data ``map_batches`` with an actor pool (one actor per ``gpu_node``) scores real MMLU prompts
   with rayeval's FakeEngine, and its shards run on both worker nodes;
-* a Serve deployment needing one ``gpu_node`` per replica spreads over both nodes when scaled.
+* a Serve deployment needing one ``gpu_node`` per replica spreads over both nodes when scaled;
+* rayeval's own evaluation (``run_eval``, actors pinned to ``gpu_node``) loses a worker node
+  mid-run and a replacement joins: the rows equal an undisturbed run's.
 
 Token auth stays on (its own token); RAY_TMPDIR points at a private folder so that neither the
 sessions nor the ``ray_current_cluster`` address file meet the other clusters on this machine.
@@ -82,7 +84,7 @@ def cluster():
         workers = {n["NodeID"] for n in nodes if n["Resources"].get("gpu_node")}
         head = {n["NodeID"] for n in nodes} - workers
         assert len(workers) == 2 and len(head) == 1
-        yield {"workers": workers, "head": head.pop()}
+        yield {"workers": workers, "head": head.pop(), "cluster": c}
     finally:
         try:
             from ray import serve
@@ -196,3 +198,54 @@ def test_serve_replicas_spread_over_gpu_nodes_when_scaled(cluster):
     assert seen == cluster["workers"], "requests reach replicas on both nodes"
     assert cluster["head"] not in seen
     serve.delete("where")
+
+
+def _eval_config():
+    from rayeval.eval.config import EvalConfig
+
+    return EvalConfig.from_dict({
+        "name": "node_loss", "models": ["model-a", "model-b"], "batch_size": 2,
+        "datasets": [{"name": "mmlu", "split": "test", "subjects": ["marketing"], "limit": 12}],
+        "scorings": ["symbol", {"name": "cloze"}],
+        "settings": [{"name": "baseline"}, {"name": "gold_A", "perturbations": [{"name": "fix_gold", "position": 0}],
+                                            "scorings": ["symbol"]}],
+        "metrics": {"n_boot": 20}})
+
+
+def test_worker_node_lost_mid_eval_rows_identical(cluster, tmp_path):
+    """rayeval's own evaluation (Ray Data actor pool pinned to ``gpu_node``s, fake engine) loses a
+    worker node mid-run; the autoscaler's replacement node joins, the lost actor restarts there
+    and its shard is retried: ``rows.parquet`` equals an undisturbed run's, every row once."""
+    import threading
+
+    import pandas as pd
+    import ray
+
+    from rayeval.eval.pipeline import run_eval
+
+    key = ["model", "dataset", "setting", "scoring", "item_id", "rotation"]
+    engine = {"kind": "fake", "actors": 2, "num_cpus": 0.25, "resources": {"gpu_node": 1},
+              "delay_s": 0.4}
+    ref = run_eval(_eval_config(), tmp_path / "ref", engine=engine, report=False)
+    c, out, lost = cluster["cluster"], tmp_path / "run", {}
+
+    def kill_a_worker():
+        deadline = time.time() + 120
+        while len(list((out / "shards").glob("part-*.parquet"))) < 2 and time.time() < deadline:
+            time.sleep(0.1)
+        node = next(n for n in c.worker_nodes if n.node_id in cluster["workers"])
+        lost["node"], lost["shards_before"] = node.node_id, len(list((out / "shards").glob("part-*.parquet")))
+        c.remove_node(node, allow_graceful=False)
+        c.add_node(num_cpus=1, resources={"gpu_node": 1}, object_store_memory=100 * 2**20,
+                   metrics_export_port=free_port())
+
+    t = threading.Thread(target=kill_a_worker, daemon=True)
+    t.start()
+    got = run_eval(_eval_config(), out, engine=engine, report=False)
+    t.join(timeout=60)
+    assert lost and lost["shards_before"] < ref["shards"], lost
+    assert lost["node"] not in {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert got["complete"] and got["rows"] == ref["rows"]
+    rows = pd.read_parquet(out / "rows.parquet").sort_values(key, ignore_index=True)
+    assert not rows.duplicated(key).any()
+    pd.testing.assert_frame_equal(rows, pd.read_parquet(tmp_path / "ref" / "rows.parquet").sort_values(key, ignore_index=True))

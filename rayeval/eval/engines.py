@@ -55,9 +55,10 @@ class FakeEngine:
 
     name = "fake"
 
-    def __init__(self, bias: Sequence[float] = (), seed: int = 0):
+    def __init__(self, bias: Sequence[float] = (), seed: int = 0, delay_s: float = 0.0):
         self.bias = list(bias)
         self.seed = seed
+        self.delay_s = float(delay_s)  # seconds per call: a shard takes a while, as on a real engine
         self.calls = 0
 
     def _h(self, *parts: str) -> float:
@@ -66,6 +67,8 @@ class FakeEngine:
 
     def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
         self.calls += 1
+        if self.delay_s:
+            time.sleep(self.delay_s)
         out = []
         for r in requests:
             key = r.prompt if not r.chat else repr(r.chat)
@@ -730,7 +733,7 @@ def make_engine(kind: str, model: str, engine_kwargs: dict | None = None):
     """The one front door: ``make_engine("vllm", "smollm2-135m", {"max_model_len": 1024})``."""
     kind = resolve_kind(kind)
     if kind == "fake":  # engine options of the real engines do not apply; the model name seeds it
-        kw = {k: v for k, v in (engine_kwargs or {}).items() if k in ("bias", "seed")}
+        kw = {k: v for k, v in (engine_kwargs or {}).items() if k in ("bias", "seed", "delay_s")}
         kw.setdefault("seed", int(hashlib.sha1(model.encode()).hexdigest()[:8], 16))
         eng = FakeEngine(**kw)
         eng.name = model
