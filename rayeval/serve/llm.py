@@ -32,11 +32,12 @@ def _on_cpu() -> bool:
 
 
 def cpu_engine_defaults() -> dict[str, Any]:
-    # 1 GiB KV cache skips vLLM's memory-fraction check (fails beside other processes here).
-    # "uni": the model runs inside the engine-core process instead of a third (worker) process that
-    # imports torch and vLLM once more: 12 s less per replica start on this CPU (20.7 vs 33.1 s).
-    return {"dtype": "bfloat16", "enforce_eager": True, "kv_cache_memory_bytes": 1 << 30,
-            "distributed_executor_backend": "uni"}
+    """The engine layer's CPU defaults (:func:`rayeval.eval.engines.vllm_cpu_defaults`) and "uni":
+    the model runs inside the engine-core process instead of a third (worker) process that imports
+    torch and vLLM once more: 12 s less per replica start on this CPU (20.7 vs 33.1 s)."""
+    from rayeval.eval.engines import vllm_cpu_defaults
+
+    return {**vllm_cpu_defaults(), "distributed_executor_backend": "uni"}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,38 @@
+"""Shared by the benches that write a results folder: result.json + result.md, and the line that
+names the machine (CPU model, cores, flags, load average) every results file starts with."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def machine_line(res: dict) -> str:
+    c = res["cpu"]
+    return (f"{c['model']}, {c['cores']} cores ({', '.join(c['flags'])}); load average at the end "
+            f"{', '.join(f'{x:.1f}' for x in res['load_average_at_end'])}; config `{res['config']}`")
+
+
+def write_results(out: str | Path | None, res: dict, markdown: str, tag: str) -> None:
+    if not out:
+        return
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "result.json").write_text(json.dumps(res, indent=1, default=str))
+    (out / "result.md").write_text(markdown)
+    print(f"[{tag}] wrote {out}", flush=True)
+
+
+def deploy_loopback(config: str) -> tuple[str, float]:
+    """Deploy a Serve config on a local Ray (token auth on) for a load bench; returns its
+    loopback URL and the seconds it took.  Load benches only ever target 127.0.0.1."""
+    import time
+
+    from rayeval.serve.deploy import deploy
+
+    t0 = time.time()
+    cfg = deploy(config, num_cpus=4)
+    url = f"http://127.0.0.1:{cfg['http_options']['port']}"
+    if not url.startswith(("http://127.0.0.1", "http://localhost")):
+        raise SystemExit("load tests only against 127.0.0.1")
+    return url, time.time() - t0
