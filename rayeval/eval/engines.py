@@ -395,9 +395,12 @@ class VLLMEngine(TokenEngine):
         """The pids of this engine's engine-core processes ([] for an in-process engine)."""
         return [p.pid for p in self._engine_procs()]
 
+    def _core(self):
+        """vLLM's engine-core client (``None`` once closed)."""
+        return getattr(getattr(getattr(self, "llm", None), "llm_engine", None), "engine_core", None)
+
     def _engine_procs(self) -> list:
-        core = getattr(getattr(getattr(self, "llm", None), "llm_engine", None), "engine_core", None)
-        mgr = getattr(getattr(core, "resources", None), "engine_manager", None)
+        mgr = getattr(getattr(self._core(), "resources", None), "engine_manager", None)
         return list(getattr(mgr, "processes", None) or [])
 
     def _watch_engine_core(self) -> None:
@@ -410,7 +413,7 @@ class VLLMEngine(TokenEngine):
         procs = self._engine_procs()
         if not procs:  # in-process engine: a crash takes this process with it
             return
-        core = self.llm.llm_engine.engine_core
+        core = self._core()
 
         def watch():
             wait([p.sentinel for p in procs])
@@ -441,8 +444,7 @@ class VLLMEngine(TokenEngine):
     def close(self) -> None:
         """Stop the engine-core process now (rather than at interpreter exit)."""
         self._closing = True
-        core = getattr(getattr(self, "llm", None), "llm_engine", None)
-        core = getattr(core, "engine_core", None)
+        core = self._core()
         if core is not None:
             core.shutdown()
         self.llm = None

@@ -88,13 +88,14 @@ def parse_args(args: dict | None) -> AppArgs:
 
 
 def _replica_lost(e: BaseException) -> bool:
-    """A Ray actor death or unavailability (the replica crashed or its node went away)."""
-    from ray.exceptions import ActorUnavailableError, RayActorError
+    """A Ray actor death or unavailability (the replica crashed or its node went away), or the
+    replica's engine died."""
+    from ray.exceptions import RayActorError  # ActorDiedError, ActorUnavailableError
 
-    lost = ("ActorDiedError", "ActorUnavailableError", "RayActorError", "EngineDeadError")
+    from rayeval.eval.engines import engine_died
+
     cause = getattr(e, "cause", None)  # a RayTaskError wraps what the replica raised
-    return isinstance(e, (RayActorError, ActorUnavailableError)) or type(e).__name__ in lost or (
-        cause is not None and type(cause).__name__ in lost)
+    return any(isinstance(x, RayActorError) or engine_died(x) for x in (e, cause) if x is not None)
 
 
 def _deployment_name(model: str) -> str:
@@ -477,16 +478,16 @@ def app_args_for(args: dict, router_name: str, router_dir: str, threshold: float
     ``only``: serve that router alone (no build-time default routers), and no Embedder deployment
     when it does not need one (a static featurizer runs in the router replica)."""
     a = dict(args)
+    keep = {} if only else a
+    a["routers"] = {**(keep.get("routers") or {}), router_name: str(router_dir)}
+    a["default_router"] = router_name
+    a["thresholds"] = {**(keep.get("thresholds") or {}), router_name: float(threshold)}
     if only:
         from rayeval.route.routers import load_router
         from rayeval.serve.routing import uses_embedder
 
-        a["routers"], a["thresholds"] = {router_name: str(router_dir)}, {router_name: float(threshold)}
         if not uses_embedder(load_router(str(router_dir))):
             a["embedder"] = None
-    a["routers"] = {**(a.get("routers") or {}), router_name: str(router_dir)}
-    a["default_router"] = router_name
-    a["thresholds"] = {**(a.get("thresholds") or {}), router_name: float(threshold)}
     llms = a.get("llms") or AppArgs().llms
     if strong in llms and weak in llms:
         a["strong_model"], a["weak_model"] = strong, weak

@@ -209,7 +209,7 @@ class RouterServer:
         if name not in self.routers:
             return {"error": f"unknown router {name!r}; serving {sorted(self.routers)}"}
         r = self.routers[name]
-        if self._uses_embedder(r):
+        if uses_embedder(r):
             p = float(await self._score_one((name, text)))  # batched: one Embedder call per batch
         else:  # microseconds of work (length, static features): a batch wait would cost more
             emb = await self._embed(r.embedder, [text]) if r.needs_embeddings else None
@@ -234,8 +234,6 @@ class RouterServer:
                 emb = await self._embed(getattr(r, "embedder", "minilm-l6"), texts)
             out[idx] = r.win_probability(texts, emb)
         return out.tolist()
-
-    _uses_embedder = staticmethod(uses_embedder)
 
     async def _embed(self, model: str, texts: list[str]) -> np.ndarray:
         """Static featurizers run here, in the router replica (microseconds: a Serve hop would cost
