@@ -21,19 +21,32 @@ if str(REPO) not in sys.path:  # `python jobs/x.py` puts jobs/ (not the repo) on
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def load_config(path: str | None) -> dict[str, Any]:
-    """A YAML mapping (empty without a path).  Packaged names are left to the CLI."""
+def load_config(path: str | None, model: type | None = None) -> dict[str, Any]:
+    """The job's YAML ``--config`` (empty without a path), checked against ``model`` (a pydantic
+    model, ``extra="forbid"``): a missing file, a key the job does not know or a wrong type stops
+    the job here, naming the file and the field, before it starts any work."""
     if not path:
         return {}
     import yaml
 
     p = Path(path)
-    if not p.exists():
-        return {}
-    doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    if not p.is_file():
+        raise SystemExit(f"{path}: no such config file")
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise SystemExit(f"{path}: invalid YAML: {e}") from None
     if not isinstance(doc, dict):
         raise SystemExit(f"{path}: top level must be a mapping")
-    return doc
+    if model is None:
+        return doc
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(doc).model_dump(exclude_none=True)
+    except ValidationError as e:
+        problems = [f"{path}: {'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise SystemExit("\n".join(problems)) from None
 
 
 def pick(args: argparse.Namespace, cfg: dict[str, Any], name: str, default: Any = None) -> Any:

@@ -9,12 +9,23 @@ eval:<rows.parquet> (gold labels from an evaluation).  The YAML holds the same k
     pairwise: false
 """
 
-from __future__ import annotations
 
 import argparse
 import sys
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict
 
 from _common import load_config, main_exit, pick, run_cli
+
+
+class PrefsJob(BaseModel):
+    """The job's YAML (every key optional: flags may give them)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Optional[str] = None
+    out: Optional[str] = None
+    pairwise: Optional[bool] = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def argv(a: argparse.Namespace) -> list[str]:
-    cfg = load_config(a.config)
+    cfg = load_config(a.config, PrefsJob)
     source, out = pick(a, cfg, "source"), pick(a, cfg, "out")
     if not source or not out:
         raise SystemExit("jobs/prefs.py: need source and out (flags or --config)")

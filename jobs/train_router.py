@@ -12,14 +12,34 @@ Fit a router and (optionally) calibrate its thresholds = ``rayeval route train R
       targets: [0.25, 0.5, 0.75]
 """
 
-from __future__ import annotations
 
 import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, ConfigDict
 
 from _common import load_config, main_exit, pick, run_cli
+
+
+class Calibrate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    data: Optional[str] = None      # default: the training data
+    targets: list[float] = []       # strong-model shares
+    out: Optional[str] = None       # default: <out>/thresholds.json
+
+
+class TrainRouterJob(BaseModel):
+    """The job's YAML (router/data/out may come from flags instead)."""
+
+    model_config = ConfigDict(extra="forbid")
+    router: Optional[str] = None
+    data: Optional[str] = None
+    out: Optional[str] = None
+    params: dict[str, Any] = {}     # checked against the router's own parameters below
+    calibrate: Optional[Calibrate] = None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +72,7 @@ def check_router(router: str, params: list[str], config: str | None) -> None:
 
 
 def commands(a: argparse.Namespace) -> list[list[str]]:
-    cfg = load_config(a.config)
+    cfg = load_config(a.config, TrainRouterJob)
     router, data, out = pick(a, cfg, "router"), pick(a, cfg, "data"), pick(a, cfg, "out")
     if not (router and data and out):
         raise SystemExit("jobs/train_router.py: need router, data and out (flags or --config)")

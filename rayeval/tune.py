@@ -407,6 +407,7 @@ def train_router_trial(config: dict, data: TuneData, schedule: dict | None = Non
     Iterative routers report at every point of ``epoch_points(epochs, **schedule)`` (so ASHA,
     whose time attribute is ``epoch``, can stop them at its rungs), one-shot routers once.
     A restored trial skips the points its checkpoint already covers."""
+    import ray
     from ray import tune
 
     from rayeval.route.routers import Router, make_router
@@ -414,6 +415,7 @@ def train_router_trial(config: dict, data: TuneData, schedule: dict | None = Non
     _set_threads()
     data = _resolve(data)
     name, params = config["router"], _router_params(config)
+    node = ray.get_runtime_context().get_node_id()  # where the trial ran (trials.csv)
     ckpt = tune.get_checkpoint()
     done, t0 = 0, time.time()
     if ckpt is not None:
@@ -422,7 +424,8 @@ def train_router_trial(config: dict, data: TuneData, schedule: dict | None = Non
 
     def report(router, epoch: int, total: int) -> None:
         metrics = {f"valid_{k}": v for k, v in evaluate_router(router, data, "valid").items()}
-        metrics.update(epoch=epoch, epochs=total, finished=epoch >= total, fit_seconds=time.time() - t0)
+        metrics.update(epoch=epoch, epochs=total, finished=epoch >= total, fit_seconds=time.time() - t0,
+                       node=node)
         with tempfile.TemporaryDirectory() as d:
             router.save(Path(d) / "router")
             (Path(d) / "progress.json").write_text(json.dumps({"epoch": epoch, "epochs": total}))
@@ -588,7 +591,7 @@ def trials_table(grid, router: str) -> pd.DataFrame:
                      METRIC: m.get(METRIC), "valid_apgr_paper": m.get("valid_apgr_paper"),
                      "valid_cpt50": m.get("valid_cpt50"), "valid_cpt80": m.get("valid_cpt80"),
                      "epoch": m.get("epoch"), "epochs": m.get("epochs"),
-                     "iterations": m.get("training_iteration"),
+                     "iterations": m.get("training_iteration"), "node": m.get("node"),
                      "stopped_early": bool(m) and res.error is None and not m.get("finished", True),
                      "error": None if res.error is None else str(res.error).splitlines()[0][:200],
                      "path": res.path})

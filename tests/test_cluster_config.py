@@ -93,6 +93,8 @@ def test_token_auth_on_every_node(raw):
     for c in starts:
         assert "RAY_AUTH_MODE=token" in c, c
         assert "disabled" not in c
+    for c in ray_starts:  # Serve's flags, read by its processes on every node (see SERVE_ENV)
+        assert "RAY_SERVE_THROUGHPUT_OPTIMIZED=1" in c and "RAY_SERVE_ENABLE_HA_PROXY=1" in c, c
     head = next(c for c in raw["head_start_ray_commands"] if "ray start" in c)
     argv = shlex.split(head.split(";")[-1])
     assert "--head" in argv and "--autoscaling-config=~/ray_bootstrap_config.yaml" in argv

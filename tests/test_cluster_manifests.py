@@ -22,6 +22,8 @@ import jsonschema
 import pytest
 import yaml
 
+from rayeval.serve.deploy import SERVE_ENV
+
 from rayeval.config import REPO_ROOT
 
 K8S = REPO_ROOT / "k8s"
@@ -270,6 +272,10 @@ def test_serve_config_v2_is_a_valid_serve_config():
     for group, g in groups(doc):
         env = {e["name"]: e for e in g["template"]["spec"]["containers"][0]["env"]}
         assert env[a.api_key_env]["valueFrom"]["secretKeyRef"]["name"] == "rayeval-api-key", group
+        # Serve reads its flags in every process it starts: throughput-optimized Serve + HAProxy on
+        # every node (as rayeval's own local deploys run it: rayeval.serve.deploy.SERVE_ENV)
+        assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"]["value"] == SERVE_ENV["RAY_SERVE_THROUGHPUT_OPTIMIZED"], group
+        assert env["RAY_SERVE_ENABLE_HA_PROXY"]["value"] == "1", group
     mod, _, attr = app.import_path.partition(":")
     assert callable(getattr(importlib.import_module(mod), attr))
 

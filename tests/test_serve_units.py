@@ -208,3 +208,20 @@ def test_app_args_for_only_serves_the_trained_router(tmp_path, embedder, needs_d
     assert parse_args(a).embedder is None or needs_deployment
     full = app_args_for(base, "trained", str(tmp_path / "r"), 0.4)  # default: the config's routers stay
     assert set(full["routers"]) == {"knn", "length", "trained"} and "embedder" not in full
+
+
+def test_validation_errors_name_the_field_and_unused_openai_fields_pass():
+    cases = [({"role": "tool", "content": "hi"}, "messages.0.role: "),
+             ({"role": "user", "content": 5}, "messages.0.content: "),
+             ({"role": "user"}, "messages.0.content: ")]
+    for msg, prefix in cases:
+        with pytest.raises(BadRequest) as e:
+            _v({"model": "smollm2-135m", "messages": [msg]})
+        assert e.value.message.startswith(prefix), e.value.message
+    with pytest.raises(BadRequest) as e:
+        _v({"model": "smollm2-135m", "temperature": "hot", "messages": [{"role": "user", "content": "hi"}]})
+    assert e.value.message.startswith("temperature: ") and e.value.code == "invalid_temperature"
+    # fields OpenAI clients send that the gateway does not use are ignored, not rejected
+    v = _v({"model": "smollm2-135m", "user": "u-1", "logprobs": False, "frequency_penalty": 0,
+            "max_completion_tokens": 7, "max_tokens": 99, "messages": [{"role": "user", "content": "hi"}]})
+    assert v["req"]["max_tokens"] == 7

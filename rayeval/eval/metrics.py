@@ -33,6 +33,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
+from scipy.special import log_softmax, softmax
 from scipy.stats import kendalltau
 
 from rayeval.eval import stats as S
@@ -202,8 +203,7 @@ def circular(df: pd.DataFrame, by: Sequence[str] = GROUP) -> pd.DataFrame:
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, dtype=float)
     x = np.where(np.isfinite(x), x, -1e9)
-    m = x.max(axis=-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
+    return log_softmax(x, axis=-1)
 
 
 def pride_prior(calib: pd.DataFrame) -> dict[int, np.ndarray]:
@@ -217,7 +217,7 @@ def pride_prior(calib: pd.DataFrame) -> dict[int, np.ndarray]:
         n = int(g["n_options"].iloc[0])
         lp = _log_softmax(np.stack([np.asarray(s, dtype=float) for s in g["per_option_scores"]]))
         avg = lp.mean(axis=0)
-        priors.setdefault(n, []).append(np.exp(avg - np.logaddexp.reduce(avg)))
+        priors.setdefault(n, []).append(softmax(avg))
     return {n: np.mean(v, axis=0) for n, v in priors.items()}
 
 

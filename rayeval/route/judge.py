@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from scipy.special import logsumexp, softmax
 import pandas as pd
 
 from rayeval.config import from_dict, load_yaml
@@ -147,11 +148,6 @@ def judge_prompt(p: JudgePrompt, tokenizer, **fields: str) -> str:
 
 # ----------------------------------------------------------------------------- the actor
 
-def _logsumexp(x: Sequence[float]) -> float:
-    m = max(x)
-    return m + math.log(sum(math.exp(v - m) for v in x))
-
-
 class JudgeActor:
     """Holds the judge engine; scores the verdict tokens of whole shards of judge calls."""
 
@@ -190,8 +186,8 @@ class JudgeActor:
                            verdict=POSITIONS[int(np.argmax(lp))])
             else:
                 vals = np.array([float(s) for s in syms])
-                z = _logsumexp(lp)
-                p = np.exp(np.array(lp) - z)
+                z = float(logsumexp(lp))
+                p = softmax(np.asarray(lp, float))
                 row.update(logprobs=lp, rating=float(vals[int(np.argmax(lp))]), rating_expected=float(p @ vals),
                            mass=float(math.exp(z)))
             rows.append(row)

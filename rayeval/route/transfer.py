@@ -58,6 +58,14 @@ def _fit_scores(router: str, params: dict, train: Outcomes, test: Outcomes, pair
     return r.win_probability(test.texts, te_emb if r.needs_embeddings else None, groups=test.groups)
 
 
+def _apgr_delta(transferred, same, s, w) -> float:
+    """APGR of the transferred router's scores minus the same-pair router's (a resample where
+    the two models tie on average has no APGR: skipped by the bootstrap)."""
+    if s.mean() == w.mean():
+        return float("nan")
+    return M.apgr_routellm(transferred, s, w) - M.apgr_routellm(same, s, w)
+
+
 def transfer_table(train: Outcomes, test: Outcomes, pairs: Sequence[tuple[str, str]], router: str = "knn",
                    params: dict | None = None, n_boot: int = 200, seed: int = 0, task: str = "",
                    train_embeddings: np.ndarray | None = None, test_embeddings: np.ndarray | None = None) -> pd.DataFrame:
@@ -77,8 +85,6 @@ def transfer_table(train: Outcomes, test: Outcomes, pairs: Sequence[tuple[str, s
         train_embeddings = embed(train.texts) if train_embeddings is None else train_embeddings
         test_embeddings = embed(test.texts) if test_embeddings is None else test_embeddings
     scores = {p: _fit_scores(router, params, train, test, p, train_embeddings, test_embeddings) for p in pairs}
-    rng = np.random.default_rng(seed)
-    boots = [rng.integers(0, len(test), len(test)) for _ in range(n_boot)]
     rows = []
     for q in pairs:
         s, w = test.pair_arrays(*q)
@@ -90,15 +96,9 @@ def transfer_table(train: Outcomes, test: Outcomes, pairs: Sequence[tuple[str, s
                    "apgr_transferred": M.apgr_routellm(scores[p], s, w)}
             row["delta"] = row["apgr_transferred"] - same
             row["delta_lo"] = row["delta_hi"] = np.nan
-            if n_boot and p != q:
-                d = []
-                for idx in boots:
-                    ss, ww = s[idx], w[idx]
-                    if ss.mean() == ww.mean():
-                        continue
-                    d.append(M.apgr_routellm(scores[p][idx], ss, ww) - M.apgr_routellm(scores[q][idx], ss, ww))
-                if d:
-                    row["delta_lo"], row["delta_hi"] = (float(x) for x in np.quantile(d, [0.025, 0.975]))
+            if n_boot and p != q:  # paired: the same resamples (one seed) for every pair
+                ci = M.bootstrap(_apgr_delta, scores[p], scores[q], s, w, n_boot=n_boot, seed=seed)
+                row["delta_lo"], row["delta_hi"] = ci.lo, ci.hi
             rows.append(row)
     return pd.DataFrame(rows)
 

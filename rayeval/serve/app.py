@@ -28,13 +28,14 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
 from ray import serve
 
 from rayeval.serve.llm import LLMServer, check_llm_entry
+from rayeval.serve.requests import ChatRequest, first_error
 from rayeval.serve.routing import Embedder, RouterServer, default_router_dir
 
 log = logging.getLogger("ray.serve")
-ROLES = {"system", "user", "assistant", "developer"}
 
 
 @dataclass
@@ -120,19 +121,6 @@ class BadRequest(Exception):
         self.message, self.code, self.status = message, code, status
 
 
-def _content_text(c: Any, i: int) -> str:
-    if isinstance(c, str):
-        return c
-    if isinstance(c, list):  # OpenAI content parts: text only
-        parts = []
-        for p in c:
-            if not isinstance(p, dict) or p.get("type") != "text" or not isinstance(p.get("text"), str):
-                raise BadRequest(f"messages[{i}].content: only text parts are supported", "invalid_content")
-            parts.append(p["text"])
-        return "".join(parts)
-    raise BadRequest(f"messages[{i}].content must be a string or a list of text parts", "invalid_content")
-
-
 async def _awaited(resp):
     return await resp
 
@@ -206,63 +194,37 @@ class Ingress:
         return None
 
     def _validate(self, body: Any) -> dict:
+        """The request as :class:`rayeval.serve.requests.ChatRequest` declares it, then the limits
+        of this deployment (prompt characters, max tokens) and the model name."""
         if not isinstance(body, dict):
             raise BadRequest("request body must be a JSON object")
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise BadRequest("'model' must be a non-empty string", "missing_model")
-        msgs = body.get("messages")
-        if not isinstance(msgs, list) or not msgs:
-            raise BadRequest("'messages' must be a non-empty list", "empty_messages")
-        clean, chars = [], 0
-        for i, m in enumerate(msgs):
-            if not isinstance(m, dict):
-                raise BadRequest(f"messages[{i}] must be an object", "invalid_message")
-            role = m.get("role")
-            if role not in ROLES:
-                raise BadRequest(f"messages[{i}].role must be one of {sorted(ROLES)}", "invalid_role")
-            text = _content_text(m.get("content"), i)
-            chars += len(text)
-            clean.append({"role": "system" if role == "developer" else role, "content": text})
+        try:
+            r = ChatRequest.model_validate(body)
+        except ValidationError as e:
+            code, message = first_error(e)
+            raise BadRequest(message, code) from None
+        clean = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in r.messages]
         if not any(m["role"] == "user" and m["content"].strip() for m in clean):
             raise BadRequest("'messages' needs at least one non-empty user message", "empty_messages")
+        chars = sum(len(m["content"]) for m in clean)
         if chars > self.s["max_prompt_chars"]:
             raise BadRequest(f"prompt is {chars} characters; the limit is {self.s['max_prompt_chars']}",
                              "prompt_too_long")
-        mt = body.get("max_completion_tokens", body.get("max_tokens"))
-        if mt is None:
-            mt = self.s["default_max_tokens"]
-        if isinstance(mt, bool) or not isinstance(mt, int) or not 1 <= mt <= self.s["max_tokens_limit"]:
-            raise BadRequest(f"'max_tokens' must be an integer in [1, {self.s['max_tokens_limit']}]",
+        mt = r.max_completion_tokens if r.max_completion_tokens is not None else r.max_tokens
+        mt = self.s["default_max_tokens"] if mt is None else mt
+        if not 1 <= mt <= self.s["max_tokens_limit"]:
+            raise BadRequest(f"max_tokens: must be an integer in [1, {self.s['max_tokens_limit']}]",
                              "invalid_max_tokens")
-        temp = body.get("temperature", 0.0)
-        if temp is None:
-            temp = 0.0
-        if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not 0 <= temp <= 2:
-            raise BadRequest("'temperature' must be a number in [0, 2]", "invalid_temperature")
-        top_p = body.get("top_p", 1.0)
-        if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1):
-            raise BadRequest("'top_p' must be a number in (0, 1]", "invalid_top_p")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise BadRequest("'stream' must be a boolean", "invalid_stream")
-        if body.get("n", 1) not in (1, None):
-            raise BadRequest("only n=1 is supported", "invalid_n")
-        stop = body.get("stop")
-        if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(x, str) for x in stop))):
-            raise BadRequest("'stop' must be a string or a list of strings", "invalid_stop")
-        seed = body.get("seed")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise BadRequest("'seed' must be an integer", "invalid_seed")
-        so = body.get("stream_options") or {}
-        kind, name, thr = parse_model(model)
+        kind, name, thr = parse_model(r.model)
         if kind == "direct" and name not in self.llms:
-            raise BadRequest(f"unknown model {model!r}; serving {sorted(self.llms)} and router-<router>-<threshold>",
+            raise BadRequest(f"unknown model {r.model!r}; serving {sorted(self.llms)} and router-<router>-<threshold>",
                              "model_not_found")
-        return {"model": model, "kind": kind, "name": name, "threshold": thr, "stream": stream,
-                "include_usage": bool(isinstance(so, dict) and so.get("include_usage")),
-                "req": {"messages": clean, "max_tokens": mt, "temperature": float(temp),
-                        "top_p": float(top_p or 1.0), "stop": [stop] if isinstance(stop, str) else stop, "seed": seed}}
+        so = r.stream_options or {}
+        return {"model": r.model, "kind": kind, "name": name, "threshold": thr, "stream": r.stream,
+                "include_usage": bool(so.get("include_usage")),
+                "req": {"messages": clean, "max_tokens": mt, "temperature": float(r.temperature or 0.0),
+                        "top_p": float(r.top_p or 1.0), "stop": [r.stop] if isinstance(r.stop, str) else r.stop,
+                        "seed": r.seed}}
 
     async def _route(self, text: str, router: str | None, thr: float | None) -> dict:
         t0 = time.perf_counter()

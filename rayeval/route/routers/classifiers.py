@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from scipy.special import expit
 
 from rayeval.config import cache_dir
 from rayeval.route.routers.base import Router, SideFeatures, register
@@ -69,16 +70,12 @@ def _pooled_rows(pool, texts, batch: int) -> np.ndarray:
 
 
 def _probe(Z: np.ndarray, y: np.ndarray, n: np.ndarray, C: float) -> tuple[np.ndarray, np.float32]:
-    """Logistic head on fixed features with soft targets: each row enters as a positive with
-    weight y*n and a negative with weight (1-y)*n.  Returns (w, b)."""
-    from sklearn.linear_model import LogisticRegression
+    """Logistic head on fixed features with soft targets (``simple._soft_logistic``: each row a
+    positive with weight y*n and a negative with weight (1-y)*n).  Returns (w, b) in float32."""
+    from rayeval.route.routers.simple import _soft_logistic
 
-    XX = np.vstack([Z, Z])
-    yy = np.concatenate([np.ones(len(Z)), np.zeros(len(Z))])
-    ww = np.concatenate([y * n, (1 - y) * n])
-    keep = ww > 0
-    clf = LogisticRegression(C=C, max_iter=3000).fit(XX[keep], yy[keep], sample_weight=ww[keep])
-    return clf.coef_[0].astype(np.float32), np.float32(clf.intercept_[0])
+    w, b = _soft_logistic(Z, y, n, C, max_iter=3000)
+    return w.astype(np.float32), np.float32(b)
 
 
 def _choose_C(Z: np.ndarray, y: np.ndarray, n: np.ndarray, grid: Sequence[float], k: int = 3, seed: int = 0) -> float:
@@ -91,7 +88,7 @@ def _choose_C(Z: np.ndarray, y: np.ndarray, n: np.ndarray, grid: Sequence[float]
         for f in range(k):
             tr, te = fold != f, fold == f
             w, b = _probe(Z[tr], y[tr], n[tr], C)
-            p = np.clip(1.0 / (1.0 + np.exp(-(Z[te] @ w + b))), 1e-9, 1 - 1e-9)
+            p = np.clip(expit(Z[te] @ w + b), 1e-9, 1 - 1e-9)
             total -= float(np.sum(n[te] * (y[te] * np.log(p) + (1 - y[te]) * np.log(1 - p))))
         loss.append(total)
     return float(grid[int(np.argmin(loss))])
@@ -346,7 +343,7 @@ class CausalLMClassifierRouter(Router):
             F = _pooled_rows(self._pooled, texts, 16)
         Z = np.hstack([(F - self.mu_) / self.sd_, _side(self.side_, texts, groups)])
         z = Z @ self.head_w_ + self.head_b_
-        return 1.0 / (1.0 + np.exp(-np.clip(z, -50, 50)))
+        return expit(z)
 
     def _state(self):
         st = {"mu": self.mu_, "sd": self.sd_, "head_w": self.head_w_, "head_b": np.array(self.head_b_),

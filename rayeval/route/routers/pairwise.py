@@ -4,6 +4,7 @@ and matrix factorisation.  Both use every model in the battles, and answer P(str
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import expit
 import pandas as pd
 
 from rayeval.route.prefs import Outcomes, Preferences
@@ -234,9 +235,9 @@ class MFRouter(Router):
         s = self.scores(np.asarray(self.side_(texts, emb, groups), np.float64))
         i, j = self.models_.index(self.strong_), self.models_.index(self.weak_)
         if self.objective == "pointwise":
-            p = 1.0 / (1.0 + np.exp(-(s + self.c_)))
+            p = expit(s + self.c_)
             return (1 + p[:, i] - p[:, j]) / 2
-        return 1.0 / (1.0 + np.exp(-(s[:, i] - s[:, j])))
+        return expit(s[:, i] - s[:, j])
 
     def _state(self):
         return {"W": self.W_, "b": self.b_, "V": self.V_, "w2": self.w2_, "c": self.c_,

@@ -8,12 +8,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from scipy.special import expit, logit
 
 from rayeval.route.routers.base import Router, TrainSet, make_router, register
 
 
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-np.clip(x, -50, 50)))
+_sigmoid = expit
 
 
 @register
@@ -146,7 +146,7 @@ class GroupPriorRouter(Router):
         self.global_ = float(s["global"])
 
 
-def _soft_logistic(X, y, n, C):
+def _soft_logistic(X, y, n, C, max_iter: int = 2000):
     """L2 logistic regression with soft targets y in [0, 1] (each row split into a weighted
     positive and negative copy).  Returns (coef, intercept)."""
     from sklearn.linear_model import LogisticRegression
@@ -155,7 +155,7 @@ def _soft_logistic(X, y, n, C):
     yy = np.concatenate([np.ones(len(X)), np.zeros(len(X))])
     ww = np.concatenate([y * n, (1 - y) * n])
     keep = ww > 0
-    clf = LogisticRegression(C=C, max_iter=2000)
+    clf = LogisticRegression(C=C, max_iter=max_iter)
     clf.fit(XX[keep], yy[keep], sample_weight=ww[keep])
     return clf.coef_[0].astype(np.float64), float(clf.intercept_[0])
 
@@ -297,5 +297,4 @@ def _params_of(name: str) -> list[str]:
 
 
 def _logit(p):
-    p = np.clip(np.asarray(p, float), 1e-6, 1 - 1e-6)
-    return np.log(p) - np.log1p(-p)
+    return logit(np.clip(np.asarray(p, float), 1e-6, 1 - 1e-6))
