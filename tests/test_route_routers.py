@@ -43,6 +43,33 @@ def test_registry_contract():
         make_router("knn").win_probability(["x"], np.zeros((1, 384)))
 
 
+def test_every_router_is_an_sklearn_estimator_with_one_fit_and_an_explicit_pair():
+    """sklearn's parameter contract (BaseEstimator: clone, set_params), one ``fit`` template that no
+    router overrides, and strong/weak a constructor choice every router accepts (None: from data)."""
+    from sklearn.base import BaseEstimator, clone
+
+    o = load_routellm("mmlu").subset(np.arange(300))
+    best, worst = o.strong_weak()
+    for name, cls in ROUTERS.items():
+        r = make_router(name, strong=worst, weak=best)
+        assert isinstance(r, BaseEstimator) and cls.fit is Router.fit, name
+        assert clone(r).get_params() == r.get_params(), name
+        assert r.set_params(strong=best) is r and r.strong == best, name
+        with pytest.raises(TypeError):
+            make_router(name, not_a_parameter=1)
+    # the explicit pair wins over the data's best/worst; None takes the data's
+    flipped = make_router("length", strong=worst, weak=best).fit(o)
+    assert (flipped.strong_, flipped.weak_) == (worst, best)
+    assert (make_router("length").fit(o).strong_, make_router("length").fit(o).weak_) == (best, worst)
+    e = np.random.default_rng(0).normal(size=(len(o), 8)).astype(np.float32)
+    knn = make_router("knn", k=5, strong=worst, weak=best).fit(o, e)
+    assert (knn.strong_, knn.weak_) == (worst, best)
+    # the flipped router predicts the complement of the default one (P(worst beats best))
+    plain = make_router("knn", k=5).fit(o, e)
+    np.testing.assert_allclose(knn.win_probability(o.texts[:20], e[:20]),
+                               1 - plain.win_probability(o.texts[:20], e[:20]), atol=1e-6)
+
+
 def test_random_router_over_seeds_and_length_reference():
     o = load_routellm("mmlu")
     s, w = o.pair_arrays()

@@ -287,6 +287,21 @@ def test_route_only_and_stats(gateway):
     assert st["ingress"]["fallbacks"] == 0
 
 
+def test_direct_ingress_serves_the_same_api_without_the_proxy(gateway):
+    """Throughput-optimized Serve (SERVE_ENV): the Ingress replica's own HTTP server, found from the
+    controller's target groups, answers the same authenticated API as the proxy's port."""
+    from rayeval.serve.deploy import ingress_urls
+
+    urls = ingress_urls("rayeval", "127.0.0.1")
+    assert len(urls) == 1 and urls[0] != gateway["url"], urls
+    direct = {**gateway, "url": urls[0]}
+    body = {"model": "router-length-0.5", "messages": [{"role": "user", "content": "What is 2 + 2?"}]}
+    a, b = _post(gateway, body, path="/v1/route"), _post(direct, body, path="/v1/route")
+    assert a.status_code == b.status_code == 200, (a.text, b.text)
+    assert a.json() == b.json() and b.headers["x-rayeval-router"] == "length"
+    assert _post(direct, body, key="wrong", path="/v1/route").status_code == 401
+
+
 def test_static_featurizer_routes_without_the_embedder(gateway):
     """knn-static computes its features in the Router replica: the Embedder encodes nothing for it."""
     texts = [f"Static routing check number {i}: what is {i} plus {i}?" for i in range(6)]

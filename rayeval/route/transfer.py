@@ -48,12 +48,9 @@ def rank_pairs(outcomes: Outcomes, ranks: Sequence[tuple[int, int]] = DEFAULT_RA
 
 def _fit_scores(router: str, params: dict, train: Outcomes, test: Outcomes, pair: tuple[str, str],
                 tr_emb, te_emb) -> np.ndarray:
-    from rayeval.route.routers import ROUTERS, make_router
+    from rayeval.route.routers import make_router
 
-    kw = dict(params)
-    if {"strong", "weak"} <= set(ROUTERS[router].param_names()):
-        kw.update(strong=pair[0], weak=pair[1])
-    r = make_router(router, **kw)
+    r = make_router(router, **{**params, "strong": pair[0], "weak": pair[1]})
     r.fit(train.select_models(list(pair)), tr_emb if r.needs_embeddings else None)
     return r.win_probability(test.texts, te_emb if r.needs_embeddings else None, groups=test.groups)
 

@@ -13,7 +13,6 @@ import copy
 import os
 import time
 from pathlib import Path
-from typing import Any
 
 import yaml
 

@@ -1,9 +1,16 @@
 """The router contract: a small class mapping queries to P(strong model wins).
 
-scikit-learn style: hyperparameters are constructor arguments (and nothing else is), ``fit``
-learns state, ``win_probability`` predicts, ``save``/``load`` round-trip through a folder
-(``router.json`` + ``state.npz`` + optional extra files).  ``SEARCH_SPACE`` declares Tune
-ranges over constructor arguments with plain values:
+scikit-learn's estimator contract (``sklearn.base.BaseEstimator``: ``get_params``/``set_params``
+from the constructor's signature): hyperparameters are constructor arguments (and nothing else
+is), ``fit`` learns state (trailing ``_``), ``win_probability`` predicts, ``save``/``load``
+round-trip through a folder (``router.json`` + ``state.npz`` + optional extra files).
+
+``fit`` is one template for every router: it fixes the strong/weak pair (the ``strong``/``weak``
+constructor arguments every router takes, else the best/worst model of the data), builds the
+per-query training set, embeds the data's texts once when the router needs embeddings, sets
+the thread policy, and calls the router's ``_fit(ts, emb, fit)``; no router overrides ``fit``.
+
+``SEARCH_SPACE`` declares Tune ranges over constructor arguments with plain values:
 ``[a, b, c]`` = choice, ``("loguniform", lo, hi)``, ``("uniform", lo, hi)``, ``("randint", lo, hi)``.
 """
 
@@ -17,6 +24,7 @@ from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import pandas as pd
+from sklearn.base import BaseEstimator
 
 from rayeval.route.prefs import Outcomes, Preferences
 
@@ -69,6 +77,25 @@ def training_set(data: Outcomes | Preferences, strong: str | None = None, weak: 
     lab = data.strong_labels(strong, weak)
     return TrainSet(lab["query"].astype(str).tolist(), lab["y"].to_numpy(float), lab["n"].to_numpy(float),
                     lab["group"].astype(str).to_numpy(), lab["query_id"].astype(str).to_numpy(), strong, weak)
+
+
+@dataclass
+class FitInput:
+    """What ``Router.fit`` hands to ``_fit`` besides the per-query training set: the data itself,
+    its texts, query ids and groups (``data_texts`` order) and, for routers that need them, the
+    embeddings of those texts (computed once).  Routers that learn from battles or per-model
+    scores (pairwise, N-way) read these; per-query routers need only ``ts`` and ``emb``."""
+
+    data: Outcomes | Preferences
+    texts: list[str]
+    query_ids: np.ndarray
+    groups: np.ndarray
+    embeddings: np.ndarray | None
+
+    def rows(self, query_ids: Sequence[str]) -> np.ndarray:
+        """Positions in ``texts`` of ``query_ids`` (first occurrence)."""
+        pos = pd.Series(np.arange(len(self.query_ids)), index=self.query_ids)
+        return pos[~pos.index.duplicated()].loc[list(query_ids)].to_numpy()
 
 
 def data_texts(data: Outcomes | Preferences) -> tuple[list[str], np.ndarray]:
@@ -162,9 +189,10 @@ class torch_threads:
         torch.set_num_threads(self.old)
 
 
-class Router:
+class Router(BaseEstimator):
     """Base class.  Subclasses set ``name``, define ``__init__`` with keyword hyperparameters
-    (stored as same-named attributes), and implement ``_fit`` and ``_predict``."""
+    (stored as same-named attributes; ``strong``/``weak`` among them), and implement ``_fit`` and
+    ``_predict``."""
 
     name: ClassVar[str] = ""
     needs_embeddings: ClassVar[bool] = False
@@ -177,23 +205,23 @@ class Router:
     # -- sklearn-style params --------------------------------------------------------------------
     @classmethod
     def param_names(cls) -> list[str]:
+        """The constructor's parameters, in signature order (sklearn's ``_get_param_names`` sorts)."""
         sig = inspect.signature(cls.__init__)
         kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
         return [n for n, p in sig.parameters.items() if n != "self" and p.kind in kinds]
 
-    def get_params(self) -> dict[str, Any]:
-        return {p: getattr(self, p) for p in self.param_names()}
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """sklearn's ``get_params`` (routers hold no nested estimators), in signature order."""
+        params = super().get_params(deep=False)
+        return {p: params[p] for p in self.param_names()}
 
     def clone(self) -> "Router":
+        """An unfitted copy with the same hyperparameters."""
         return type(self)(**self.get_params())
 
     @classmethod
     def search_space(cls) -> dict[str, Any]:
         return dict(cls.SEARCH_SPACE)
-
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
-        return f"{type(self).__name__}({args})"
 
     # -- embeddings ------------------------------------------------------------------------------
     def _embed(self, texts: Sequence[str], embeddings: np.ndarray | None) -> np.ndarray:
@@ -211,17 +239,15 @@ class Router:
         """Learn from Outcomes or Preferences.  ``embeddings`` (optional, else computed) align
         with ``data_texts(data)``.  The strong/weak pair is ``self.strong``/``self.weak`` when
         set, else the best/worst model of ``data``."""
-        ts = training_set(data, getattr(self, "strong", None), getattr(self, "weak", None))
+        self._check_data(data)
+        ts = training_set(data, self.strong, self.weak)
         self.strong_, self.weak_ = ts.strong, ts.weak
-        emb = None
-        if self.needs_embeddings:
-            texts, qids = data_texts(data)
-            all_emb = self._embed(texts, embeddings)
-            pos = pd.Series(np.arange(len(qids)), index=qids)
-            pos = pos[~pos.index.duplicated()]
-            emb = all_emb[pos.loc[ts.query_ids].to_numpy()]
+        texts, qids = data_texts(data)
+        fit = FitInput(data, texts, qids, data_groups(data),
+                       self._embed(texts, embeddings) if self.needs_embeddings else None)
+        emb = None if fit.embeddings is None else fit.embeddings[fit.rows(ts.query_ids)]
         with torch_threads():
-            self._fit(ts, emb, data)
+            self._fit(ts, emb, fit)
         self.fitted_ = True
         return self
 
@@ -244,7 +270,12 @@ class Router:
         return float(self.win_probability([query])[0])
 
     # -- subclass hooks --------------------------------------------------------------------------
-    def _fit(self, ts: TrainSet, emb: np.ndarray | None, data) -> None:
+    def _check_data(self, data: Outcomes | Preferences) -> None:
+        """Refuse data this router cannot learn from (before any work)."""
+
+    def _fit(self, ts: TrainSet, emb: np.ndarray | None, fit: FitInput) -> None:
+        """Learn from ``ts`` (one row per query: y = P(strong wins), n battles behind it) and
+        ``emb`` (its rows' embeddings, or None); ``fit`` has the data and all its texts."""
         raise NotImplementedError
 
     def _predict(self, texts: list[str], emb: np.ndarray | None, groups: np.ndarray) -> np.ndarray:

@@ -28,17 +28,15 @@ class QualityRouter(Router):
             texts = [last_block(t) for t in texts]
         return super()._embed(texts, embeddings)
 
-    def fit(self, data: Outcomes, embeddings=None):
+    def _check_data(self, data):
         if not isinstance(data, Outcomes):
             raise TypeError("N-way routers learn from Outcomes (per-model scores), not Preferences")
-        emb = self._embed(data.texts, embeddings)
-        S = data.scores.to_numpy(float)
+
+    def _fit(self, ts, emb, fit):
+        data = fit.data
         self.models_ = data.models
         self.cost_ = (data.costs.mean().to_numpy(float) if data.costs is not None else np.ones(len(self.models_)))
-        self.strong_, self.weak_ = data.strong_weak()
-        self._fit_quality(emb, S)
-        self.fitted_ = True
-        return self
+        self._fit_quality(fit.embeddings, data.scores.to_numpy(float))
 
     def predict_quality(self, queries, embeddings=None) -> np.ndarray:
         """(n, n_models) predicted quality."""
@@ -83,8 +81,9 @@ class KNNQualityRouter(QualityRouter):
     name = "knn_quality"
     SEARCH_SPACE = {"k": [10, 20, 50, 100], "last_block": [True, False]}
 
-    def __init__(self, k: int = 50, last_block: bool = True, embedder: str = "minilm-l6"):
-        self.k, self.last_block, self.embedder = k, last_block, embedder
+    def __init__(self, k: int = 50, last_block: bool = True, embedder: str = "minilm-l6",
+                 strong: str | None = None, weak: str | None = None):
+        self.k, self.last_block, self.embedder, self.strong, self.weak = k, last_block, embedder, strong, weak
 
     def _fit_quality(self, emb, S):
         self.X_, self.S_ = emb.astype(np.float32), np.nan_to_num(S).astype(np.float32)
@@ -112,8 +111,9 @@ class LinearQualityRouter(QualityRouter):
     name = "linear_quality"
     SEARCH_SPACE = {"alpha": ("loguniform", 1e-2, 1e3), "last_block": [True, False]}
 
-    def __init__(self, alpha: float = 10.0, last_block: bool = True, embedder: str = "minilm-l6"):
-        self.alpha, self.last_block, self.embedder = alpha, last_block, embedder
+    def __init__(self, alpha: float = 10.0, last_block: bool = True, embedder: str = "minilm-l6",
+                 strong: str | None = None, weak: str | None = None):
+        self.alpha, self.last_block, self.embedder, self.strong, self.weak = alpha, last_block, embedder, strong, weak
 
     def _fit_quality(self, emb, S):
         X = np.hstack([emb, np.ones((len(emb), 1))]).astype(np.float64)

@@ -8,7 +8,7 @@ from scipy.special import expit
 import pandas as pd
 
 from rayeval.route.prefs import Outcomes, Preferences
-from rayeval.route.routers.base import Router, SideFeatures, register, torch_threads
+from rayeval.route.routers.base import Router, SideFeatures, register
 
 
 def battles(data: Outcomes | Preferences, tie_eps: float = 0.0):
@@ -59,18 +59,11 @@ class SWRankingRouter(Router):
         F[:, d + ng:] *= self.length_weight
         return F / np.maximum(np.linalg.norm(F, axis=1, keepdims=True), 1e-9)
 
-    def fit(self, data, embeddings=None):
-        from rayeval.route.routers.base import data_groups, data_texts, resolve_pair
-
-        uq, qi, a, b, y, models = battles(data)
-        texts, qids = data_texts(data)
-        groups = data_groups(data)
-        emb = self._embed(texts, embeddings)
-        self.side_ = self._side().fit(texts, groups)
-        pos = pd.Series(np.arange(len(qids)), index=qids)
-        pos = pos[~pos.index.duplicated()].loc[uq].to_numpy()
-        self.X_ = self._space([texts[i] for i in pos], emb[pos], groups[pos])
-        self.strong_, self.weak_ = resolve_pair(data, self.strong, self.weak)
+    def _fit(self, ts, emb, fit):
+        uq, qi, a, b, y, models = battles(fit.data)
+        self.side_ = self._side().fit(fit.texts, fit.groups)
+        pos = fit.rows(uq)
+        self.X_ = self._space([fit.texts[i] for i in pos], fit.embeddings[pos], fit.groups[pos])
         self.models_ = models
         lo, hi = np.minimum(a, b), np.maximum(a, b)
         y_lo = np.where(a < b, y, 1 - y)  # outcome for the lower-index model
@@ -79,8 +72,6 @@ class SWRankingRouter(Router):
         self.pairs_ = np.array(pairs, dtype=np.int64).reshape(-1, 2)
         self.qi_, self.pi_ = qi.astype(np.int64), np.array([ppos[p] for p in zip(lo.tolist(), hi.tolist())], np.int64)
         self.ylo_ = y_lo.astype(np.float32)
-        self.fitted_ = True
-        return self
 
     def _predict(self, texts, emb, groups):
         s, w = self.models_.index(self.strong_), self.models_.index(self.weak_)
@@ -175,56 +166,48 @@ class MFRouter(Router):
             qi, a, b, y = qi[keep], a[keep], b[keep], y[keep]
         return emb_all[pos.loc[uq].to_numpy()], qi, a, b, y, models
 
-    def fit(self, data, embeddings=None):
+    def _fit(self, ts, emb, fit):
         import torch
 
-        from rayeval.route.routers.base import data_groups, data_texts, resolve_pair
-
-        texts, qids = data_texts(data)
-        groups = data_groups(data)
-        emb = self._embed(texts, embeddings)
+        texts, groups = fit.texts, fit.groups
         self.side_ = SideFeatures(self.use_groups, self.use_length).fit(texts, groups)
-        Xn, qi, a, b, y, models = self._examples(data, self.side_(texts, emb, groups), qids)
-        self.strong_, self.weak_ = resolve_pair(data, self.strong, self.weak)
+        Xn, qi, a, b, y, models = self._examples(fit.data, self.side_(texts, fit.embeddings, groups), fit.query_ids)
         self.models_ = models
-        with torch_threads():
-            g = torch.Generator().manual_seed(self.seed)
-            torch.manual_seed(self.seed)
-            X = torch.tensor(np.asarray(Xn), dtype=torch.float32)
-            m = len(models)
-            W1 = torch.nn.Linear(X.shape[1], self.dim)
-            V = torch.nn.Parameter(torch.randn(m, self.dim, generator=g) * 0.1)
-            w2 = torch.nn.Linear(self.dim, 1, bias=False)
-            cb = torch.nn.Parameter(torch.zeros(m))
-            params = [*W1.parameters(), V, *w2.parameters(), cb]
-            opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
-            tq, ta, tb = (torch.tensor(v, dtype=torch.long) for v in (qi, a, b))
-            ty = torch.tensor(y, dtype=torch.float32)
-            n = len(ty)
-            for _ in range(self.epochs):
-                perm = torch.randperm(n, generator=g)
-                for s in range(0, n, self.batch_size):
-                    idx = perm[s:s + self.batch_size]
-                    h = W1(X[tq[idx]])
-                    Vn = torch.nn.functional.normalize(V, dim=1)
-                    logit = w2(h * Vn[ta[idx]]).squeeze(-1)
-                    if self.objective == "pointwise":
-                        logit = logit + cb[ta[idx]]
-                    else:
-                        logit = logit - w2(h * Vn[tb[idx]]).squeeze(-1)
-                    loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, ty[idx])
-                    opt.zero_grad()
-                    loss.backward()
-                    opt.step()
-            with torch.no_grad():
+        g = torch.Generator().manual_seed(self.seed)
+        torch.manual_seed(self.seed)
+        X = torch.tensor(np.asarray(Xn), dtype=torch.float32)
+        m = len(models)
+        W1 = torch.nn.Linear(X.shape[1], self.dim)
+        V = torch.nn.Parameter(torch.randn(m, self.dim, generator=g) * 0.1)
+        w2 = torch.nn.Linear(self.dim, 1, bias=False)
+        cb = torch.nn.Parameter(torch.zeros(m))
+        params = [*W1.parameters(), V, *w2.parameters(), cb]
+        opt = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay)
+        tq, ta, tb = (torch.tensor(v, dtype=torch.long) for v in (qi, a, b))
+        ty = torch.tensor(y, dtype=torch.float32)
+        n = len(ty)
+        for _ in range(self.epochs):
+            perm = torch.randperm(n, generator=g)
+            for s in range(0, n, self.batch_size):
+                idx = perm[s:s + self.batch_size]
+                h = W1(X[tq[idx]])
                 Vn = torch.nn.functional.normalize(V, dim=1)
-                self.W_ = W1.weight.detach().numpy().astype(np.float64)
-                self.b_ = W1.bias.detach().numpy().astype(np.float64)
-                self.V_ = Vn.numpy().astype(np.float64)
-                self.w2_ = w2.weight.detach().numpy()[0].astype(np.float64)
-                self.c_ = cb.detach().numpy().astype(np.float64)
-        self.fitted_ = True
-        return self
+                logit = w2(h * Vn[ta[idx]]).squeeze(-1)
+                if self.objective == "pointwise":
+                    logit = logit + cb[ta[idx]]
+                else:
+                    logit = logit - w2(h * Vn[tb[idx]]).squeeze(-1)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(logit, ty[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            Vn = torch.nn.functional.normalize(V, dim=1)
+            self.W_ = W1.weight.detach().numpy().astype(np.float64)
+            self.b_ = W1.bias.detach().numpy().astype(np.float64)
+            self.V_ = Vn.numpy().astype(np.float64)
+            self.w2_ = w2.weight.detach().numpy()[0].astype(np.float64)
+            self.c_ = cb.detach().numpy().astype(np.float64)
 
     def scores(self, emb: np.ndarray) -> np.ndarray:
         """s(m, q) for every model: (n, n_models)."""

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from scipy.special import expit, logit
 
-from rayeval.route.routers.base import Router, TrainSet, make_router, register
+from rayeval.route.routers.base import Router, make_router, register
 
 
 _sigmoid = expit
@@ -23,10 +23,10 @@ class RandomRouter(Router):
     name = "random"
     SEARCH_SPACE = {"seed": [0, 1, 2, 3, 4]}
 
-    def __init__(self, seed: int = 0):
-        self.seed = seed
+    def __init__(self, seed: int = 0, strong: str | None = None, weak: str | None = None):
+        self.seed, self.strong, self.weak = seed, strong, weak
 
-    def _fit(self, ts, emb, data):
+    def _fit(self, ts, emb, fit):
         pass
 
     def _predict(self, texts, emb, groups):
@@ -44,15 +44,16 @@ class LengthRouter(Router):
 
     name = "length"
 
-    def __init__(self, unit: str = "chars", scale: float = 500.0):
-        self.unit, self.scale = unit, scale
+    def __init__(self, unit: str = "chars", scale: float = 500.0, strong: str | None = None,
+                 weak: str | None = None):
+        self.unit, self.scale, self.strong, self.weak = unit, scale, strong, weak
 
     def _len(self, texts):
         if self.unit == "words":
             return np.array([len(t.split()) for t in texts], float)
         return np.array([len(t) for t in texts], float)
 
-    def _fit(self, ts, emb, data):
+    def _fit(self, ts, emb, fit):
         pass
 
     def _predict(self, texts, emb, groups):
@@ -182,10 +183,11 @@ class LogisticRouter(Router):
     def _features(self, texts, emb, groups):
         return self.side_(texts, emb, groups)
 
-    def _fit(self, ts, emb, data):
+    def _fit(self, ts, emb, fit):
         from rayeval.route.prefs import Outcomes
         from rayeval.route.routers.base import SideFeatures
 
+        data = fit.data
         self.side_ = SideFeatures(self.use_groups, self.use_length).fit(ts.texts, ts.groups)
         X = self._features(ts.texts, emb, ts.groups)
         if self.target == "pair":
@@ -233,42 +235,23 @@ class BlendRouter(Router):
                                                   {"name": "mf", "params": {}}),
                  weights: Sequence[float] | None = None, embedder: str = "minilm-l6",
                  strong: str | None = None, weak: str | None = None):
-        self.members = [dict(m) for m in members]
-        self.weights = list(weights) if weights is not None else None
+        self.members, self.weights = members, weights  # as given (sklearn: __init__ only stores)
         self.embedder, self.strong, self.weak = embedder, strong, weak
 
     @property
     def needs_embeddings(self):  # type: ignore[override]
         return True
 
-    def fit(self, data, embeddings=None):
-        import pandas as pd
-
-        from rayeval.route.routers.base import data_texts, training_set
-
-        texts, qids = data_texts(data)
-        emb = self._embed(texts, embeddings)
-        ts = training_set(data, self.strong, self.weak)
-        self.models_ = []
-        for m in self.members:
-            p = dict(m.get("params", {}))
-            names = _params_of(m["name"])
-            if "strong" in names:
-                p.setdefault("strong", ts.strong)
-            if "weak" in names:
-                p.setdefault("weak", ts.weak)
-            self.models_.append(make_router(m["name"], **p).fit(data, emb))
-        self.strong_, self.weak_ = ts.strong, ts.weak
-        pos = pd.Series(np.arange(len(qids)), index=qids)
-        ts_emb = emb[pos[~pos.index.duplicated()].loc[ts.query_ids].to_numpy()]
+    def _fit(self, ts, emb, fit):
+        # every member on the same data, embeddings and strong/weak pair
+        self.models_ = [make_router(m["name"], **{"strong": ts.strong, "weak": ts.weak, **m.get("params", {})})
+                        .fit(fit.data, fit.embeddings) for m in self.members]
         mus, sds = [], []
         for r in self.models_:  # standardise each member's logits on the training queries
-            z = _logit(r.win_probability(ts.texts, ts_emb, ts.groups))
+            z = _logit(r.win_probability(ts.texts, emb, ts.groups))
             mus.append(float(z.mean()))
             sds.append(float(z.std()) or 1.0)
         self.mu_, self.sd_ = np.array(mus), np.array(sds)
-        self.fitted_ = True
-        return self
 
     def _predict(self, texts, emb, groups):
         w = np.asarray(self.weights if self.weights is not None else [1.0] * len(self.models_), float)
@@ -288,12 +271,6 @@ class BlendRouter(Router):
 
         self.mu_, self.sd_ = s["mu"], s["sd"]
         self.models_ = [_R.load(folder / f"member{i}") for i in range(len(self.members))]
-
-
-def _params_of(name: str) -> list[str]:
-    from rayeval.route.routers.base import ROUTERS
-
-    return ROUTERS[name].param_names()
 
 
 def _logit(p):
