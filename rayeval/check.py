@@ -171,26 +171,30 @@ def source_problem(source: Any, prompts: bool = False) -> str | None:
     ``mt_bench`` and any file (``rayeval augment generate``'s prompt sources)."""
     from rayeval.config import data_root
 
+    from rayeval.route.sources import parse_source
+
     if not isinstance(source, str) or not source:
         return f"expected a data source, got {source!r}"
-    kind, _, rest = source.partition(":")
     if prompts and source == "mt_bench":
-        need = data_root() / "routellm_evals" / "mt_bench" / "question.jsonl"
-    elif kind == "routellm":
-        bench = rest.lower().replace("-", "_")
-        if bench not in ROUTELLM_BENCHES:
-            return f"unknown RouteLLM benchmark {rest!r} in {source!r}; known: {list(ROUTELLM_BENCHES)}"
-        need = data_root() / "routellm_evals" / bench
-    elif kind == "routerbench":
-        task, _, split = rest.partition(":")
-        need = data_root() / "routerbench_zs" / f"{task}_{split or 'train'}.csv"
-    elif kind in ("battles", "eval"):
-        need = Path(rest).expanduser()
-    else:
+        return None if (data_root() / "routellm_evals" / "mt_bench" / "question.jsonl").exists() else \
+            f"{source!r}: MT-Bench questions not found under {data_root()}"
+    try:
+        s = parse_source(source)
+    except ValueError as e:
+        if not prompts:  # prompt sources may be any file
+            return str(e)
+        s = None
+    if s is None:
         need = Path(source).expanduser()
-        if not prompts and need.suffix != ".parquet":
-            return (f"unknown source {source!r}: routellm:<bench>, routerbench:<task>[:split], battles:<jsonl>, "
-                    "eval:<parquet>, or an Outcomes/Preferences parquet")
+    elif s.kind == "routellm":
+        bench = s.name.lower().replace("-", "_")
+        if bench not in ROUTELLM_BENCHES:
+            return f"unknown RouteLLM benchmark {s.name!r} in {source!r}; known: {list(ROUTELLM_BENCHES)}"
+        need = data_root() / "routellm_evals" / bench
+    elif s.kind == "routerbench":
+        need = data_root() / "routerbench_zs" / f"{s.name}_{s.split}.csv"
+    else:
+        need = s.path
     return None if need.exists() else f"{source!r}: {need} not found"
 
 

@@ -269,14 +269,9 @@ class TuneData:
 
 
 def load_outcomes(source: str):
-    from rayeval.route.cli import _load_source
-    from rayeval.route.prefs import Outcomes
+    from rayeval.route.sources import load_outcomes as load
 
-    d = _load_source(source)
-    if not isinstance(d, Outcomes):
-        raise ValueError(f"{source}: tuning needs per-query outcomes of the strong and weak model "
-                         f"(APGR), not {type(d).__name__}")
-    return d
+    return load(source, "tuning")
 
 
 def prepare_data(spec: DataSpec, outcomes=None) -> TuneData:

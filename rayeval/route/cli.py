@@ -13,28 +13,13 @@ app = typer.Typer(help="Learned routing between LLMs (RouteLLM-style): data, tra
 
 
 def _load_source(source: str, split: str = "train"):
-    """routellm:<mmlu|gsm8k|mt_bench>, routerbench:<task>[:<split>], battles:<file.jsonl>,
-    eval:<parquet>, or a saved Outcomes/Preferences parquet."""
-    from rayeval.route import prefs as P
+    """:func:`rayeval.route.sources.load_source`, a bad source as a usage error."""
+    from rayeval.route.sources import load_source
 
-    kind, _, rest = source.partition(":")
-    if kind == "routellm":
-        return P.load_routellm(rest)
-    if kind == "routerbench":
-        task, _, sp = rest.partition(":")
-        return P.load_routerbench(task, sp or split)
-    if kind == "battles":
-        return P.load_battles_jsonl(rest)
-    if kind == "eval":
-        return P.outcomes_from_eval(rest)
-    path = Path(source)
-    if path.suffix == ".parquet" and path.exists():
-        import pandas as pd
-
-        cols = pd.read_parquet(path).columns
-        return P.Outcomes.load(path) if any(c.startswith("score::") for c in cols) else P.Preferences.load(path)
-    raise typer.BadParameter(f"unknown source {source!r}: routellm:<bench>, routerbench:<task>[:split], "
-                             "battles:<jsonl>, eval:<parquet>, or an Outcomes/Preferences parquet")
+    try:
+        return load_source(source, split)
+    except (ValueError, FileNotFoundError) as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 def _params(items: List[str]) -> dict:

@@ -168,14 +168,9 @@ def load_prompts(source: str | PromptSource = "mt_bench", limit: int | None = No
     if source == "mt_bench":
         df = _mt_bench(turn)
     elif kind in ("routellm", "routerbench") and rest:
-        from rayeval.route import prefs as P
+        from rayeval.route.sources import load_source
 
-        if kind == "routellm":
-            oc = P.load_routellm(rest)
-        else:
-            task, _, split = rest.partition(":")
-            oc = P.load_routerbench(task, split or "train")
-        df = oc.queries.rename(columns={"query_id": "prompt_id", "query": "prompt"})[["prompt_id", "prompt", "group"]]
+        df = load_source(str(source)).queries.rename(columns={"query_id": "prompt_id", "query": "prompt"})[["prompt_id", "prompt", "group"]]
     else:
         p = Path(source).expanduser()
         if not p.exists():

@@ -270,10 +270,10 @@ def default_router_dir(name: str, data: str = "routellm:mt_bench", params: dict 
     out = routers_root() / f"{name}-{data.replace(':', '_')}-{tag}"
     if (out / "router.json").exists():
         return out
-    from rayeval.route.cli import _load_source
+    from rayeval.route.sources import load_source
 
     r = make_router(kind, **params)
-    r.fit(_load_source(data))
+    r.fit(load_source(data))
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     r.save(tmp)
     try:
