@@ -274,7 +274,7 @@ def vllm_option_problems(res: Checked, options: dict, where: str) -> None:
 def check_engine(res: Checked, engine: Any, where: str = "engine"):
     """The ``engine:`` section as the run resolves it on this host (``Execution.from_engine_dict``:
     the kind, options per kind); the Execution, or None after a problem."""
-    from rayeval.eval.pipeline import Execution
+    from rayeval.runtime import Execution
 
     if not isinstance(engine, dict):
         res.problem(where, f"expected a mapping of engine options, got {engine!r}")

@@ -21,7 +21,7 @@ data_app = typer.Typer(help="Multiple-choice datasets: inspect and validate.", n
 app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line, however long its path
 
 
 @models_app.command("list")

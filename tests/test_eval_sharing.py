@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 from rayeval.data.schema import MCQItem
 from rayeval.eval.config import ConfigError, EvalConfig
 from rayeval.eval.engines import ScoreRequest, make_engine
-from rayeval.eval.pipeline import Execution, make_shards, plan_checked
+from rayeval.eval.pipeline import make_shards, plan_checked
+from rayeval.runtime import Execution
 from rayeval.eval.plan import ByteTokenizer, plan_works
 from rayeval.eval.scoring import expand, flatten
 from rayeval.eval.tokens import PrefixTrie, TokenJob, continuation_job, next_token_job, trie_size, unique

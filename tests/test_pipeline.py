@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from rayeval.eval.config import EvalConfig
-from rayeval.eval.pipeline import read_rows, run_eval
+from rayeval.eval.pipeline import run_eval
 
 KEY = ["model", "dataset", "setting", "scoring", "item_id", "rotation"]
 

@@ -17,93 +17,27 @@ keyed by id, so a retried batch can never duplicate rows.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
 import os
-import pickle
 import signal
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rayeval.data.loaders import load_items
 from rayeval.data.schema import MCQItem
 from rayeval.eval.config import EvalConfig, dataset_path, load_eval_config
 from rayeval.eval.scoring import Work, expand, reduce
+from rayeval.runtime import Execution, ShardActor, read_rows, run_sharded
 
 log = logging.getLogger("rayeval.eval")
-
-# Keys of ``EvalConfig.engine`` that configure execution; every other key goes to the engine.
-EXEC_KEYS = ("kind", "actors", "num_cpus", "num_gpus", "resources", "cpu_cores", "max_restarts", "fault", "cache",
-             "hf", "vllm")
-# Engine options each kind takes (besides ``from_pretrained`` / ``vllm.LLM`` passthrough below).
-HF_KEYS = {"dtype", "num_threads", "batch_size", "max_tokens_per_batch", "max_kv_tokens", "row_tokens", "min_fill", "head_rows",
-           "prefix_sharing", "max_model_len", "attn_implementation", "revision", "trust_remote_code"}
-
-
-@dataclass
-class Execution:
-    kind: str = "auto"            # auto | vllm | hf | fake  (auto: hf on a CPU host, vllm on GPUs)
-    actors: int = 1               # actor-pool size (one engine per model in each actor)
-    num_cpus: float = 1.0         # logical CPUs per actor
-    num_gpus: float = 0.0         # GPUs per actor (a cluster: 1, or the tensor-parallel size)
-    resources: dict[str, float] = field(default_factory=dict)  # custom resources per actor, e.g. {"gpu_node": 1}
-    cpu_cores: dict[str, str] = field(default_factory=dict)  # CPU pinning per model, e.g. {m1: "0", m2: "1"}
-    max_restarts: int = 3         # actor restarts after a crash; its batch is retried
-    fault: dict[str, Any] = field(default_factory=dict)      # test hook: {"crash_on_shard" | "kill_engine_core_on_shard": k, "marker": path}
-    cache: bool | str = True      # score cache: true (local default folder), false, or a path / URI
-    engine_kwargs: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_engine_dict(cls, d: dict[str, Any]) -> "Execution":
-        """From an ``engine:`` section.  ``hf:`` / ``vllm:`` sub-sections hold options for that kind
-        only (used when it is the kind that runs, e.g. under ``kind: auto``); top-level options
-        must suit the kind that runs: an option it does not take is an error here, not in an actor."""
-        from rayeval.eval.engines import ENGINE_KINDS, resolve_kind
-
-        d = dict(d or {})
-        ex = {k: d.pop(k) for k in EXEC_KEYS if k in d}
-        kind = ex.pop("kind", cls.kind)
-        if kind not in ENGINE_KINDS:
-            raise ValueError(f"engine.kind: {kind!r} is not one of {', '.join(ENGINE_KINDS)}")
-        per_kind = {k: ex.pop(k) for k in ("hf", "vllm") if k in ex}
-        for k, v in per_kind.items():
-            if not isinstance(v, dict):
-                raise ValueError(f"engine.{k}: expected a mapping of {k} engine options, got {v!r}")
-        real = resolve_kind(kind)
-        d.update(per_kind.get(real, {}))
-        if real == "hf":
-            bad = sorted(set(d) - HF_KEYS)
-            if bad:
-                raise ValueError(f"engine: option(s) {bad} do not apply to the hf engine (kind {kind!r} runs hf "
-                                 f"here); it takes {sorted(HF_KEYS)}. Put vLLM-only options under engine.vllm")
-        elif real == "vllm":
-            bad = sorted(set(d) & (HF_KEYS - {"dtype", "max_model_len", "revision", "trust_remote_code"}))
-            if bad:
-                raise ValueError(f"engine: option(s) {bad} are hf engine options, not vllm.LLM arguments "
-                                 f"(kind {kind!r} runs vllm here); put them under engine.hf")
-        cache = ex.get("cache", True)
-        if not isinstance(cache, (bool, str)):
-            raise ValueError(f"engine.cache: expected true, false or a path/URI, got {cache!r}")
-        return cls(kind=real, **ex, engine_kwargs=d)
-
-    def cache_path(self) -> str | None:
-        from rayeval.eval.score_cache import default_cache_path
-
-        if self.kind == "fake" or self.cache is False:
-            return None
-        return default_cache_path() if self.cache is True else str(self.cache)
-
 
 # ----------------------------------------------------------------------------- loading + expansion
 
@@ -151,44 +85,7 @@ def fingerprint(cfg: EvalConfig, shards: Sequence[Sequence[Work]]) -> str:
 
 # ----------------------------------------------------------------------------- the actor
 
-def default_cpu_cores(models: Sequence[str]) -> dict[str, str]:
-    """On a CPU-only host with several models in one actor, give each engine its own core(s)
-    (vLLM pins its OpenMP threads; unpinned engines would all land on core 0)."""
-    from rayeval.eval.engines import on_cpu
-
-    if not on_cpu() or len(models) < 2:
-        return {}
-    avail = sorted(os.sched_getaffinity(0))
-    if len(avail) < len(models):
-        return {}
-    per = len(avail) // len(models)
-    out = {}
-    for i, m in enumerate(models):
-        mine = avail[i * per: (i + 1) * per]
-        out[m] = ",".join(str(c) for c in mine)
-    return out
-
-
-def crash_only(call: Callable) -> Callable:
-    """For the batch method of a sharded actor: when an engine's worker process died, the engine
-    cannot be used again, so the actor process exits.  Ray restarts the actor (``max_restarts``) and
-    retries its shard; the driver writes each shard once, atomically, so rows land exactly once."""
-    from rayeval.eval.engines import engine_died
-
-    @functools.wraps(call)
-    def wrapped(self, batch):
-        try:
-            return call(self, batch)
-        except Exception as e:
-            if not engine_died(e):
-                raise
-            print(f"[rayeval] actor pid {os.getpid()}: {e}; exiting so that Ray restarts this actor and "
-                  f"retries its shard", file=sys.stderr, flush=True)
-            os._exit(70)
-    return wrapped
-
-
-class ScoreActor:
+class ScoreActor(ShardActor):
     """One engine per model; scores whole shards.  Used as a Ray Data ``map_batches`` class."""
 
     def __init__(self, models: list[str], execution: dict[str, Any]):
@@ -197,12 +94,10 @@ class ScoreActor:
         ex = Execution(**execution)
         self.fault = ex.fault
         self.engines = {}
-        cores = default_cpu_cores(models) if ex.kind == "vllm" and not ex.cpu_cores else ex.cpu_cores
+        cores = ex.pinning(models)
         cache = ex.cache_path()
         for m in models:
-            kw = dict(ex.engine_kwargs)
-            if ex.kind == "vllm" and m in cores:
-                kw["cpu_cores"] = cores[m]
+            kw = ex.engine_kwargs_for(m, cores)
             if ex.kind == "hf":  # engines of one actor run side by side: split the cores between them
                 kw.setdefault("num_threads", max(1, default_threads() // len(models)))
             if cache and ex.kind != "fake":
@@ -228,124 +123,31 @@ class ScoreActor:
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
 
-    @crash_only
-    def __call__(self, batch: dict[str, Any]) -> pd.DataFrame:
-        rows: list[dict[str, Any]] = []
-        for shard, blob in zip(batch["shard"], batch["payload"]):
-            shard = int(shard)
-            self._maybe_crash(shard)
-            works: list[Work] = pickle.loads(blob)
-            mine = {m: [w for w in works if w.for_model(m)] for m in self.engines}
-            before, cpu0, t0 = self._stats(), time.process_time(), time.perf_counter()
-            # Engines of different models run side by side (each vLLM engine core is its own
-            # process, pinned to its own cores), so one shard costs max(), not sum(), of them.
-            scored = list(self.pool.map(lambda m: self.engines[m].score([r for w in mine[m] for r in w.requests]),
-                                        self.engines))
-            after = self._stats()
-            for model, results in zip(self.engines, scored):
-                st = {k: v - before[model].get(k, 0) for k, v in after[model].items()}
-                st.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - cpu0, works=len(mine[model]))
-                tag = json.dumps(st)
-                i = 0
-                for w in mine[model]:
-                    n = len(w.requests)
-                    row = reduce(w, results[i: i + n], model=model)
-                    row["shard"] = shard
-                    row["_stats"] = tag
-                    rows.append(row)
-                    i += n
-        return pd.DataFrame(rows)
+    def process(self, shard: int, works: list[Work]) -> list[dict[str, Any]]:
+        self._maybe_crash(shard)
+        mine = {m: [w for w in works if w.for_model(m)] for m in self.engines}
+        before, cpu0, t0 = self._stats(), time.process_time(), time.perf_counter()
+        # Engines of different models run side by side (each vLLM engine core is its own
+        # process, pinned to its own cores), so one shard costs max(), not sum(), of them.
+        scored = list(self.pool.map(lambda m: self.engines[m].score([r for w in mine[m] for r in w.requests]),
+                                    self.engines))
+        after = self._stats()
+        rows = []
+        for model, results in zip(self.engines, scored):
+            st = {k: v - before[model].get(k, 0) for k, v in after[model].items()}
+            st.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - cpu0, works=len(mine[model]))
+            tag = json.dumps(st)
+            i = 0
+            for w in mine[model]:
+                n = len(w.requests)
+                row = reduce(w, results[i: i + n], model=model)
+                row["_stats"] = tag
+                rows.append(row)
+                i += n
+        return rows
 
 
 # ----------------------------------------------------------------------------- driver
-
-def _shard_file(out: Path, shard: int) -> Path:
-    return out / "shards" / f"part-{shard:05d}.parquet"
-
-
-def _write_atomic(table: pa.Table, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    pq.write_table(table.replace_schema_metadata(None), tmp)
-    os.replace(tmp, path)
-
-
-def read_rows(out_dir: str | Path) -> pd.DataFrame:
-    """Every finished shard of a run as one frame."""
-    files = sorted((Path(out_dir) / "shards").glob("part-*.parquet"))
-    if not files:
-        return pd.DataFrame()
-    return pa.concat_tables([pq.read_table(f) for f in files], promote_options="permissive").to_pandas()
-
-
-def run_sharded(name: str, payloads: Sequence[Any], actor_cls: type, ctor_kwargs: dict[str, Any], out: Path,
-                fp: str, rows_per_shard: Callable[[int], int], ex: Execution, *, resume: bool = True,
-                stop_after: int | None = None, address: str | None = None, meta: dict | None = None) -> dict:
-    """The execution pattern of every sharded job (evaluation, generation, judging): manifest +
-    fingerprint check, skip finished shards, Ray Data actor pool with restarts, atomic shard files
-    written by the driver once a shard's rows are all in.  ``actor_cls`` gets batches with columns
-    ``shard`` and ``payload`` (pickled) and returns rows with a ``shard`` column.
-    Returns {"written", "shards", "complete"}."""
-    import ray
-
-    from rayeval.cluster import init_ray
-
-    t0 = time.time()
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    manifest = out / "manifest.json"
-    if manifest.exists() and resume:
-        old = json.loads(manifest.read_text())
-        if old.get("fingerprint") != fp:
-            raise ValueError(f"{out}: holds a run of a different config or data (fingerprint {old.get('fingerprint')}"
-                             f" != {fp}); use another --out or --no-resume")
-    elif not resume:
-        for f in (out / "shards").glob("part-*.parquet"):
-            f.unlink()
-    manifest.write_text(json.dumps({"name": name, "fingerprint": fp, "shards": len(payloads), **(meta or {})},
-                                   indent=1, default=str))
-    done = {int(f.stem.split("-")[1]) for f in (out / "shards").glob("part-*.parquet")}
-    todo = [i for i in range(len(payloads)) if i not in done]
-    print(f"[rayeval] {name}: {len(payloads)} shards; {len(done)} done, {len(todo)} to run", flush=True)
-    written = 0
-    stats: dict[str, dict[str, float]] = {}
-    if todo:
-        init_ray(address=address)
-        ds = ray.data.from_items([{"shard": i, "payload": pickle.dumps(payloads[i])} for i in todo],
-                                 override_num_blocks=len(todo))
-        mapped = ds.map_batches(
-            actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=ex.actors), num_cpus=ex.num_cpus,
-            num_gpus=ex.num_gpus or None, resources=ex.resources or None, max_restarts=ex.max_restarts, max_task_retries=-1)
-        pending: dict[int, list[pa.Table]] = {}
-        for batch in mapped.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for shard in sorted(set(batch.column("shard").to_pylist())):
-                part = batch.filter(pc.equal(batch.column("shard"), shard))
-                pending.setdefault(shard, []).append(part)
-                got = pa.concat_tables(pending[shard], promote_options="permissive")
-                if got.num_rows == rows_per_shard(shard):
-                    if "_stats" in got.column_names:
-                        _add_stats(stats, got)
-                        got = got.drop_columns(["_stats"])
-                    _write_atomic(got.drop_columns(["shard"]), _shard_file(out, shard))
-                    del pending[shard]
-                    written += 1
-                    print(f"[rayeval] {name}: shard {shard + 1}/{len(payloads)} done "
-                          f"({len(done) + written}/{len(payloads)}, {time.time() - t0:.0f}s)", flush=True)
-            if stop_after is not None and written >= stop_after:
-                print(f"[rayeval] {name}: stopping after {written} new shard(s) as asked", flush=True)
-                return {"written": written, "shards": len(payloads), "complete": False, "stats": stats}
-    return {"written": written, "shards": len(payloads), "complete": True, "stats": stats}
-
-
-def _add_stats(acc: dict[str, dict[str, float]], table: pa.Table) -> None:
-    """Sum the per-shard engine counters (one JSON per model and shard, on each of its rows)."""
-    cols = table.column_names
-    models = table.column("model").to_pylist() if "model" in cols else [""] * table.num_rows
-    for model, tag in sorted(set(zip(models, table.column("_stats").to_pylist()))):
-        dst = acc.setdefault(model, {})
-        for k, v in json.loads(tag).items():
-            dst[k] = dst.get(k, 0) + v
-
-
 
 def engine_caches(cfg: EvalConfig, ex: Execution) -> dict[str, Any]:
     """The score cache each model's engine will use (none for the fake engine or ``cache: false``)."""

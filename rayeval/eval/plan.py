@@ -172,7 +172,8 @@ def plan_works(shards: Sequence[Sequence[Any]], models: Sequence[str], *, config
 def plan_config(config: Any, *, engine: dict[str, Any] | None = None, use_cache: bool = True) -> GridPlan:
     """Plan a whole eval config (path, packaged name or EvalConfig) as ``run_eval`` would run it."""
     from rayeval.eval.config import EvalConfig, load_eval_config
-    from rayeval.eval.pipeline import Execution, build_work, engine_caches, make_shards
+    from rayeval.eval.pipeline import build_work, engine_caches, make_shards
+    from rayeval.runtime import Execution
 
     cfg = config if isinstance(config, EvalConfig) else load_eval_config(config)
     ex = Execution.from_engine_dict({**cfg.engine, **(engine or {})})

@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import pickle
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,7 @@ import pandas as pd
 import pyarrow as pa
 
 from rayeval.config import data_root, from_dict, load_yaml
-from rayeval.eval.pipeline import Execution, _write_atomic, crash_only, default_cpu_cores, read_rows, run_sharded
+from rayeval.runtime import Execution, ShardActor, read_rows, run_sharded, write_atomic
 
 log = logging.getLogger("rayeval.augment")
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -276,7 +275,7 @@ def make_generator(kind: str, model: str, engine_kwargs: dict | None = None):
     raise ValueError(f"generation supports engine kinds vllm and fake, not {kind!r}")
 
 
-class GenerateActor:
+class GenerateActor(ShardActor):
     """One generator per model; answers whole shards.  A Ray Data ``map_batches`` class."""
 
     def __init__(self, models: list[str], execution: dict[str, Any], sampling: dict[str, Any],
@@ -284,30 +283,19 @@ class GenerateActor:
         ex = Execution(**execution)
         self.sampling = Sampling(**sampling)
         self.system = system_prompt
-        cores = default_cpu_cores(models) if ex.kind == "vllm" and not ex.cpu_cores else ex.cpu_cores
+        cores = ex.pinning(models)
         self.gens = dict(generators or {})  # ready generators (e.g. engines shared in one process)
         for m in models:
-            if m in self.gens:
-                continue
-            kw = dict(ex.engine_kwargs)
-            if ex.kind == "vllm" and m in cores:
-                kw["cpu_cores"] = cores[m]
-            self.gens[m] = make_generator(ex.kind, m, kw)
+            if m not in self.gens:
+                self.gens[m] = make_generator(ex.kind, m, ex.engine_kwargs_for(m, cores))
         self.pool = ThreadPoolExecutor(max(1, len(self.gens)))
 
-    @crash_only
-    def __call__(self, batch: dict[str, Any]) -> pd.DataFrame:
-        rows = []
-        for shard, blob in zip(batch["shard"], batch["payload"]):
-            items: list[dict] = pickle.loads(blob)
-            convs = [conversation(it["prompt"], self.system) for it in items]
-            # engines of different models run side by side (each pinned to its own cores)
-            results = list(self.pool.map(lambda g: g.generate(convs, self.sampling), self.gens.values()))
-            for model, res in zip(self.gens, results):
-                for it, r in zip(items, res):
-                    rows.append({"prompt_id": it["prompt_id"], "prompt": it["prompt"], "group": it["group"],
-                                 "model": model, **r, "shard": int(shard)})
-        return pd.DataFrame(rows)
+    def process(self, shard: int, items: list[dict]) -> list[dict[str, Any]]:
+        convs = [conversation(it["prompt"], self.system) for it in items]
+        # engines of different models run side by side (each pinned to its own cores)
+        results = list(self.pool.map(lambda g: g.generate(convs, self.sampling), self.gens.values()))
+        return [{"prompt_id": it["prompt_id"], "prompt": it["prompt"], "group": it["group"], "model": model, **r}
+                for model, res in zip(self.gens, results) for it, r in zip(items, res)]
 
 
 # ----------------------------------------------------------------------------- generic sharded job
@@ -321,7 +309,7 @@ def digest(*parts: Any) -> str:
 
 def write_parquet(df: pd.DataFrame, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(pa.Table.from_pandas(df, preserve_index=False), path)
+    write_atomic(pa.Table.from_pandas(df, preserve_index=False), path)
     return path
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import pickle
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ import pandas as pd
 
 from rayeval.config import from_dict, load_yaml
 from rayeval.eval.engines import ScoreRequest
-from rayeval.eval.pipeline import Execution, crash_only, read_rows
+from rayeval.runtime import Execution, ShardActor, read_rows
 from rayeval.route.generate import conversation, digest, find_config, render_chat, run_sharded, write_parquet
 from rayeval.route.prefs import Preferences, WINNERS
 
@@ -148,7 +147,7 @@ def judge_prompt(p: JudgePrompt, tokenizer, **fields: str) -> str:
 
 # ----------------------------------------------------------------------------- the actor
 
-class JudgeActor:
+class JudgeActor(ShardActor):
     """Holds the judge engine; scores the verdict tokens of whole shards of judge calls."""
 
     def __init__(self, model: str, execution: dict[str, Any], prompt: dict[str, Any], mode: str,
@@ -156,10 +155,7 @@ class JudgeActor:
         from rayeval.eval.engines import make_engine
 
         ex = Execution(**execution)
-        kw = dict(ex.engine_kwargs)
-        if ex.kind == "vllm" and ex.cpu_cores.get(model):
-            kw["cpu_cores"] = ex.cpu_cores[model]
-        self.engine = engine if engine is not None else make_engine(ex.kind, model, kw)
+        self.engine = engine if engine is not None else make_engine(ex.kind, model, ex.engine_kwargs_for(model))
         self.tokenizer = getattr(self.engine, "tokenizer", None)
         self.prompt = JudgePrompt(**prompt)
         self.mode = mode
@@ -193,14 +189,8 @@ class JudgeActor:
             rows.append(row)
         return rows
 
-    @crash_only
-    def __call__(self, batch: dict[str, Any]) -> pd.DataFrame:
-        rows = []
-        for shard, blob in zip(batch["shard"], batch["payload"]):
-            for r in self.judge(pickle.loads(blob)):
-                r["shard"] = int(shard)
-                rows.append(r)
-        return pd.DataFrame(rows)
+    def process(self, shard: int, items: list[dict]) -> list[dict[str, Any]]:
+        return self.judge(items)
 
 
 # ----------------------------------------------------------------------------- work
