@@ -15,11 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 
-from _common import main_exit  # noqa: F401  (also puts the repo on sys.path)
-
-RAYEVAL_IMPORT_PREFIX = "rayeval."
+from _common import main_exit  # also puts the repo on sys.path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,12 +30,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_deploy_config(path: str, app_args: list[str]):
-    """The config validated by Ray Serve's schema, with --app-arg overrides applied."""
-    import yaml
-    from ray.serve.schema import ServeDeploySchema
+    """The config validated by Ray Serve's schema, with --app-arg overrides applied
+    (``rayeval.serve.deploy.apply_app_args``)."""
+    from rayeval.serve.deploy import apply_app_args, load_config, validated
 
-    with open(path, encoding="utf-8") as f:
-        doc = yaml.safe_load(f) or {}
     over = {}
     for kv in app_args:
         k, sep, v = kv.partition("=")
@@ -48,47 +43,31 @@ def load_deploy_config(path: str, app_args: list[str]):
             over[k] = json.loads(v)
         except json.JSONDecodeError:
             over[k] = v
-    for app in doc.get("applications") or []:
-        if over and str(app.get("import_path", "")).startswith(RAYEVAL_IMPORT_PREFIX):
-            app["args"] = {**(app.get("args") or {}), **over}
-    return ServeDeploySchema.model_validate(doc)
+    return validated(apply_app_args(load_config(path) or {}, over))
 
 
-def deploy(config, wait: bool = True, timeout: float = 1800.0) -> dict[str, str]:
-    """What ``serve run CONFIG --non-blocking`` does, then wait for the applications' status."""
+def main(argv: list[str]) -> int:
+    """``rayeval.serve.deploy.deploy`` on the job's cluster, then the applications' status."""
     import ray
     from ray import serve
-    from ray.serve._private import api as serve_api
-    from ray.serve.config import gRPCOptions
 
-    from rayeval.cluster import init_ray
+    from rayeval.serve.deploy import deploy
 
-    init_ray(namespace="serve")
-    client = serve_api.serve_start(http_options=config.http_options.model_dump(),
-                                   proxy_location=config.proxy_location,
-                                   grpc_options=gRPCOptions(**config.grpc_options.model_dump()),
-                                   controller_options=config.controller_options)
-    client.deploy_apps(config, _blocking=False)
-    names = [a.name for a in config.applications]
-    print(f"[jobs] submitted Serve applications {names}", flush=True)
-    status: dict[str, str] = {}
-    deadline = time.time() + timeout
-    while wait:
-        apps = serve.status().applications
-        status = {n: str(getattr(apps.get(n), "status", "NOT_STARTED")) for n in names}
-        if any(s.endswith("DEPLOY_FAILED") for s in status.values()):
-            msgs = {n: apps[n].message for n in names if n in apps}
-            raise SystemExit(f"Serve deploy failed: {status} {msgs}")
-        if all(s.endswith("RUNNING") for s in status.values()):
-            break
-        if time.time() > deadline:
-            raise SystemExit(f"Serve applications not RUNNING after {timeout:.0f}s: {status}")
-        time.sleep(5)
-    print(json.dumps({"applications": status or {n: "SUBMITTED" for n in names}}), flush=True)
+    a = build_parser().parse_args(argv)
+    cfg = load_deploy_config(a.config, a.app_arg)
+    names = [x.name for x in cfg.applications]
+    print(f"[jobs] deploying Serve applications {names}", flush=True)
+    try:
+        deploy(cfg.model_dump(exclude_unset=True), wait=not a.no_wait, wait_s=a.timeout)
+    except (RuntimeError, TimeoutError) as e:
+        print(f"[jobs] {e}", file=sys.stderr, flush=True)
+        return 1
+    apps = serve.status().applications
+    status = {n: str(getattr(apps.get(n), "status", "SUBMITTED")) for n in names}
+    print(json.dumps({"applications": status}), flush=True)
     ray.shutdown()
-    return status
+    return 0
 
 
 if __name__ == "__main__":
-    a = build_parser().parse_args(sys.argv[1:])
-    deploy(load_deploy_config(a.config, a.app_arg), wait=not a.no_wait, timeout=a.timeout)
+    main_exit(main(sys.argv[1:]))

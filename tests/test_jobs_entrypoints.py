@@ -134,7 +134,7 @@ def test_train_router_job_rejects_parameters_the_router_does_not_take(tmp_path, 
 
 
 def test_run_cli_passes_exit_codes_through(tmp_path):
-    job = load_job("eval")
+    load_job("eval")  # puts jobs/ on sys.path
     from _common import run_cli
 
     assert run_cli(["eval", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")]) == 2

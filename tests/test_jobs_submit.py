@@ -5,6 +5,7 @@ evaluation it wrote read back.  A client without the token is refused."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -187,6 +188,90 @@ def test_eval_job_runs_on_the_cluster(head, shared_data, tmp_path):
     assert set(rows["dataset"]) == {"mmlu"} and set(rows["subject"]) == {"marketing"}
     assert rows["question"].str.len().min() > 0
     assert (out / "report.md").exists() and (out / "metrics.json").exists()
+
+
+@pytest.mark.engine
+def test_eval_job_on_a_real_vllm_engine(head, shared_data, tmp_path):
+    """jobs/eval.py as a Ray job with a real vLLM engine in its actor: 4 MMLU items, real scores."""
+    cfg = tmp_path / "eval_vllm.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "job_vllm", "models": ["smollm2-135m"], "batch_size": 4,
+        "datasets": [{"name": "mmlu", "split": "test", "subjects": ["marketing"], "limit": 4}],
+        "settings": [{"name": "baseline"}], "scorings": ["symbol"],
+        "engine": {"num_cpus": 1, "max_model_len": 1024, "cache": False}, "metrics": {"n_boot": 20},
+    }))
+    out = tmp_path / "out"
+    client = head.client()
+    job_id = submit(client, entrypoint=f"python jobs/eval.py --config {cfg} --out {out} --engine vllm --actors 1",
+                    runtime_env=runtime_env())
+    status = wait_job(client, job_id, timeout=600)
+    logs = client.get_job_logs(job_id)
+    assert str(status) == "SUCCEEDED", logs[-4000:]
+    rows = pd.read_parquet(out / "rows.parquet")
+    assert len(rows) == 4
+    assert rows.per_option_raw_logprob.map(lambda xs: len(xs) == 4 and all(-1e8 < x < 0 for x in xs)).all()
+
+
+def test_routing_jobs_prefs_train_router_and_tune_run_on_the_cluster(head, shared_data, tmp_path):
+    """jobs/prefs.py -> jobs/train_router.py (+ calibration) -> jobs/tune.py as Ray jobs on the
+    token-auth head, each reading the previous one's output; their outputs load and make sense."""
+    from rayeval.route.prefs import Outcomes
+    from rayeval.route.routers import load_router
+
+    client = head.client()
+
+    def run(entrypoint: str, timeout: float = 300) -> str:
+        job_id = submit(client, entrypoint=entrypoint, runtime_env=runtime_env())
+        status = wait_job(client, job_id, timeout=timeout)
+        logs = client.get_job_logs(job_id)
+        assert str(status) == "SUCCEEDED", logs[-4000:]
+        return logs
+
+    oc = tmp_path / "outcomes.parquet"
+    logs = run(f"python jobs/prefs.py --source routellm:mmlu --out {oc}")
+    assert "[jobs] rayeval route prefs routellm:mmlu" in logs
+    data = Outcomes.load(oc)
+    assert len(data) > 1000 and len(data.models) >= 2
+
+    router_yaml = tmp_path / "router.yaml"
+    router_dir = tmp_path / "router"
+    router_yaml.write_text(yaml.safe_dump({"router": "group", "data": str(oc), "out": str(router_dir),
+                                           "params": {"shrinkage": 5.0}, "calibrate": {"targets": [0.5]}}))
+    run(f"python jobs/train_router.py --config {router_yaml}")
+    r = load_router(router_dir)
+    assert r.name == "group" and r.shrinkage == 5.0 and (r.strong_, r.weak_) == data.strong_weak()
+    thresholds = json.loads((router_dir / "thresholds.json").read_text())
+    assert thresholds, thresholds
+
+    tune_yaml = tmp_path / "tune.yaml"
+    tune_yaml.write_text(yaml.safe_dump({
+        "name": "jobs_tune", "data": {"source": str(oc), "subsample": 800, "embedders": []},
+        "routers": [{"name": "group", "num_samples": 3}], "search": {"type": "random", "seed": 0},
+        "scheduler": {"type": "fifo"}, "resources_per_trial": {"cpu": 1}, "max_concurrent_trials": 1,
+        "calibration": {"targets": [0.5]}}))
+    run(f"python jobs/tune.py --config {tune_yaml} --out {tmp_path / 'tune'}", timeout=600)
+    summary = json.loads((tmp_path / "tune" / "summary.json").read_text())
+    assert summary["best"]["router"] == "group" and summary["trials_per_router"] == {"group": summary["n_trials"]}
+    assert load_router(tmp_path / "tune" / "best").name == "group"
+
+
+def test_pipeline_job_runs_on_the_cluster(head, shared_data, tmp_path):
+    """jobs/pipeline.py as a Ray job (the packaged pipeline on the fake engine, no Serve stage):
+    evaluation -> gold preference data -> router + thresholds -> report, on the head's cluster."""
+    from rayeval.route.routers import load_router
+
+    out = tmp_path / "main"
+    client = head.client()
+    job_id = submit(client, entrypoint=f"python jobs/pipeline.py --out {out} --engine fake --no-serve",
+                    runtime_env=runtime_env())
+    status = wait_job(client, job_id, timeout=600)
+    logs = client.get_job_logs(job_id)
+    assert str(status) == "SUCCEEDED", logs[-4000:]
+    assert "[jobs] rayeval pipeline --out" in logs
+    rep = (out / "report.md").read_text()
+    assert "Benchmark sensitivity" in rep and "Routers" in rep
+    thr = json.loads((out / "router" / "thresholds.json").read_text())["thresholds"]
+    assert thr and load_router(out / "router").fitted_
 
 
 def test_failing_job_reports_failed(head, tmp_path):

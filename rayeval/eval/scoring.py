@@ -26,7 +26,7 @@ from typing import Any, Sequence
 from rayeval.data.schema import MCQItem
 from rayeval.eval import perturb
 from rayeval.eval.engines import ScoreRequest, ScoreResult
-from rayeval.eval.prompts import Prompt, Shots, build_prompt
+from rayeval.eval.prompts import Prompt, build_prompt
 
 NORMALIZATIONS = ("none", "tokens", "chars", "bytes")
 

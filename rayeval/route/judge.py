@@ -377,9 +377,9 @@ def judge_markdown(stats: dict[str, Any], title: str = "LLM-as-judge labels (D_j
     ]
     lines += [f"| {m} | {f(v['win'])} | {f(v['tie'])} |" for m, v in stats["per_model"].items()]
     if (stats.get("position_bias_rate") or 0) > 0.3:
-        lines += ["", f"The position-bias rate is high: this judge mostly answers by position, not content. "
-                      f"Under the agreement rule such pairs become ties, so D_judge carries little signal; "
-                      f"a stronger judge (same config, another `model`) fixes the labels, not the pipeline."]
+        lines += ["", "The position-bias rate is high: this judge mostly answers by position, not content. "
+                      "Under the agreement rule such pairs become ties, so D_judge carries little signal; "
+                      "a stronger judge (same config, another `model`) fixes the labels, not the pipeline."]
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import os
 import time
-from pathlib import Path
 from typing import Sequence
 
 import pandas as pd

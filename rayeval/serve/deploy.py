@@ -13,6 +13,7 @@ import copy
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -56,14 +57,36 @@ def set_user_config(cfg: dict, deployment: str, user_config: dict, app: str | No
     return cfg
 
 
+RAYEVAL_IMPORT_PREFIX = "rayeval."
+
+
+def apply_app_args(cfg: dict, overrides: dict[str, Any]) -> dict:
+    """A copy of ``cfg`` with ``overrides`` merged into the ``args`` of every rayeval application
+    (``import_path`` under ``rayeval.``); other applications are left alone."""
+    cfg = copy.deepcopy(cfg)
+    for app in cfg.get("applications") or []:
+        if overrides and str(app.get("import_path", "")).startswith(RAYEVAL_IMPORT_PREFIX):
+            app["args"] = {**(app.get("args") or {}), **overrides}
+    return cfg
+
+
+def validated(cfg: dict):
+    """``cfg`` as Ray Serve's ``ServeDeploySchema`` (what ``serve deploy`` and KubeRay take)."""
+    from ray.serve.schema import ServeDeploySchema
+
+    return ServeDeploySchema.model_validate(cfg)
+
+
 def deploy(cfg: dict | str | Path, *, num_cpus: float | None = None, wait_s: float = 600,
-           http_port: int | None = None) -> dict:
-    """Start (or update) Serve with the config; block until every application is RUNNING.
+           http_port: int | None = None, wait: bool = True) -> dict:
+    """Start (or update) Serve with the config, as ``serve deploy`` does (the controller's
+    ``deploy_apps``); with ``wait``, block until every application is RUNNING.  The one deploy
+    path of the CLI, the workflow, the tests and ``jobs/serve_deploy.py``.
 
     Starts a local Ray (``rayeval.cluster.init_ray``) when none is connected."""
     import ray
     from ray.serve._private.api import serve_start
-    from ray.serve.schema import ServeDeploySchema
+    from ray.serve.config import gRPCOptions
 
     from rayeval.cluster import init_ray
 
@@ -78,13 +101,14 @@ def deploy(cfg: dict | str | Path, *, num_cpus: float | None = None, wait_s: flo
         for k, v in SERVE_ENV.items():
             os.environ.setdefault(k, v)
         init_ray(num_cpus=num_cpus)
-    schema = ServeDeploySchema.model_validate(cfg) if hasattr(ServeDeploySchema, "model_validate") else \
-        ServeDeploySchema.parse_obj(cfg)
+    schema = validated(cfg)
     # as `serve run <config>` does (ray/serve/scripts.py)
     client = serve_start(http_options=schema.http_options.model_dump(), proxy_location=schema.proxy_location,
-                         controller_options=getattr(schema, "controller_options", None))
+                         grpc_options=gRPCOptions(**schema.grpc_options.model_dump()),
+                         controller_options=schema.controller_options)
     client.deploy_apps(schema, _blocking=False)
-    wait_running([a["name"] for a in cfg["applications"]], wait_s)
+    if wait:
+        wait_running([a["name"] for a in cfg["applications"]], wait_s)
     return cfg
 
 
