@@ -162,23 +162,30 @@ def test_token_auth_is_on(head):
         head.client(headers={}).submit_job(entrypoint="echo never runs")
 
 
-def test_eval_job_runs_on_the_cluster(head, shared_data, tmp_path):
-    """jobs/eval.py as a Ray job: 20 real MMLU items through Ray Data on the head node's cluster."""
-    cfg = tmp_path / "eval_job.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "name": "job_smoke", "models": ["smollm2-135m"], "batch_size": 10,
-        "datasets": [{"name": "mmlu", "split": "test", "subjects": ["marketing"], "limit": 20}],
-        "settings": [{"name": "baseline"}], "scorings": ["symbol"],
-        "engine": {"num_cpus": 0.5}, "metrics": {"n_boot": 50},
-    }))
-    out = tmp_path / "out"
-    client = head.client()
-    job_id = submit(
-        client, entrypoint=f"python jobs/eval.py --config {cfg} --out {out} --engine fake --actors 1",
-        runtime_env=runtime_env(), metadata={"test": "rayeval"})
-    status = wait_job(client, job_id)
+def run_job(client, entrypoint: str, timeout: float = 300, **kw) -> tuple[str, str]:
+    """Submit, wait, and assert SUCCEEDED; returns (job id, driver logs)."""
+    job_id = submit(client, entrypoint=entrypoint, runtime_env=runtime_env(), **kw)
+    status = wait_job(client, job_id, timeout=timeout)
     logs = client.get_job_logs(job_id)
     assert str(status) == "SUCCEEDED", logs[-4000:]
+    return job_id, logs
+
+
+def eval_yaml(tmp_path: Path, limit: int, engine: dict) -> Path:
+    """A one-setting eval config on ``limit`` real MMLU marketing items."""
+    cfg = tmp_path / "eval_job.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "name": "job_eval", "models": ["smollm2-135m"], "batch_size": 10,
+        "datasets": [{"name": "mmlu", "split": "test", "subjects": ["marketing"], "limit": limit}],
+        "settings": [{"name": "baseline"}], "scorings": ["symbol"], "engine": engine, "metrics": {"n_boot": 50}}))
+    return cfg
+
+
+def test_eval_job_runs_on_the_cluster(head, shared_data, tmp_path):
+    """jobs/eval.py as a Ray job: 20 real MMLU items through Ray Data on the head node's cluster."""
+    cfg, out, client = eval_yaml(tmp_path, 20, {"num_cpus": 0.5}), tmp_path / "out", head.client()
+    job_id, logs = run_job(client, f"python jobs/eval.py --config {cfg} --out {out} --engine fake --actors 1",
+                           metadata={"test": "rayeval"})
     # the driver ran the jobs/ entrypoint from the uploaded working dir, connected to this head
     assert "[jobs] rayeval eval" in logs
     info = client.get_job_info(job_id)
@@ -193,20 +200,9 @@ def test_eval_job_runs_on_the_cluster(head, shared_data, tmp_path):
 @pytest.mark.engine
 def test_eval_job_on_a_real_vllm_engine(head, shared_data, tmp_path):
     """jobs/eval.py as a Ray job with a real vLLM engine in its actor: 4 MMLU items, real scores."""
-    cfg = tmp_path / "eval_vllm.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "name": "job_vllm", "models": ["smollm2-135m"], "batch_size": 4,
-        "datasets": [{"name": "mmlu", "split": "test", "subjects": ["marketing"], "limit": 4}],
-        "settings": [{"name": "baseline"}], "scorings": ["symbol"],
-        "engine": {"num_cpus": 1, "max_model_len": 1024, "cache": False}, "metrics": {"n_boot": 20},
-    }))
+    cfg = eval_yaml(tmp_path, 4, {"num_cpus": 1, "max_model_len": 1024, "cache": False})
     out = tmp_path / "out"
-    client = head.client()
-    job_id = submit(client, entrypoint=f"python jobs/eval.py --config {cfg} --out {out} --engine vllm --actors 1",
-                    runtime_env=runtime_env())
-    status = wait_job(client, job_id, timeout=600)
-    logs = client.get_job_logs(job_id)
-    assert str(status) == "SUCCEEDED", logs[-4000:]
+    run_job(head.client(), f"python jobs/eval.py --config {cfg} --out {out} --engine vllm --actors 1", timeout=600)
     rows = pd.read_parquet(out / "rows.parquet")
     assert len(rows) == 4
     assert rows.per_option_raw_logprob.map(lambda xs: len(xs) == 4 and all(-1e8 < x < 0 for x in xs)).all()
@@ -221,11 +217,7 @@ def test_routing_jobs_prefs_train_router_and_tune_run_on_the_cluster(head, share
     client = head.client()
 
     def run(entrypoint: str, timeout: float = 300) -> str:
-        job_id = submit(client, entrypoint=entrypoint, runtime_env=runtime_env())
-        status = wait_job(client, job_id, timeout=timeout)
-        logs = client.get_job_logs(job_id)
-        assert str(status) == "SUCCEEDED", logs[-4000:]
-        return logs
+        return run_job(client, entrypoint, timeout)[1]
 
     oc = tmp_path / "outcomes.parquet"
     logs = run(f"python jobs/prefs.py --source routellm:mmlu --out {oc}")
@@ -261,12 +253,7 @@ def test_pipeline_job_runs_on_the_cluster(head, shared_data, tmp_path):
     from rayeval.route.routers import load_router
 
     out = tmp_path / "main"
-    client = head.client()
-    job_id = submit(client, entrypoint=f"python jobs/pipeline.py --out {out} --engine fake --no-serve",
-                    runtime_env=runtime_env())
-    status = wait_job(client, job_id, timeout=600)
-    logs = client.get_job_logs(job_id)
-    assert str(status) == "SUCCEEDED", logs[-4000:]
+    _, logs = run_job(head.client(), f"python jobs/pipeline.py --out {out} --engine fake --no-serve", timeout=600)
     assert "[jobs] rayeval pipeline --out" in logs
     rep = (out / "report.md").read_text()
     assert "Benchmark sensitivity" in rep and "Routers" in rep
