@@ -117,8 +117,8 @@ def zero_shot(model: str, n_q: int, env, tmp: Path) -> dict:
 # ----------------------------------------------------------------------------- part B
 
 def grid_config(models, subjects: int, items: int, arc: int, name: str, drop: str | None = None):
-    from rayeval.config import load_yaml
-    from rayeval.eval.config import CONFIG_DIR, parse_config
+    from rayeval.config import CONFIG_DIR, load_yaml
+    from rayeval.eval.config import parse_config
 
     d = load_yaml(CONFIG_DIR / "eval_paper_grid.yaml")
     d["name"] = name

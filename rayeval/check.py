@@ -295,14 +295,14 @@ def check_engine(res: Checked, engine: Any, where: str = "engine"):
 def _open(config: Any, kind: str, default: str | None = None) -> tuple[Checked, dict | None]:
     """The config's file (a path, a packaged name, or a path under the repo) and its YAML mapping."""
     from rayeval.config import REPO_ROOT, load_yaml
-    from rayeval.route.generate import find_config
+    from rayeval.config import resolve_config
 
     name = str(config if config is not None else default)
     p = Path(name)
     if not p.exists() and (REPO_ROOT / p).exists():
         p = REPO_ROOT / p
     try:
-        p = find_config(p if p.exists() else name)
+        p = resolve_config(p if p.exists() else name)
     except FileNotFoundError:
         res = Checked(kind, name)
         res.problem("", f"No such file or directory, nor a packaged config named {Path(name).stem!r}")

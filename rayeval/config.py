@@ -10,7 +10,22 @@ from typing import Any, TypeVar
 import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # packaged configs: eval_small, tune_small, ...
 T = TypeVar("T")
+
+
+def resolve_config(path: str | Path) -> Path:
+    """A YAML path, or the name of a packaged config (``eval_small``, ``pipeline_small``,
+    ``tune_small``, ``judge_mt_bench`` ...): the one lookup every config loader uses."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / str(path), CONFIG_DIR / f"{path}.yaml"):
+        if cand.is_file():
+            return cand
+    names = sorted(f.stem for f in CONFIG_DIR.glob("*.yaml"))
+    raise FileNotFoundError(f"{path}: No such file or directory, nor a packaged config of that name "
+                            f"(packaged: {', '.join(names)})")
 
 
 def data_root() -> Path:

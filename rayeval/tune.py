@@ -41,11 +41,10 @@ import numpy as np
 import pandas as pd
 import typer
 
-from rayeval.config import from_dict, load_yaml
+from rayeval.config import from_dict, load_yaml, resolve_config
 
 METRIC = "valid_apgr"  # what the search maximises
 THRESHOLDS_FILE = "thresholds.json"
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 # ============================================================================================
@@ -159,17 +158,6 @@ class TuneConfig:
         for i, t in enumerate(self.calibration.targets):
             if not 0 <= t <= 1:
                 raise ValueError(f"{where}: calibration.targets[{i}]: target {t} outside [0, 1]")
-
-
-def resolve_config(path: str | Path) -> Path:
-    """A YAML path, or a packaged config name (``tune_small``)."""
-    p = Path(path)
-    if p.exists():
-        return p
-    for cand in (CONFIG_DIR / p, CONFIG_DIR / f"{p}.yaml"):
-        if cand.exists():
-            return cand
-    raise FileNotFoundError(f"tune config {path!r} not found (nor in {CONFIG_DIR})")
 
 
 # ============================================================================================

@@ -20,9 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from rayeval.config import REPO_ROOT, from_dict, load_yaml
+from rayeval.config import REPO_ROOT, from_dict, load_yaml, resolve_config
 
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 DEFAULT_PROMPTS = [
     "What is the capital of France?",
@@ -103,11 +102,7 @@ class WorkflowConfig:
 
 
 def load_workflow_config(path: str | Path | None) -> WorkflowConfig:
-    if path is None:
-        path = CONFIG_DIR / "pipeline_small.yaml"
-    p = Path(path)
-    if not p.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
-        p = CONFIG_DIR / f"{path}.yaml"
+    p = resolve_config("pipeline_small" if path is None else path)
     return from_dict(WorkflowConfig, load_yaml(p), where=str(p)).validate(str(p))
 
 

@@ -126,3 +126,24 @@ def test_per_dataset_baseline_config():
     with pytest.raises(ConfigError, match=r"baseline.datasets.arc_challenge.scoring: 'hybrid'"):
         EvalConfig.from_dict(d)
     assert load_eval_config("eval_paper_grid").report_kwargs()["baseline"]["arc_challenge"] == ("baseline", "cloze")
+
+
+def test_one_packaged_config_resolver_for_every_loader(tmp_path):
+    from rayeval.config import CONFIG_DIR, resolve_config
+
+    assert resolve_config("eval_small") == CONFIG_DIR / "eval_small.yaml"
+    assert resolve_config("tune_small.yaml") == CONFIG_DIR / "tune_small.yaml"
+    own = tmp_path / "mine.yaml"
+    own.write_text("name: x\n")
+    assert resolve_config(own) == own and resolve_config(str(own)) == own
+    with pytest.raises(FileNotFoundError, match=r"eval_smal: No such file or directory, nor a packaged config.*eval_small"):
+        resolve_config("eval_smal")
+    # every loader goes through it: a packaged name works for each kind
+    from rayeval.eval.config import load_eval_config
+    from rayeval.route.generate import load_generate_config
+    from rayeval.tune import TuneConfig
+    from rayeval.workflow import load_workflow_config
+
+    assert load_eval_config("eval_small").name and load_workflow_config("pipeline_small").router
+    assert TuneConfig.from_yaml("tune_small").routers
+    assert load_generate_config("judge_mt_bench").models

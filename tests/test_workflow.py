@@ -100,7 +100,7 @@ def test_gold_rows_can_use_another_scoring_per_dataset():
 def test_workflow_config_errors_name_the_key(tmp_path, patch, msg):
     import yaml
 
-    from rayeval.workflow import CONFIG_DIR
+    from rayeval.config import CONFIG_DIR
 
     d = yaml.safe_load((CONFIG_DIR / "pipeline_small.yaml").read_text())
     d.update(patch)

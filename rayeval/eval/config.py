@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from rayeval.config import load_yaml
+from rayeval.config import load_yaml, resolve_config
 from rayeval.eval import perturb
 from rayeval.eval.prompts import Shots, get_template
 from rayeval.eval.scoring import Scoring, get_scoring
@@ -20,7 +20,6 @@ from rayeval.eval.stats import CORRECTIONS
 
 METRIC_KEYS = ("n_boot", "ci", "pride_fraction", "alpha", "correction")
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 class ConfigError(ValueError):
@@ -378,9 +377,7 @@ def parse_protocols(d: Any, settings: list[Setting], labels: list[str]) -> dict[
 
 def load_eval_config(path: str | Path) -> EvalConfig:
     """Load a config by path, or by the name of a packaged one ("eval_small")."""
-    p = Path(path)
-    if not p.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
-        p = CONFIG_DIR / f"{path}.yaml"
+    p = resolve_config(path)
     try:
         return parse_config(load_yaml(p))
     except ConfigError as e:

@@ -31,11 +31,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
-from rayeval.config import from_dict, load_yaml
+from rayeval.config import CONFIG_DIR, from_dict, load_yaml
 from rayeval.data.schema import MCQItem
 from rayeval.eval import perturb
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 SHOT_SOURCES = ("dev", "ood", "trivial", "self_correct", "self_incorrect")
 
 

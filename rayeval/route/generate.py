@@ -28,11 +28,10 @@ from typing import Any, Sequence
 import pandas as pd
 import pyarrow as pa
 
-from rayeval.config import data_root, from_dict, load_yaml
+from rayeval.config import data_root, from_dict, load_yaml, resolve_config
 from rayeval.runtime import Execution, ShardActor, read_rows, run_sharded, write_atomic
 
 log = logging.getLogger("rayeval.augment")
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
 # ----------------------------------------------------------------------------- config
@@ -80,20 +79,10 @@ class GenerateConfig:
         return cfg
 
 
-def find_config(path: str | Path) -> Path:
-    """A YAML path, or the name of a packaged config (``judge_mt_bench``)."""
-    p = Path(path)
-    if not p.exists() and (CONFIG_DIR / f"{path}.yaml").exists():
-        p = CONFIG_DIR / f"{path}.yaml"
-    if not p.exists():
-        raise FileNotFoundError(f"config {path!r}: no such file, and no packaged {CONFIG_DIR / (str(path) + '.yaml')}")
-    return p
-
-
 def load_generate_config(path: str | Path | dict) -> GenerateConfig:
     """The ``generate`` part of a job config (a YAML with ``models``/``prompts``/``sampling``,
     and optionally a ``judge`` section that this ignores)."""
-    doc = path if isinstance(path, dict) else load_yaml(find_config(path))
+    doc = path if isinstance(path, dict) else load_yaml(resolve_config(path))
     doc = {k: v for k, v in doc.items() if k != "judge"}
     return GenerateConfig.from_dict(doc, where=str(path) if not isinstance(path, dict) else "generate")
 

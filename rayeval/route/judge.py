@@ -36,10 +36,10 @@ import numpy as np
 from scipy.special import logsumexp, softmax
 import pandas as pd
 
-from rayeval.config import from_dict, load_yaml
+from rayeval.config import from_dict, load_yaml, resolve_config
 from rayeval.eval.engines import ScoreRequest
 from rayeval.runtime import Execution, ShardActor, read_rows
-from rayeval.route.generate import conversation, digest, find_config, render_chat, run_sharded, write_parquet
+from rayeval.route.generate import conversation, digest, render_chat, run_sharded, write_parquet
 from rayeval.route.prefs import Preferences, WINNERS
 
 POSITIONS = ("first", "second", "tie")
@@ -112,7 +112,7 @@ class JudgeConfig:
 
 def load_judge_config(path: str | Path | dict) -> JudgeConfig:
     """The ``judge`` section of a job config (or a YAML whose top level is the judge section)."""
-    doc = path if isinstance(path, dict) else load_yaml(find_config(path))
+    doc = path if isinstance(path, dict) else load_yaml(resolve_config(path))
     if "judge" in doc:
         sec = dict(doc["judge"] or {})
         sec.setdefault("name", doc.get("name", "judge"))
