@@ -3,6 +3,7 @@ validation, argument validation, the embedder's cache, and config files that `se
 
 from __future__ import annotations
 
+import os
 import types
 
 import pytest
@@ -225,3 +226,28 @@ def test_validation_errors_name_the_field_and_unused_openai_fields_pass():
     v = _v({"model": "smollm2-135m", "user": "u-1", "logprobs": False, "frequency_penalty": 0,
             "max_completion_tokens": 7, "max_tokens": 99, "messages": [{"role": "user", "content": "hi"}]})
     assert v["req"]["max_tokens"] == 7
+
+
+def test_one_vllm_engine_assembly_for_scoring_generation_and_serving(monkeypatch):
+    """``vllm_engine_args``: the same arguments for ``vllm.LLM`` (scoring, generation) and the Serve
+    deployment's ``AsyncLLM``; the caller's options win; pinning and in-process mode via the env."""
+    import rayeval.models as models
+    from rayeval.eval import engines
+
+    monkeypatch.setattr(models, "resolve_model", lambda m: f"/models/{m}")
+    monkeypatch.setattr(engines, "on_cpu", lambda: True)
+    for k in ("VLLM_CPU_OMP_THREADS_BIND", "VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_ENABLE_V1_MULTIPROCESSING"):
+        monkeypatch.setenv(k, "")  # recorded, so the test's own settings are undone afterwards
+        monkeypatch.delenv(k)
+    path, score = engines.vllm_engine_args("smollm2-135m", {"max_num_seqs": 4}, "1")
+    assert str(path) == "/models/smollm2-135m"
+    assert score["seed"] == 0 and score["max_model_len"] == 2048 and score["max_num_seqs"] == 4
+    assert {k: score[k] for k in engines.vllm_cpu_defaults()} == engines.vllm_cpu_defaults()
+    assert "distributed_executor_backend" not in score and "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+    assert os.environ["VLLM_CPU_OMP_THREADS_BIND"] == "1" and os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    _, served = engines.vllm_engine_args("smollm2-135m", {"dtype": "bfloat16"}, None, max_model_len=1024,
+                                         in_process=True)
+    assert served["distributed_executor_backend"] == "uni" and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert served["dtype"] == "bfloat16" and served["max_model_len"] == 1024  # the caller's options win
+    assert {k: v for k, v in served.items() if k not in ("distributed_executor_backend", "dtype", "max_model_len")} == \
+        {k: v for k, v in score.items() if k not in ("dtype", "max_model_len", "max_num_seqs")}

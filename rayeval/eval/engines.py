@@ -222,6 +222,35 @@ def vllm_cpu_defaults() -> dict[str, Any]:
     return {"dtype": hf_dtype("auto"), "enforce_eager": True, "kv_cache_memory_bytes": 1 << 30}
 
 
+def vllm_engine_args(model: str, engine_kwargs: dict | None = None, cpu_cores: str | None = None, *,
+                     max_model_len: int = 2048, in_process: bool = False) -> tuple[Path, dict[str, Any]]:
+    """The one place that assembles a vLLM engine, for scoring and generation (``vllm.LLM``,
+    :class:`VLLMEngine`) and the Serve LLM deployment (``AsyncLLM``): the model's path (registry
+    name, folder or hub id) and its engine arguments: ``max_model_len`` and a fixed seed, this
+    host's CPU defaults (:func:`vllm_cpu_defaults`; ``in_process``: the model runs inside the
+    engine-core process, no third worker process), the registry's per-model defaults, then the
+    caller's ``engine_kwargs`` (they win).  On a CPU host ``cpu_cores`` pins the engine's OpenMP
+    threads (e.g. "0" and "1" for two engines on 2 cores; read by the engine-core process at spawn)."""
+    from rayeval.models import get_spec, resolve_model
+
+    cpu = on_cpu()
+    if cpu_cores is not None and cpu:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cpu_cores)
+        os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
+    kw: dict[str, Any] = {"max_model_len": int(max_model_len), "seed": 0}
+    if cpu:
+        kw.update(vllm_cpu_defaults())
+        if in_process:  # 12 s less per Serve replica start on this CPU (20.7 vs 33.1 s)
+            kw["distributed_executor_backend"] = "uni"
+    kw.update(get_spec(model).engine_defaults)
+    kw.update(engine_kwargs or {})
+    if cpu and kw.get("distributed_executor_backend") == "uni":
+        # vLLM's CPU platform turns "uni" back into "mp" unless in-process mode is declared;
+        # the engine-core process stays either way (only the worker process goes).
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    return resolve_model(model), kw
+
+
 def hf_dtype(dtype: str = "auto") -> str:
     if dtype == "auto":
         return "float32" if on_cpu() and not cpu_has_bf16() else "bfloat16"
@@ -362,24 +391,13 @@ class VLLMEngine(TokenEngine):
     def __init__(self, model: str, engine_kwargs: dict | None = None):
         from vllm import LLM, SamplingParams
 
-        from rayeval.models import get_spec, resolve_model
+        from rayeval.models import get_spec
 
         self.name = model
-        path = resolve_model(model)
         engine_kwargs = dict(engine_kwargs or {})
         cache = engine_kwargs.pop("score_cache", None)
-        cores = engine_kwargs.pop("cpu_cores", None)
-        if cores is not None and on_cpu():
-            # Pin this engine's OpenMP threads (e.g. "0" and "1" for two engines on 2 cores, or
-            # "0-1" for one engine using both).  Read by the engine-core process at spawn.
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cores)
-            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-        kw: dict = {"max_model_len": 2048, "seed": 0}
-        if on_cpu():
-            kw.update(vllm_cpu_defaults())
+        path, kw = vllm_engine_args(model, engine_kwargs, engine_kwargs.pop("cpu_cores", None))
         spec = get_spec(model)
-        kw.update(spec.engine_defaults)
-        kw.update(engine_kwargs)
         self.llm = LLM(model=str(path), **kw)
         self.tokenizer = self.llm.get_tokenizer()
         self.add_bos = spec.add_bos

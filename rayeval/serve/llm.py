@@ -22,24 +22,6 @@ from typing import Any, AsyncGenerator
 from ray import serve
 
 
-def _on_cpu() -> bool:
-    try:
-        import torch
-
-        return not torch.cuda.is_available()
-    except Exception:  # pragma: no cover
-        return True
-
-
-def cpu_engine_defaults() -> dict[str, Any]:
-    """The engine layer's CPU defaults (:func:`rayeval.eval.engines.vllm_cpu_defaults`) and "uni":
-    the model runs inside the engine-core process instead of a third (worker) process that imports
-    torch and vLLM once more: 12 s less per replica start on this CPU (20.7 vs 33.1 s)."""
-    from rayeval.eval.engines import vllm_cpu_defaults
-
-    return {**vllm_cpu_defaults(), "distributed_executor_backend": "uni"}
-
-
 @dataclass(frozen=True)
 class PromptFormat:
     """How one served model turns chat messages into prompt tokens, and where its answers stop.
@@ -125,32 +107,16 @@ class LLMServer:
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        from rayeval.models import get_spec, resolve_model
+        from rayeval.eval.engines import vllm_engine_args
+        from rayeval.models import get_spec
 
         self.name = name
         model = model or name
         t0 = time.time()
-        if cpu_cores is not None and _on_cpu():
-            # Pin this engine's OpenMP threads to its own core(s): two engines on 2 cores would
-            # otherwise both bind core 0.  Read by the engine-core child process at spawn.
-            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(cpu_cores)
-            os.environ["VLLM_CPU_NUM_OF_RESERVED_CPU"] = "0"
-        kw: dict[str, Any] = {"max_model_len": int(max_model_len), "seed": 0}
-        if _on_cpu():
-            kw.update(cpu_engine_defaults())
-        try:
-            spec = get_spec(model)
-        except KeyError:
-            spec = None
-        kw.update(spec.engine_defaults if spec else {})
-        self.fmt = PromptFormat.of(spec, name, prompt_format=prompt_format, chat_template=chat_template,
+        self.fmt = PromptFormat.of(get_spec(model), name, prompt_format=prompt_format, chat_template=chat_template,
                                    completion_template=completion_template, stop=stop)
-        kw.update(engine_kwargs or {})
-        if _on_cpu() and kw.get("distributed_executor_backend") == "uni":
-            # vLLM's CPU platform turns "uni" back into "mp" unless in-process mode is declared;
-            # AsyncLLM keeps its engine-core process either way (only the worker process goes).
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        path = resolve_model(model)
+        # the engine layer's one vLLM assembly; in-process model runner (no worker process)
+        path, kw = vllm_engine_args(model, engine_kwargs, cpu_cores, max_model_len=max_model_len, in_process=True)
         self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=str(path), **kw))
         self.tokenizer = self.engine.tokenizer
         self.max_model_len = int(self.engine.model_config.max_model_len)
