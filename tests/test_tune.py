@@ -186,7 +186,7 @@ def test_cli_mounts_as_rayeval_tune(monkeypatch):
         seen.update(config=config, out=out, resume=resume)
         return {"best_dir": "b", "best": {}, "n_trials": 0, "n_stopped_early": 0, "seconds": 0}
 
-    monkeypatch.setattr(T, "run", fake_run)
+    monkeypatch.setattr("rayeval.tune.cli.run", fake_run)  # the command calls rayeval.tune.run
     root = typer.Typer()
     root.add_typer(T.app, name="tune")
 
