@@ -157,15 +157,13 @@ def load_tuned(folder: str | Path):
 
 
 def _json(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
+    """JSON for numpy values (as routers save them); anything else (paths ...) as its string."""
+    from rayeval.route.routers.base import _json_default
+
+    try:
+        return _json_default(o)
+    except TypeError:
         return str(o)
-    return str(o)
 
 
 def calibration_targets(c: CalibrationSpec) -> list[dict]:
