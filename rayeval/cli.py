@@ -224,18 +224,18 @@ def html_cmd(report: Path = typer.Argument(..., help="A markdown report (eval, l
         raise typer.Exit(2)
 
 
-def _mount_optional() -> None:
-    """Sub-apps owned by the later stages; mounted when present."""
-    for mod, name in (("rayeval.route.cli", "route"), ("rayeval.route.augment_cli", "augment"),
-                      ("rayeval.tune", "tune")):
-        try:
-            sub = __import__(mod, fromlist=["app"]).app
-        except ImportError:
-            continue
+def _mount_stages() -> None:
+    """The later stages' command groups.  Always mounted: a group whose import fails is an error
+    here, not a command that silently disappears from ``rayeval --help``."""
+    from rayeval.route.augment_cli import app as augment
+    from rayeval.route.cli import app as route
+    from rayeval.tune import app as tune
+
+    for sub, name in ((route, "route"), (augment, "augment"), (tune, "tune")):
         app.add_typer(sub, name=name)
 
 
-_mount_optional()
+_mount_stages()
 
 
 def main() -> None:  # pragma: no cover
