@@ -326,6 +326,9 @@ def test_serve_graph_with_a_real_vllm_replica_on_a_worker_node(cluster):
             "embedder": None, "router_deployment": {"ray_actor_options": {"num_cpus": 0}},
             "ingress": {"ray_actor_options": {"num_cpus": 0}}}
     port = free_port()
+    # A fresh Serve instance: an earlier test's (started by serve.run with the defaults) would keep
+    # its own HTTP options ("New http_options will not be applied") and this port would be dead.
+    serve.shutdown()
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(args), name="rayeval", route_prefix="/")
@@ -341,4 +344,4 @@ def test_serve_graph_with_a_real_vllm_replica_on_a_worker_node(cluster):
         body = r.json()
         assert body["choices"][0]["message"]["content"].strip() and body["usage"]["completion_tokens"] >= 1
     finally:
-        serve.delete("rayeval")
+        serve.shutdown()
