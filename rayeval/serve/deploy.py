@@ -23,9 +23,9 @@ import yaml
 #  * proxy readiness/health checks: Serve's 5/10 s defaults kill the proxy in a loop on a loaded box;
 #  * RAY_SERVE_THROUGHPUT_OPTIMIZED (Ray >= 2.56): gRPC between replicas, user code on the replica's
 #    own event loop, buffered request logs, and direct ingress: the Ingress replica serves HTTP on
-#    its own port (``ingress_urls``) besides the proxy's.  bench/serve_route_http.py, this machine:
-#    POST /v1/route 75-82/s through the default proxy, 510-593/s direct (p99 22-61 ms); the
-#    deployment handle 200-230/s -> 800-860/s.
+#    its own port (``ingress_urls``) besides the proxy's.  bench/serve_route_http.py (results
+#    committed, 2026-12-01): POST /v1/route 59-84/s through the default proxy, 365-402/s direct
+#    at p99 23-24 ms (concurrency 4); the deployment handle 186-259/s -> 455-811/s.
 SERVE_ENV = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60", "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "60",
              "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
@@ -96,9 +96,7 @@ def deploy(cfg: dict | str | Path, *, num_cpus: float | None = None, wait_s: flo
     if http_port is not None:
         cfg.setdefault("http_options", {})["port"] = int(http_port)
     if not ray.is_initialized():
-        # Serve's proxy readiness/health checks default to 5/10 s; on a shared, overloaded machine
-        # the proxy misses them and is killed in a loop.  Read by the controller (inherits env).
-        for k, v in SERVE_ENV.items():
+        for k, v in SERVE_ENV.items():  # inherited by the local Ray's Serve processes
             os.environ.setdefault(k, v)
         init_ray(num_cpus=num_cpus)
     schema = validated(cfg)

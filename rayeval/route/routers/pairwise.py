@@ -148,8 +148,9 @@ class MFRouter(Router):
         self.use_groups, self.use_length = use_groups, use_length
         self.embedder, self.strong, self.weak = embedder, strong, weak
 
-    def _examples(self, data, emb_all, qids_all):
+    def _examples(self, fit, emb_all):
         """(X per unique query, query idx, model idx a, model idx b or -1, target) arrays."""
+        data = fit.data
         if self.objective == "pointwise":
             if not isinstance(data, Outcomes):
                 raise ValueError("objective='pointwise' needs Outcomes (per-model scores)")
@@ -159,19 +160,17 @@ class MFRouter(Router):
             qi, mi = np.nonzero(~np.isnan(S))
             return emb_all, qi, mi, np.full(len(qi), -1), S[qi, mi], data.models
         uq, qi, a, b, y, models = battles(data)
-        pos = pd.Series(np.arange(len(qids_all)), index=qids_all)
-        pos = pos[~pos.index.duplicated()]
         if self.tie_mode == "drop":
             keep = y != 0.5
             qi, a, b, y = qi[keep], a[keep], b[keep], y[keep]
-        return emb_all[pos.loc[uq].to_numpy()], qi, a, b, y, models
+        return emb_all[fit.rows(uq)], qi, a, b, y, models
 
     def _fit(self, ts, emb, fit):
         import torch
 
         texts, groups = fit.texts, fit.groups
         self.side_ = SideFeatures(self.use_groups, self.use_length).fit(texts, groups)
-        Xn, qi, a, b, y, models = self._examples(fit.data, self.side_(texts, fit.embeddings, groups), fit.query_ids)
+        Xn, qi, a, b, y, models = self._examples(fit, self.side_(texts, fit.embeddings, groups))
         self.models_ = models
         g = torch.Generator().manual_seed(self.seed)
         torch.manual_seed(self.seed)

@@ -193,9 +193,7 @@ class LogisticRouter(Router):
         if self.target == "pair":
             if not isinstance(data, Outcomes):
                 raise ValueError("target='pair' needs Outcomes (per-model scores), not Preferences")
-            pos = {q: i for i, q in enumerate(data.queries["query_id"].astype(str))}
-            rows = np.array([pos[q] for q in ts.query_ids])
-            S = data.scores[[ts.strong, ts.weak]].to_numpy(float)[rows]
+            S = data.scores[[ts.strong, ts.weak]].to_numpy(float)[fit.rows(ts.query_ids)]
             lo, hi = np.nanmin(S), np.nanmax(S)
             S = (S - lo) / max(hi - lo, 1e-12)
             self.coef_ = np.zeros((2, X.shape[1]))
