@@ -174,10 +174,7 @@ def test_serve_replicas_spread_over_gpu_nodes_when_scaled(cluster):
             return ray.get_runtime_context().get_node_id()
 
     def replica_nodes() -> set[str]:
-        from ray._private.state import actors
-
-        return {a["Address"]["NodeID"] for a in actors().values()
-                if a["State"] == "ALIVE" and a["ActorClassName"].startswith("ServeReplica:where:Where")}
+        return _actor_nodes("ServeReplica:where:Where", alive_only=True)
 
     h = serve.run(Where.bind(), name="where", route_prefix=None)
     first = {h.remote().result(timeout_s=60) for _ in range(5)}

@@ -241,7 +241,8 @@ def test_tiny_real_run_generate_judge_train(tmp_path, shared_data):
     """Real vLLM on CPU, engines shared within the test: SmolLM2-135M and Gemma-3-270M answer 3
     MT-Bench questions (16 tokens), Gemma-3-270M's engine then judges both orders -> a
     Preferences file that a router trains on."""
-    from rayeval.route.generate import GenerateActor, Sampling, VLLMGenerator, write_parquet
+    from rayeval.route.generate import GenerateActor, Sampling, VLLMGenerator
+    from rayeval.runtime import write_parquet
     from rayeval.route.routers import make_router
 
     import pickle

@@ -26,10 +26,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import pandas as pd
-import pyarrow as pa
 
 from rayeval.config import data_root, from_dict, load_yaml, resolve_config
-from rayeval.runtime import Execution, ShardActor, read_rows, run_sharded, write_atomic
+from rayeval.runtime import Execution, ShardActor, digest, read_rows, run_sharded, write_parquet
 
 log = logging.getLogger("rayeval.augment")
 
@@ -285,21 +284,6 @@ class GenerateActor(ShardActor):
         results = list(self.pool.map(lambda g: g.generate(convs, self.sampling), self.gens.values()))
         return [{"prompt_id": it["prompt_id"], "prompt": it["prompt"], "group": it["group"], "model": model, **r}
                 for model, res in zip(self.gens, results) for it, r in zip(items, res)]
-
-
-# ----------------------------------------------------------------------------- generic sharded job
-
-def digest(*parts: Any) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(json.dumps(p, sort_keys=True, default=str).encode())
-    return h.hexdigest()[:16]
-
-
-def write_parquet(df: pd.DataFrame, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(pa.Table.from_pandas(df, preserve_index=False), path)
-    return path
 
 
 # ----------------------------------------------------------------------------- driver

@@ -33,14 +33,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from scipy.special import logsumexp, softmax
 import pandas as pd
+from scipy.special import logsumexp, softmax
 
 from rayeval.config import from_dict, load_yaml, resolve_config
 from rayeval.eval.engines import ScoreRequest
-from rayeval.runtime import Execution, ShardActor, read_rows
-from rayeval.route.generate import conversation, digest, render_chat, run_sharded, write_parquet
+from rayeval.route.generate import conversation, render_chat
 from rayeval.route.prefs import Preferences, WINNERS
+from rayeval.runtime import Execution, ShardActor, digest, read_rows, run_sharded, write_parquet
 
 POSITIONS = ("first", "second", "tie")
 

@@ -73,6 +73,23 @@ def write_atomic(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def write_parquet(df: pd.DataFrame, path: Path) -> Path:
+    """A job's final table, written atomically (its folder made if needed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(pa.Table.from_pandas(df, preserve_index=False), path)
+    return path
+
+
+def digest(*parts: Any) -> str:
+    """A short fingerprint of a job's inputs (JSON of each part, keys sorted) for its manifest."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
 def read_rows(out_dir: str | Path) -> pd.DataFrame:
     """Every finished shard of a run as one frame."""
     files = sorted((Path(out_dir) / "shards").glob("part-*.parquet"))
