@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rayeval.config import ConfigProblems, from_dict, type_problem
+
 KINDS = ("eval", "pipeline", "tune", "serve", "judge", "generate")
 ROUTELLM_BENCHES = ("mmlu", "gsm8k", "mt_bench")
 MAX_TOO_LONG = 20  # prompt-length problems listed per model (then a count)
@@ -82,48 +84,6 @@ def fail_on_problems(res: Checked) -> None:
 
 
 # ----------------------------------------------------------------------------- shared checks
-
-def type_problems(obj: Any, where: str = "") -> list[str]:
-    """``field: expected T, got v`` for every field of a (nested) config dataclass whose value does
-    not match its annotation; ``from_dict`` checks the keys, this the values."""
-    out = []
-    hints = typing.get_type_hints(type(obj))
-    for f in dataclasses.fields(obj):
-        v, path = getattr(obj, f.name), f"{where}.{f.name}" if where else f.name
-        if dataclasses.is_dataclass(v):
-            out += type_problems(v, path)
-        elif isinstance(v, list) and v and all(dataclasses.is_dataclass(x) for x in v):
-            out += [p for i, x in enumerate(v) for p in type_problems(x, f"{path}[{i}]")]
-        elif not matches(v, hints[f.name]):
-            out.append(f"{path}: expected {_type_name(hints[f.name])}, got {v!r}")
-    return out
-
-
-def matches(v: Any, tp: Any) -> bool:
-    """Does a YAML value fit a type annotation (int is a float; a bool is not a number)."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if tp is Any or isinstance(tp, typing.TypeVar):
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(matches(v, a) for a in args)
-    if tp is type(None):
-        return v is None
-    if tp in (bool, int, float):
-        number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        return isinstance(v, bool) if tp is bool else number and (tp is float or isinstance(v, int))
-    if origin in (list, tuple, Sequence):
-        item = args[0] if args and (origin is not tuple or len(set(args) - {...}) == 1) else Any
-        return isinstance(v, (list, tuple)) and all(matches(x, item) for x in v)
-    if origin is dict:
-        return isinstance(v, dict) and (not args or all(matches(k, args[0]) and matches(x, args[1]) for k, x in v.items()))
-    if isinstance(tp, type) and not dataclasses.is_dataclass(tp):
-        return isinstance(v, (str, Path)) if tp is Path else isinstance(v, tp)
-    return True
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) if typing.get_origin(tp) is None else str(tp).replace("typing.", "")
-
 
 def model_problem(name: Any) -> str | None:
     """None when ``name`` is a registry model, an existing folder or an org/name hub id."""
@@ -216,8 +176,7 @@ def router_problems(name: Any, params: Any, at_name: str, at_params: str) -> lis
         hints = typing.get_type_hints(cls.__init__)
     except (NameError, TypeError):
         hints = {}
-    out = [f"{at_params}.{k}: expected {_type_name(hints[k])}, got {v!r}"
-           for k, v in params.items() if k in hints and not matches(v, hints[k])]
+    out = [f"{at_params}.{k}: {why}" for k, v in params.items() if k in hints and (why := type_problem(v, hints[k]))]
     if out:
         return out
     try:
@@ -281,15 +240,16 @@ def check_engine(res: Checked, engine: Any, where: str = "engine"):
         return None
     try:
         ex = Execution.from_engine_dict(engine)
+    except ConfigProblems as e:
+        for path, msg in e.items:
+            res.problem(f"{where}.{path}" if path else where, msg)
+        return None
     except ValueError as e:
         res.problem("", re.sub(r"^engine\b", where, str(e)))
         return None
-    bad = type_problems(ex, where)
-    for p in bad:
-        res.problem("", p)
     if ex.kind == "vllm":
         vllm_option_problems(res, ex.engine_kwargs, where)
-    return None if bad else ex
+    return ex
 
 
 def _open(config: Any, kind: str, default: str | None = None) -> tuple[Checked, dict | None]:
@@ -315,26 +275,43 @@ def _open(config: Any, kind: str, default: str | None = None) -> tuple[Checked, 
         return res, None
 
 
+def _drop(doc: Any, loc: tuple) -> Any:
+    """``doc`` without the key at ``loc`` (a copy along the way)."""
+    if not loc or not isinstance(doc, (dict, list)):
+        return doc
+    head, rest = loc[0], loc[1:]
+    if isinstance(doc, dict):
+        if not rest:
+            return {k: v for k, v in doc.items() if k != head}
+        return {k: (_drop(v, rest) if k == head else v) for k, v in doc.items()}
+    return [(_drop(v, rest) if i == head else v) for i, v in enumerate(doc)]
+
+
 def _parse(res: Checked, cls: type, doc: dict, where: str, build, validate=None, at: str = ""):
-    """A ``from_dict`` config: unknown top-level keys are one problem and the rest is parsed anyway
-    (``build``: the config's own parser), then the values' types, then its own ``validate``.
+    """A dataclass config: ``build`` (its parser, :func:`rayeval.config.from_dict` inside) reports
+    unknown keys and wrong types at every level, one problem each; after unknown keys alone the
+    rest is parsed without them, so the later checks still run.  Then its own ``validate``.
     Returns (the dataclass, or None when it did not parse; whether it is all valid).  ``at``: the
     field path of ``doc`` in its file."""
-    from rayeval.config import from_dict
-
+    valid = True
     try:
-        from_dict(cls, doc, where)  # for its unknown-keys message only
-    except (ValueError, TypeError) as e:
-        if "unknown key" in str(e):
-            res.problem("", e)
-    try:
-        cfg = build({k: v for k, v in doc.items() if k in {f.name for f in dataclasses.fields(cls)}})
+        cfg = build(doc)
+    except ConfigProblems as e:
+        for path, msg in e.items:
+            res.problem(".".join(x for x in (at, path) if x) if not path.startswith("[") else at + path, msg)
+        if not e.unknown or any(not m.startswith("unknown key") for _, m in e.items):
+            return None, False
+        for loc in e.unknown:
+            doc = _drop(doc, loc)
+        valid = False
+        try:
+            cfg = build(doc)
+        except (ValueError, TypeError) as e2:
+            res.problem("", e2)
+            return None, False
     except (ValueError, TypeError) as e:
         res.problem("", e)
         return None, False
-    bad = type_problems(cfg, at)
-    for p in bad:
-        res.problem("", p)
     try:
         validate and validate(cfg)
     except ValueError as e:
@@ -342,7 +319,7 @@ def _parse(res: Checked, cls: type, doc: dict, where: str, build, validate=None,
         return cfg, False
     except (TypeError, AttributeError, KeyError):  # a wrong type, reported above
         return cfg, False
-    return cfg, not bad
+    return cfg, valid
 
 
 # ----------------------------------------------------------------------------- eval
@@ -488,7 +465,7 @@ def check_pipeline(config: Any = None, *, serve: bool | None = None, engine: dic
     res, doc = _open(config, "pipeline", default="pipeline_small")
     if doc is None:
         return res
-    cfg, valid = _parse(res, WorkflowConfig, doc, res.path, lambda d: WorkflowConfig(**d),
+    cfg, valid = _parse(res, WorkflowConfig, doc, res.path, lambda d: from_dict(WorkflowConfig, d, res.path),
                         lambda c: c.validate(res.path))
     if cfg is None:
         return res
@@ -595,7 +572,8 @@ def check_serve(config: Any) -> Checked:
     try:
         ServeDeploySchema.model_validate(doc)
     except Exception as e:  # pydantic.ValidationError: one problem per error, at its location
-        for err in getattr(e, "errors", lambda: [{"loc": (), "msg": str(e)}])():
+        errs = e.errors() if hasattr(e, "errors") else [{"loc": (), "msg": str(e)}]
+        for err in errs:
             res.problem(_loc(err["loc"]), err["msg"])
     apps = doc.get("applications") if isinstance(doc.get("applications"), list) else []
     for i, app in enumerate(apps):
@@ -645,7 +623,7 @@ def check_app_args(res: Checked, app: dict, where: str) -> None:
     if not isinstance(args, dict):
         res.problem(f"{where}.args", f"expected a mapping, got {args!r}")
         return
-    a, valid = _parse(res, AppArgs, args, f"{where}.args", lambda d: AppArgs(**d), AppArgs.validate,
+    a, valid = _parse(res, AppArgs, args, f"{where}.args", lambda d: from_dict(AppArgs, d, f"{where}.args"), AppArgs.validate,
                       at=f"{where}.args")
     if not valid:  # the checks below read llms, routers, thresholds and embedder as their types say
         return
@@ -694,7 +672,7 @@ def check_served_routers(res: Checked, routers: dict, thresholds: dict, where: s
         elif not (Path(str(d)).expanduser() / "router.json").exists():
             res.problem(f"{where}.routers.{n}", f"{d} is not a trained router folder (no router.json)")
     for n, t in thresholds.items():
-        if not (matches(t, float) and 0 <= t <= 1):
+        if type_problem(t, float) or isinstance(t, bool) or not 0 <= float(t) <= 1:
             res.problem(f"{where}.thresholds.{n}", f"expected a threshold in [0, 1], got {t!r}")
 
 

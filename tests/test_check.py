@@ -202,3 +202,53 @@ def test_a_fresh_process_answers_in_seconds(tmp_path):
     seconds = time.perf_counter() - t0
     assert r.returncode == 2 and f"{path}: datasets[0].subjects: unknown subject(s) ['anatmy']" in r.stderr
     assert seconds < 10, f"{seconds:.1f} s"
+
+
+# ----------------------------------------------------------------------------- the typed config layer
+
+def test_typed_configs_report_every_problem_at_every_level_with_its_path():
+    from rayeval.config import ConfigProblems, from_dict
+    from rayeval.tune import TuneConfig
+
+    doc = {"data": {"subsampel": 5, "valid_fraction": "most"}, "routers": [{"name": "knn", "num_samples": "two"}],
+           "scheduler": {"grace_period": [1]}, "nme": "x"}
+    with pytest.raises(ConfigProblems) as e:
+        from_dict(TuneConfig, doc, "tune.yaml")
+    lines = e.value.lines
+    assert any(ln.startswith("tune.yaml: unknown key(s) ['nme']; expected some of [") and "'routers'" in ln for ln in lines)
+    assert any(ln.startswith("tune.yaml: data: unknown key(s) ['subsampel']; expected some of [") and "'subsample'" in ln
+               for ln in lines)
+    assert "tune.yaml: data.valid_fraction: expected float, got 'most'" in lines
+    assert "tune.yaml: routers[0].num_samples: expected int, got 'two'" in lines
+    assert "tune.yaml: scheduler.grace_period: expected int, got [1]" in lines
+    assert len(lines) == 5 and sorted(e.value.unknown) == [("data", "subsampel"), ("nme",)]
+
+
+def test_typed_configs_build_nested_sections_and_keep_defaults():
+    from rayeval.config import from_dict
+    from rayeval.route.generate import GenerateConfig
+    from rayeval.route.judge import JudgeConfig
+    from rayeval.tune import TuneConfig
+
+    t = from_dict(TuneConfig, {"data": None, "routers": [{"name": "knn", "num_samples": 3}],
+                               "resources_per_trial": {"cpu": 2}})
+    assert t.data.source == "routellm:mmlu" and t.routers[0].num_samples == 3 and t.routers[0].include_default
+    assert t.resources_per_trial == {"cpu": 2.0} and isinstance(t.resources_per_trial["cpu"], float)
+    g = GenerateConfig.from_dict({"prompts": "routellm:gsm8k", "sampling": {"max_tokens": 9}})
+    assert g.prompts.source == "routellm:gsm8k" and g.sampling.max_tokens == 9 and g.sampling.top_p == 0.95
+    with pytest.raises(ValueError, match=r"generate: sampling\.max_tokens: expected int, got 'many'"):
+        GenerateConfig.from_dict({"sampling": {"max_tokens": "many"}})
+    with pytest.raises(ValueError, match=r"judge: pairwise: unknown key\(s\) \['symbol'\]"):
+        JudgeConfig.from_dict({"pairwise": {"template": "{question}{answer_a}{answer_b}", "symbol": ["A"]}})
+    with pytest.raises(ValueError, match=r"judge: pairwise\.symbols: expected list, got 'ABC'"):
+        JudgeConfig.from_dict({"pairwise": {"template": "{question}{answer_a}{answer_b}", "symbols": "ABC"}})
+
+
+def test_engine_section_types_are_checked_when_parsed():
+    from rayeval.config import ConfigProblems
+    from rayeval.runtime import Execution
+
+    with pytest.raises(ConfigProblems) as e:
+        Execution.from_engine_dict({"kind": "fake", "actors": "two", "num_cpus": [1]})
+    assert e.value.lines == ["engine: actors: expected int, got 'two'", "engine: num_cpus: expected float, got [1]"]
+    assert Execution.from_engine_dict({"kind": "fake", "actors": 2, "num_cpus": 1}).num_cpus == 1.0

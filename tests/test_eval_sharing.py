@@ -215,6 +215,25 @@ def test_prefix_sharing_equals_separate_passes(tiny_models, arch):
 
 
 @pytest.mark.model
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_fused_kernels_compute_what_the_eager_modules_do(tiny_models, arch):
+    # fp32, so the comparison is exact to float rounding: the compiled RMSNorm / act*up / rotary
+    # kernels (the bf16 CPU default) must be the same functions as the modules they replace
+    reqs = _grid_requests(n=2)
+    fp = {"dtype": "float32", "num_threads": 1}
+    eager = make_engine("hf", tiny_models[arch], {**fp, "fuse": False})
+    want = eager.score(reqs)
+    fused = make_engine("hf", tiny_models[arch], {**fp, "fuse": True})
+    got = fused.score(reqs)
+    assert eager.fused == []
+    assert any(n.endswith("RMSNorm") for n in fused.fused) and any(n.endswith("MLP") for n in fused.fused)
+    assert "apply_rotary_pos_emb" in fused.fused
+    assert max(abs(x - y) for x, y in zip(_numbers(got), _numbers(want))) < 1e-4
+    # other kernels, another key space of the score cache
+    assert fused.identity["kernels"] == "fused" and "kernels" not in eager.identity
+
+
+@pytest.mark.model
 def test_gemma_sliding_window_is_respected_across_shared_prefixes(tiny_models):
     # prompts far longer than the tiny model's 24-token window: the shared-prefix path must apply
     # the window exactly as a plain forward pass over the whole sequence does

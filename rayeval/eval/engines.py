@@ -257,6 +257,14 @@ def hf_dtype(dtype: str = "auto") -> str:
     return dtype
 
 
+def hf_fuse(fuse: Any = "auto", dtype: str = "auto") -> bool:
+    """Whether the HF engine fuses its elementwise kernels (``rayeval.eval.fused``): ``auto`` on a
+    CPU host running bf16, where they are a quarter of the forward pass; true / false to force."""
+    if fuse == "auto":
+        return on_cpu() and hf_dtype(dtype) == "bfloat16"
+    return bool(fuse)
+
+
 def _dist_version(*names: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -281,6 +289,8 @@ def engine_identity(kind: str, model: str, engine_kwargs: dict | None = None) ->
     path = resolve_model(model)
     if kind == "hf":
         ident = {"engine": "hf", "version": _dist_version("transformers"), "dtype": hf_dtype(kw.get("dtype", "auto"))}
+        if hf_fuse(kw.get("fuse", "auto"), kw.get("dtype", "auto")):
+            ident["kernels"] = "fused"
     else:
         from rayeval.models import get_spec
 
@@ -509,6 +519,7 @@ class HFEngine(TokenEngine):
     cache tokens per forward), ``row_tokens`` (sibling tokens packed per row), ``min_fill`` (a row
     shorter than this share of its pass's longest row starts a new pass: padding stays small),
     ``head_rows`` (read positions per vocabulary-head chunk; 0: the head after every forward pass),
+    ``fuse`` (``auto``: compiled elementwise kernels on a bf16 CPU, :mod:`rayeval.eval.fused`),
     ``prefix_sharing``, ``score_cache``;
     anything else goes to ``from_pretrained``."""
 
@@ -523,13 +534,19 @@ class HFEngine(TokenEngine):
         self.batch_size = int(kw.pop("batch_size", 64))
         self.max_tokens_per_batch = int(kw.pop("max_tokens_per_batch", 4096))
         self.max_kv_tokens = int(kw.pop("max_kv_tokens", 65536))
-        self.row_tokens = int(kw.pop("row_tokens", 256))
+        dtype = hf_dtype(kw.pop("dtype", "auto"))
+        fuse = hf_fuse(kw.pop("fuse", "auto"), dtype)
+        bf16_cpu = on_cpu() and dtype == "bfloat16"
+        # Siblings packed per row: every token of a row attends to the whole row, masked.  With
+        # native bf16 matmuls attention is the larger cost and one question per row pays (1.07x
+        # on zero-shot MMLU, docs/benchmarks.md); in fp32 the fewer, longer rows did (1.70x with
+        # bucketing and head chunks).
+        self.row_tokens = int(kw.pop("row_tokens", 64 if bf16_cpu else 256))
         self.min_fill = float(kw.pop("min_fill", 0.75))
         self.head_rows = int(kw.pop("head_rows", 256))
         self.prefix_sharing = bool(kw.pop("prefix_sharing", True))
         cache = kw.pop("score_cache", None)
         limit = kw.pop("max_model_len", None)
-        dtype = hf_dtype(kw.pop("dtype", "auto"))
         threads = kw.pop("num_threads", None) or default_threads()
         torch.set_num_threads(int(threads))
         path = resolve_model(model)
@@ -549,7 +566,12 @@ class HFEngine(TokenEngine):
             self.max_model_len = min(self.max_model_len, int(limit))
         self.pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._torch = torch
-        self._init_common(cache, engine_identity("hf", model, {"dtype": dtype}))
+        self.fused: list[str] = []
+        if fuse:
+            from rayeval.eval.fused import fuse_elementwise
+
+            self.fused = fuse_elementwise(self.model)
+        self._init_common(cache, engine_identity("hf", model, {"dtype": dtype, "fuse": bool(self.fused)}))
 
     def _trie(self, jobs: Sequence[TokenJob]) -> PrefixTrie:
         seqs = [j.ids for j in jobs]

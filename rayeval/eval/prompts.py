@@ -31,7 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Sequence
 
-from rayeval.config import CONFIG_DIR, from_dict, load_yaml
+from rayeval.config import CONFIG_DIR, ConfigProblems, from_dict, load_yaml
 from rayeval.data.schema import MCQItem
 from rayeval.eval import perturb
 
@@ -85,7 +85,10 @@ class Shots:
             return d
         if isinstance(d, int):
             return cls(k=d)
-        return from_dict(cls, dict(d), "shots")
+        try:
+            return from_dict(cls, dict(d), "shots")
+        except ConfigProblems as e:  # "shots.k: expected int, got 'x'", "shots.source: ...", "unknown key(s) ..."
+            raise ValueError("; ".join(f"shots.{p}: {m}" if p else m for p, m in e.items)) from None
 
 
 @dataclass(frozen=True)

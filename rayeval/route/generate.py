@@ -64,11 +64,8 @@ class GenerateConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "generate") -> "GenerateConfig":
         d = dict(d)
-        if "prompts" in d:
-            p = d["prompts"]
-            d["prompts"] = from_dict(PromptSource, {"source": p} if isinstance(p, str) else dict(p), f"{where}.prompts")
-        if "sampling" in d:
-            d["sampling"] = from_dict(Sampling, dict(d["sampling"] or {}), f"{where}.sampling")
+        if isinstance(d.get("prompts"), str):  # prompts: mt_bench
+            d["prompts"] = {"source": d["prompts"]}
         cfg = from_dict(cls, d, where)
         if not cfg.models:
             raise ValueError(f"{where}.models: give at least one model")

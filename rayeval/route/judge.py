@@ -79,11 +79,7 @@ class JudgeConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], where: str = "judge") -> "JudgeConfig":
-        d = dict(d)
-        for k in ("pairwise", "single"):
-            if k in d:
-                d[k] = from_dict(JudgePrompt, dict(d[k] or {}), f"{where}.{k}")
-        cfg = from_dict(cls, d, where)
+        cfg = from_dict(cls, dict(d), where)
         if cfg.mode not in ("pairwise", "single"):
             raise ValueError(f"{where}.mode: {cfg.mode!r} is not pairwise or single")
         if cfg.rule not in ("agree", "debiased"):

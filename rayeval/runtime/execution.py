@@ -12,6 +12,7 @@ EXEC_KEYS = ("kind", "actors", "num_cpus", "num_gpus", "resources", "cpu_cores",
              "hf", "vllm")
 # Engine options each kind takes (besides ``from_pretrained`` / ``vllm.LLM`` passthrough below).
 HF_KEYS = {"dtype", "num_threads", "batch_size", "max_tokens_per_batch", "max_kv_tokens", "row_tokens", "min_fill", "head_rows",
+           "fuse",
            "prefix_sharing", "max_model_len", "attn_implementation", "revision", "trust_remote_code"}
 
 
@@ -59,7 +60,9 @@ class Execution:
         cache = ex.get("cache", True)
         if not isinstance(cache, (bool, str)):
             raise ValueError(f"engine.cache: expected true, false or a path/URI, got {cache!r}")
-        return cls(kind=real, **ex, engine_kwargs=d)
+        from rayeval.config import from_dict
+
+        return from_dict(cls, {"kind": real, **ex, "engine_kwargs": d}, "engine")  # the types of every key
 
     def cache_path(self) -> str | None:
         from rayeval.eval.score_cache import default_cache_path

@@ -81,17 +81,11 @@ class TuneConfig:
 
     @classmethod
     def parse(cls, d: dict[str, Any], where: str = "tune config") -> "TuneConfig":
-        """The config's keys at every level (unknown ones are errors), not yet validated."""
+        """The config's keys and types at every level (pydantic; unknown keys are errors), not
+        yet validated against the router registry."""
         d = dict(d)
-        sub = {"data": DataSpec, "search": SearchSpec, "scheduler": SchedulerSpec, "calibration": CalibrationSpec}
-        for k, typ in sub.items():
-            if k in d:
-                d[k] = from_dict(typ, d[k] or {}, f"{where}: {k}")
-        if "routers" in d:
-            rs = d["routers"]
-            if isinstance(rs, dict):  # {name: {num_samples: ..}} shorthand
-                rs = [{"name": n, **(v or {})} for n, v in rs.items()]
-            d["routers"] = [from_dict(RouterSpec, r, f"{where}: routers[{i}]") for i, r in enumerate(rs)]
+        if isinstance(d.get("routers"), dict):  # {name: {num_samples: ..}} shorthand
+            d["routers"] = [{"name": n, **(v or {})} for n, v in d["routers"].items()]
         return from_dict(cls, d, where)
 
     @classmethod
