@@ -90,7 +90,7 @@ def zero_shot(model: str, n_q: int, env, tmp: Path) -> dict:
     out = {"n": n, "rayeval": {"q_per_s": n / dt, "seconds": dt, "dtype": eng.dtype, "threads": torch.get_num_threads(),
                                 "acc": es.accuracy(preds, gold), "stats": dict(eng.stats)}}
     log(f"{model}: rayeval default engine {n / dt:.2f} q/s ({eng.dtype}, {torch.get_num_threads()} threads)")
-    roof = es.roofline(eng, reqs, torch, rows_options=(1024,), reps=5)
+    roof = es.roofline(eng, reqs, torch, rows_options=(1024, 4096), reps=10, rounds=3)
     out["roofline"] = roof
     out["rayeval"]["pct_of_roofline"] = 100 * out["rayeval"]["q_per_s"] / roof["ceiling_q_per_s"]
     threads = torch.get_num_threads()

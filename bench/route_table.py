@@ -15,7 +15,7 @@ import pandas as pd
 
 from rayeval.route.evaluate import (EvalResult, calibration_study, evaluate_routers, markdown_table, df_markdown,
                                     nway_study, out_of_distribution, write_report)
-from rayeval.route.prefs import ROUTERBENCH_TASKS, load_routellm, load_routerbench
+from rayeval.prefs.outcomes import ROUTERBENCH_TASKS, load_routellm, load_routerbench
 
 KNN_GROUP = ("knn", {"k": 50, "within_group": True, "shrinkage": 20.0})
 LOGI_PAIR = ("logistic", {"C": 0.05, "use_groups": True, "use_length": True, "target": "pair"})

@@ -113,7 +113,7 @@ def main():
 
     from ray import serve
 
-    from rayeval.route.prefs import load_routellm
+    from rayeval.prefs.outcomes import load_routellm
     from rayeval.serve.deploy import app_config, load_config
 
     cfg = load_config(args.config)

@@ -110,7 +110,7 @@ def main():
     args = ap.parse_args()
     if args.n * len(args.concurrency) * len(args.models) > 2000:
         raise SystemExit("bounded load: at most 2000 requests in one run")
-    from rayeval.route.prefs import load_routellm
+    from rayeval.prefs.outcomes import load_routellm
 
     qs = load_routellm("mt_bench").queries["query"].astype(str).tolist()
     prompts = [qs[i % len(qs)] for i in range(args.n)]

@@ -195,7 +195,7 @@ def child(mode: str, args) -> list[dict]:
     from ray import serve
 
     from rayeval.cluster import init_ray
-    from rayeval.route.prefs import load_routellm
+    from rayeval.prefs.outcomes import load_routellm
     from rayeval.serve.app import Ingress, parse_args, router_dirs
     from rayeval.serve.routing import RouterServer
 

@@ -26,7 +26,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def prompts(kind: str, n: int, seed: int = 0) -> list[str]:
-    from rayeval.route.prefs import load_routellm
+    from rayeval.prefs.outcomes import load_routellm
 
     q = load_routellm(kind).queries["query"].astype(str).tolist()
     rng = np.random.default_rng(seed)
@@ -104,7 +104,7 @@ def quality(args) -> list[dict]:
     MiniLM embeddings at several input truncations and on the static featurizer, the prompt-length
     router, and random."""
     from rayeval.route.evaluate import cross_val_apgr
-    from rayeval.route.prefs import load_routellm
+    from rayeval.prefs.outcomes import load_routellm
     from rayeval.serve.routing import EmbedderCore
 
     rows = []

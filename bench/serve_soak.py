@@ -60,7 +60,7 @@ async def soak(url: str, key: str | None, seconds: float, route_rate: float, cha
                max_in_flight: int, timeout: float) -> dict:
     import httpx
 
-    from rayeval.route.prefs import load_routellm
+    from rayeval.prefs.outcomes import load_routellm
 
     mmlu = load_routellm("mmlu").queries["query"].astype(str).tolist()
     mt = load_routellm("mt_bench").queries["query"].astype(str).tolist()

@@ -131,7 +131,7 @@ def source_problem(source: Any, prompts: bool = False) -> str | None:
     ``mt_bench`` and any file (``rayeval augment generate``'s prompt sources)."""
     from rayeval.config import data_root
 
-    from rayeval.route.sources import parse_source
+    from rayeval.prefs.sources import parse_source
 
     if not isinstance(source, str) or not source:
         return f"expected a data source, got {source!r}"
@@ -680,7 +680,7 @@ def check_served_routers(res: Checked, routers: dict, thresholds: dict, where: s
 
 def check_generate(config: Any) -> Checked:
     """``rayeval augment generate``'s config: its parser, types, models, prompt source, engine."""
-    from rayeval.route.generate import GenerateConfig
+    from rayeval.prefs.generate import GenerateConfig
 
     res, doc = _open(config, "generate")
     if doc is None:
@@ -700,7 +700,7 @@ def check_generate(config: Any) -> Checked:
 
 def check_judge(config: Any) -> Checked:
     """``rayeval augment judge``'s config (its ``judge:`` section): parser, types, model, engine."""
-    from rayeval.route.judge import JudgeConfig
+    from rayeval.prefs.judge import JudgeConfig
 
     res, doc = _open(config, "judge")
     if doc is None:

@@ -227,7 +227,7 @@ def html_cmd(report: Path = typer.Argument(..., help="A markdown report (eval, l
 def _mount_stages() -> None:
     """The later stages' command groups.  Always mounted: a group whose import fails is an error
     here, not a command that silently disappears from ``rayeval --help``."""
-    from rayeval.route.augment_cli import app as augment
+    from rayeval.prefs.cli import app as augment
     from rayeval.route.cli import app as route
     from rayeval.tune import app as tune
 

@@ -110,7 +110,7 @@ def load_workflow_config(path: str | Path | None) -> WorkflowConfig:
 
 def gold_outcomes(rows: pd.DataFrame, gold: dict[str, Any]):
     """Which model answered which item correctly, in the gold (setting, scoring) of each dataset."""
-    from rayeval.route.prefs import outcomes_from_eval
+    from rayeval.prefs.outcomes import outcomes_from_eval
 
     parts = []
     for ds in sorted(rows.dataset.unique()):
@@ -209,7 +209,7 @@ def train_router(cfg: WorkflowConfig, outcomes, out: Path) -> dict[str, Any]:
 
 def reference_routers(cfg: WorkflowConfig) -> dict[str, Any]:
     """The same router and baselines, cross-fitted on RouteLLM's real strong/weak outcomes."""
-    from rayeval.route.prefs import load_routellm
+    from rayeval.prefs.outcomes import load_routellm
     from rayeval.route.routers import make_router
 
     bench = str(cfg.reference.get("data", "routellm:mmlu")).split(":", 1)[1]

@@ -226,8 +226,8 @@ def test_typed_configs_report_every_problem_at_every_level_with_its_path():
 
 def test_typed_configs_build_nested_sections_and_keep_defaults():
     from rayeval.config import from_dict
-    from rayeval.route.generate import GenerateConfig
-    from rayeval.route.judge import JudgeConfig
+    from rayeval.prefs.generate import GenerateConfig
+    from rayeval.prefs.judge import JudgeConfig
     from rayeval.tune import TuneConfig
 
     t = from_dict(TuneConfig, {"data": None, "routers": [{"name": "knn", "num_samples": 3}],

@@ -131,7 +131,7 @@ def test_one_chat_one_token_stream_in_scoring_generation_and_serving():
     the eval engine layer, the generator and the Serve LLM deployment encode a chat identically."""
     from rayeval.eval.plan import load_tokenizer
     from rayeval.models import get_spec
-    from rayeval.route.generate import VLLMGenerator
+    from rayeval.prefs.generate import VLLMGenerator
     from rayeval.serve.llm import PromptFormat
 
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 2 plus 2?"}]

@@ -140,7 +140,7 @@ def test_one_packaged_config_resolver_for_every_loader(tmp_path):
         resolve_config("eval_smal")
     # every loader goes through it: a packaged name works for each kind
     from rayeval.eval.config import load_eval_config
-    from rayeval.route.generate import load_generate_config
+    from rayeval.prefs.generate import load_generate_config
     from rayeval.tune import TuneConfig
     from rayeval.workflow import load_workflow_config
 

@@ -211,7 +211,7 @@ def test_eval_job_on_a_real_vllm_engine(head, shared_data, tmp_path):
 def test_routing_jobs_prefs_train_router_and_tune_run_on_the_cluster(head, shared_data, tmp_path):
     """jobs/prefs.py -> jobs/train_router.py (+ calibration) -> jobs/tune.py as Ray jobs on the
     token-auth head, each reading the previous one's output; their outputs load and make sense."""
-    from rayeval.route.prefs import Outcomes
+    from rayeval.prefs.outcomes import Outcomes
     from rayeval.route.routers import load_router
 
     client = head.client()

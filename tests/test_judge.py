@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 
 from rayeval.eval.engines import FakeEngine, ScoreResult
-from rayeval.route.generate import GenerateConfig, load_generate_config, load_prompts, render_chat, run_generate
-from rayeval.route.judge import (JudgeActor, JudgeConfig, aggregate_pairwise, judge_markdown, load_judge_config,
+from rayeval.prefs.generate import GenerateConfig, load_generate_config, load_prompts, render_chat, run_generate
+from rayeval.prefs.judge import (JudgeActor, JudgeConfig, aggregate_pairwise, judge_markdown, load_judge_config,
                                  pairwise_items, run_judge)
-from rayeval.route.prefs import Preferences
+from rayeval.prefs.outcomes import Preferences
 
 
 def _raw(rows):
@@ -241,7 +241,7 @@ def test_tiny_real_run_generate_judge_train(tmp_path, shared_data):
     """Real vLLM on CPU, engines shared within the test: SmolLM2-135M and Gemma-3-270M answer 3
     MT-Bench questions (16 tokens), Gemma-3-270M's engine then judges both orders -> a
     Preferences file that a router trains on."""
-    from rayeval.route.generate import GenerateActor, Sampling, VLLMGenerator
+    from rayeval.prefs.generate import GenerateActor, Sampling, VLLMGenerator
     from rayeval.runtime import write_parquet
     from rayeval.route.routers import make_router
 
@@ -289,7 +289,7 @@ def test_tiny_real_run_generate_judge_train(tmp_path, shared_data):
 
 
 def test_single_answer_grading_with_fake_engine():
-    from rayeval.route.judge import aggregate_single, single_items
+    from rayeval.prefs.judge import aggregate_single, single_items
 
     cfg = load_judge_config("judge_mt_bench")
     actor = JudgeActor(cfg.model, {"kind": "fake"}, {**cfg.single.__dict__}, "single", engine=FakeEngine(seed=3))

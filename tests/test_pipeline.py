@@ -141,7 +141,7 @@ def test_real_vllm_pipeline_both_models(tmp_path):
     assert a != b
     assert (tmp_path / "report.md").read_text().count("smollm2-135m") >= 1
 
-    from rayeval.route.prefs import outcomes_from_eval
+    from rayeval.prefs.outcomes import outcomes_from_eval
     from rayeval.route.routers import ROUTERS
 
     gold = rows[(rows.setting == "baseline") & (rows.scoring == "symbol") & (rows.rotation == 0)]

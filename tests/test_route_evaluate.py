@@ -12,7 +12,7 @@ from rayeval.route.embed import embed
 from rayeval.route.evaluate import (apply_thresholds, calibrate, calibration_study, cross_fit, cross_val_apgr,
                                     evaluate_routers, fit_evaluate, folds, nway_study, out_of_distribution,
                                     write_report)
-from rayeval.route.prefs import Outcomes, load_routellm, load_routerbench
+from rayeval.prefs.outcomes import Outcomes, load_routellm, load_routerbench
 
 
 @pytest.fixture(scope="module")

@@ -105,7 +105,7 @@ def test_bootstrap_ci_brackets_point():
 
 def test_reference_figures_length_router():
     """README reference: 'longer prompt goes strong' APGR .583 MMLU / .598 GSM8K, CPT(50%) 36.7% MMLU."""
-    from rayeval.route.prefs import load_routellm
+    from rayeval.prefs.outcomes import load_routellm
 
     o = load_routellm("mmlu")
     s, w = o.pair_arrays()
@@ -125,7 +125,7 @@ def test_reference_figures_length_router():
 
 
 def test_random_router_apgr_is_half():
-    from rayeval.route.prefs import load_routellm
+    from rayeval.prefs.outcomes import load_routellm
 
     o = load_routellm("mmlu")
     s, w = o.pair_arrays()

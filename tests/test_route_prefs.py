@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from rayeval.data.schema import DataValidationError
-from rayeval.route.prefs import (ROUTELLM_STRONG, ROUTELLM_WEAK, Outcomes, Preferences, load_battles_jsonl,
+from rayeval.prefs.outcomes import (ROUTELLM_STRONG, ROUTELLM_WEAK, Outcomes, Preferences, load_battles_jsonl,
                                  load_routellm, load_routerbench, outcomes_from_eval)
 
 

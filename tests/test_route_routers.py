@@ -5,7 +5,7 @@ import pytest
 
 from rayeval.route.embed import embed
 from rayeval.route.metrics import apgr_routellm
-from rayeval.route.prefs import load_routellm, load_routerbench
+from rayeval.prefs.outcomes import load_routellm, load_routerbench
 from rayeval.route.routers import ROUTERS, Router, load_router, make_router
 
 
@@ -280,7 +280,7 @@ def test_side_features_group_one_hot_and_length():
 def test_sw_ranking_group_weight_prefers_same_group():
     """Two training questions equally similar to the query; with group_weight the one of the
     query's group dominates the weighted battle outcome."""
-    from rayeval.route.prefs import Outcomes
+    from rayeval.prefs.outcomes import Outcomes
 
     import pandas as pd
 

@@ -1,12 +1,12 @@
-"""One parser and loader for routing data sources (``rayeval.route.sources``), used by the CLI,
+"""One parser and loader for routing data sources (``rayeval.prefs.sources``), used by the CLI,
 Tune, the gateway's default routers, generation prompts and ``rayeval check``."""
 
 from __future__ import annotations
 
 import pytest
 
-from rayeval.route.prefs import Outcomes, Preferences
-from rayeval.route.sources import Source, load_outcomes, load_source, parse_source
+from rayeval.prefs.outcomes import Outcomes, Preferences
+from rayeval.prefs.sources import Source, load_outcomes, load_source, parse_source
 
 
 def test_parse_every_form():

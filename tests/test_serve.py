@@ -319,17 +319,18 @@ def test_static_featurizer_routes_without_the_embedder(gateway):
 
 # -- faults under load (last in the module: they take replicas down) ---------------------------
 
-def _replica(deployment: str):
+def _replicas(deployment: str) -> list:
+    """Every running replica of ``deployment`` (the Router and Embedder autoscale: there may be two)."""
     import ray
 
     named = [a for a in ray.util.list_named_actors(all_namespaces=True) if f"#{deployment}#" in a["name"]]
     assert named, f"no running {deployment} replica"
-    return ray.get_actor(named[0]["name"], namespace=named[0]["namespace"])
+    return [ray.get_actor(a["name"], namespace=a["namespace"]) for a in named]
 
 
 def _under_load(gateway, body: dict, path: str, kill: str, recovered, clients: int = 3, max_s: float = 240) -> dict:
-    """``clients`` loops send ``body`` while ``kill``'s replica is killed (as a crash: no restart
-    of that actor; Serve's controller starts a new replica).  Runs until ``recovered(response)``
+    """``clients`` loops send ``body`` while ``kill``'s replicas are killed (as a crash: no restart
+    of those actors; Serve's controller starts a new replica): every one of them, so the path is down.  Runs until ``recovered(response)``
     holds for a response sent after the kill, plus a few more requests.  Returns the responses
     (time, status, body, headers) and the kill/recovery times."""
     import ray
@@ -352,9 +353,10 @@ def _under_load(gateway, body: dict, path: str, kill: str, recovered, clients: i
 
     async def killer():
         await asyncio.sleep(3)
-        victim = _replica(kill)
+        victims = _replicas(kill)
         state["kill_t"] = time.time()
-        ray.kill(victim, no_restart=True)
+        for v in victims:
+            ray.kill(v, no_restart=True)
 
     async def main():
         async with httpx.AsyncClient(timeout=150, headers=_h()) as cl:

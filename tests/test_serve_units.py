@@ -130,25 +130,28 @@ class _Resp:
         self.cancelled = True
 
 
-class _Metric:
+class _Metrics:
+    """Stands in for ``ray.util.metrics``: records every inc / observe per metric name."""
+
     def __init__(self):
-        self.calls = []
+        self.calls: dict[str, list] = {}
 
-    def inc(self, *a, **k):
-        self.calls.append(k)
+    def _metric(self, name, *a, **k):
+        rec = self.calls.setdefault(name, [])
+        return types.SimpleNamespace(inc=lambda *a, **k: rec.append(k), observe=lambda v, **k: rec.append(k))
 
-    observe = inc
+    Counter = Histogram = _metric
 
 
 def _routing_ingress(resp):
-    from collections import Counter, deque
+    from rayeval.serve.stats import GatewayStats
 
     cls = Ingress.func_or_class
+    metrics = _Metrics()
     ns = types.SimpleNamespace(
         router=types.SimpleNamespace(route=types.SimpleNamespace(remote=lambda *a: resp)),
         s={"route_timeout_s": 0.2}, fallback="smollm2-135m", llms={"smollm2-135m": None, "gemma3-270m": None},
-        stats={"decisions": Counter(), "fallbacks": 0, "fallback_reasons": Counter()}, route_lat=deque(),
-        m_fallbacks=_Metric(), m_decisions=_Metric(), m_route_latency=_Metric())
+        stats=GatewayStats(metrics=metrics), metrics=metrics)
     ns._fallback = lambda reason, router: cls._fallback(ns, reason, router)
     return ns, cls
 
@@ -164,8 +167,10 @@ def test_routing_failure_falls_back_and_counts(resp, reason):
     ns, cls = _routing_ingress(resp)
     d = asyncio.run(cls._route(ns, "hello", "knn", 0.5))
     assert d["model"] == "smollm2-135m" and d["tier"] == "fallback" and d["fallback"] == reason
-    assert ns.stats["fallbacks"] == 1 and ns.stats["fallback_reasons"][reason] == 1
-    assert ns.m_fallbacks.calls == [{"tags": {"reason": reason}}]
+    view = ns.stats.snapshot(lambda xs: len(xs))
+    assert view["fallbacks"] == 1 and view["fallback_reasons"] == {reason: 1}
+    # the same event went to Ray's metric, with its tags
+    assert ns.metrics.calls["rayeval_routing_fallbacks_total"] == [{"tags": {"reason": reason}}]
     if reason == "timeout":
         assert resp.cancelled
 
@@ -176,7 +181,9 @@ def test_routing_ok_and_unknown_router():
     ok = {"router": "knn", "p": 0.7, "threshold": 0.5, "tier": "strong", "model": "gemma3-270m"}
     ns, cls = _routing_ingress(_Resp(value=ok))
     assert asyncio.run(cls._route(ns, "hello", "knn", 0.5)) == ok
-    assert ns.stats["decisions"]["knn:strong"] == 1 and ns.stats["fallbacks"] == 0
+    view = ns.stats.snapshot(lambda xs: len(xs))
+    assert view["decisions"] == {"knn:strong": 1} and view["fallbacks"] == 0 and view["routing_latency"] == 1
+    assert ns.metrics.calls["rayeval_routing_decisions_total"] == [{"tags": {"router": "knn", "tier": "strong"}}]
     ns, cls = _routing_ingress(_Resp(value={"error": "unknown router 'x'"}))
     with pytest.raises(BadRequest) as e:
         asyncio.run(cls._route(ns, "hello", "x", 0.5))
@@ -190,7 +197,7 @@ def test_app_args_for_only_serves_the_trained_router(tmp_path, embedder, needs_d
     import numpy as np
     import pandas as pd
 
-    from rayeval.route.prefs import Outcomes
+    from rayeval.prefs.outcomes import Outcomes
     from rayeval.route.routers import make_router
 
     rng = np.random.default_rng(0)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from rayeval.route.similarity import (best_similarities, query_set, similarity_markdown, similarity_score,
+from rayeval.prefs.similarity import (best_similarities, query_set, similarity_markdown, similarity_score,
                                       similarity_study)
 
 

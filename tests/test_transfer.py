@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from rayeval.route.prefs import Outcomes, load_routerbench
+from rayeval.prefs.outcomes import Outcomes, load_routerbench
 from rayeval.route.transfer import (augment_markdown, rank_pairs, transfer_markdown, transfer_study, transfer_table,
                                     write_augment_report)
 
@@ -72,7 +72,7 @@ def test_augment_report_files(tmp_path):
 
 
 def test_fewshot_prompts_are_cut_to_their_final_question(shared_data):
-    from rayeval.route.similarity import final_question
+    from rayeval.prefs.similarity import final_question
     from rayeval.route.transfer import routed_queries
 
     assert final_question("Q1\nA) x\nAnswer:\nA\n\nQ2\nA) y\nAnswer:") == "Q2\nA) y\nAnswer:"

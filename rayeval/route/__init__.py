@@ -1,12 +1,15 @@
-"""Learned routing between LLMs (RouteLLM-style), evaluated honestly.
+"""Learned routing between LLMs (RouteLLM-style), evaluated honestly: routers (``routers/``),
+their features (``embed``), cross-fitted evaluation and calibration (``evaluate``, ``metrics``),
+transfer across benchmarks (``transfer``) and ``rayeval route``.  Their training data is
+:mod:`rayeval.prefs`.
 
     from rayeval.route import make_router, load_router, ROUTERS, cross_val_apgr
-    from rayeval.route.prefs import load_routellm, load_routerbench, outcomes_from_eval
+    from rayeval.prefs.outcomes import load_routellm, load_routerbench, outcomes_from_eval
 
 Heavy submodules (torch, transformers, ray) load lazily, on first use.
 """
 
-from rayeval.route.prefs import Outcomes, Preferences  # noqa: F401
+from rayeval.prefs import Outcomes, Preferences  # noqa: F401  (the data routers learn from)
 
 
 def __getattr__(name):  # lazy re-exports keep `import rayeval.route` cheap

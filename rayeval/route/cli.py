@@ -13,8 +13,8 @@ app = typer.Typer(help="Learned routing between LLMs (RouteLLM-style): data, tra
 
 
 def _load_source(source: str, split: str = "train"):
-    """:func:`rayeval.route.sources.load_source`, a bad source as a usage error."""
-    from rayeval.route.sources import load_source
+    """:func:`rayeval.prefs.sources.load_source`, a bad source as a usage error."""
+    from rayeval.prefs.sources import load_source
 
     try:
         return load_source(source, split)
@@ -40,7 +40,7 @@ def prefs(source: str = typer.Argument(..., help="routellm:mmlu | routerbench:ar
           out: Path = typer.Option(..., "--out", "-o", help="output parquet"),
           pairwise: bool = typer.Option(False, help="write pairwise battles instead of per-model outcomes")):
     """Build routing data from a source and save it as parquet."""
-    from rayeval.route.prefs import Outcomes
+    from rayeval.prefs.outcomes import Outcomes
 
     d = _load_source(source)
     if pairwise and isinstance(d, Outcomes):
@@ -121,7 +121,7 @@ def evaluate(router: List[str] = typer.Option([], "--router", "-r",
                            log=typer.echo)
     sim = tab = None
     if with_similarity and similarity_train:
-        from rayeval.route.similarity import similarity_study
+        from rayeval.prefs.similarity import similarity_study
 
         typer.echo("similarity study ...")
         sim = similarity_study(list(similarity_train), list(benchmark), seed=seed)

@@ -21,7 +21,7 @@ import pandas as pd
 
 from rayeval.eval.html import write_html
 from rayeval.route import metrics as M
-from rayeval.route.prefs import Outcomes, load_routellm
+from rayeval.prefs.outcomes import Outcomes, load_routellm
 from rayeval.route.routers import Router, make_router
 
 RouterSpec = "tuple[str, dict] | Router"
@@ -81,7 +81,7 @@ def cross_fit(spec, outcomes: Outcomes, embeddings: np.ndarray | None = None, k:
 def crossfit_similarity(embeddings: np.ndarray, fold_ids: np.ndarray) -> float:
     """RouteLLM's benchmark-dataset similarity for cross-fitting: mean over questions of the best
     cosine similarity to any question of the folds the router was trained on (its own fold out)."""
-    from rayeval.route.similarity import best_similarities
+    from rayeval.prefs.similarity import best_similarities
 
     fid = np.asarray(fold_ids)
     best = np.empty(len(fid))

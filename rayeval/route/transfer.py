@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from rayeval.route import metrics as M
-from rayeval.route.prefs import Outcomes, load_routerbench
+from rayeval.prefs.outcomes import Outcomes, load_routerbench
 
 # Pairs by rank of mean train quality (0 = best): the paper-like (best, worst) pair, a
 # near-neighbour pair, and pairs across the middle.
@@ -103,7 +103,7 @@ def transfer_table(train: Outcomes, test: Outcomes, pairs: Sequence[tuple[str, s
 def routed_queries(oc: Outcomes) -> Outcomes:
     """The same outcomes with each query cut to its final question (``final_question``): what a
     router should embed for RouterBench's few-shot prompts."""
-    from rayeval.route.similarity import final_question
+    from rayeval.prefs.similarity import final_question
 
     q = oc.queries.copy()
     q["query"] = [final_question(t) for t in q["query"]]
@@ -161,8 +161,8 @@ def transfer_markdown(tab: pd.DataFrame, only_from_first: bool = False) -> str:
 def augment_markdown(judge_stats: dict | None = None, similarity: dict | None = None,
                      transfer: pd.DataFrame | None = None, title: str = "# Preference data beyond gold labels") -> str:
     """The issue-8 section, for ``rayeval.route.evaluate.write_report(res, out, extra_md=...)``."""
-    from rayeval.route.judge import judge_markdown
-    from rayeval.route.similarity import similarity_markdown
+    from rayeval.prefs.judge import judge_markdown
+    from rayeval.prefs.similarity import similarity_markdown
 
     parts = [title, ""]
     if judge_stats:

@@ -22,7 +22,6 @@ import json
 import math
 import os
 import time
-from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +32,7 @@ from ray import serve
 
 from rayeval.serve.llm import LLMServer, check_llm_entry
 from rayeval.serve.requests import ChatRequest, first_error
+from rayeval.serve.stats import GatewayStats
 from rayeval.serve.routing import Embedder, RouterServer, default_router_dir
 
 log = logging.getLogger("ray.serve")
@@ -153,34 +153,15 @@ def parse_model(model: str) -> tuple[str, str | None, float | None]:
 @serve.ingress(api)
 class Ingress:
     def __init__(self, router, llms: dict, settings: dict):
-        from ray.util import metrics
-
         self.router, self.llms, self.s = router, llms, settings
         key_env = settings.get("api_key_env") or ""
         self.api_key = os.environ.get(key_env, "") if key_env else ""
         self.fallback = settings.get("fallback_model") or settings["weak_model"]
-        self.stats = {"requests": Counter(), "served_by": Counter(), "decisions": Counter(), "fallbacks": 0,
-                      "fallback_reasons": Counter(), "rejected": Counter(), "errors_5xx": 0, "replica_lost": 0}
-        self.lat = deque(maxlen=2000)
-        self.route_lat = deque(maxlen=2000)
-        self.m_requests = metrics.Counter("rayeval_requests_total", "chat requests by served model and kind",
-                                          tag_keys=("model", "kind"))
-        self.m_decisions = metrics.Counter("rayeval_routing_decisions_total", "routing decisions",
-                                           tag_keys=("router", "tier"))
-        self.m_fallbacks = metrics.Counter("rayeval_routing_fallbacks_total", "requests sent to the fallback model",
-                                           tag_keys=("reason",))
-        self.m_rejected = metrics.Counter("rayeval_rejected_total", "rejected requests", tag_keys=("status", "code"))
-        self.m_latency = metrics.Histogram("rayeval_request_latency_s", "end-to-end chat latency (s)",
-                                           boundaries=[0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60],
-                                           tag_keys=("model",))
-        self.m_route_latency = metrics.Histogram("rayeval_routing_latency_s", "routing decision latency (s)",
-                                                 boundaries=[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2],
-                                                 tag_keys=("router",))
+        self.stats = GatewayStats()  # Ray metrics and this replica's /stats view, one record per event
 
     # -- plumbing --------------------------------------------------------------------------------
     def _reject(self, status: int, message: str, code: str, etype: str = "invalid_request_error", headers=None):
-        self.stats["rejected"][f"{status}:{code}"] += 1
-        self.m_rejected.inc(tags={"status": str(status), "code": code})
+        self.stats.count("rejected", status=status, code=code)
         return _err(status, message, code, etype, headers)
 
     def _auth(self, request: Request) -> JSONResponse | None:
@@ -239,18 +220,14 @@ class Ingress:
             return self._fallback(type(e).__name__, router)
         if "error" in d:
             raise BadRequest(d["error"], "model_not_found")
-        self.route_lat.append(time.perf_counter() - t0)
-        self.m_route_latency.observe(time.perf_counter() - t0, tags={"router": d["router"]})
-        self.stats["decisions"][f"{d['router']}:{d['tier']}"] += 1
-        self.m_decisions.inc(tags={"router": d["router"], "tier": d["tier"]})
+        self.stats.observe("routing_latency", time.perf_counter() - t0, router=d["router"])
+        self.stats.count("decision", router=d["router"], tier=d["tier"])
         if d.get("model") not in self.llms:
             return self._fallback("unserved_model", router)
         return d
 
     def _fallback(self, reason: str, router: str | None) -> dict:
-        self.stats["fallbacks"] += 1
-        self.stats["fallback_reasons"][reason] += 1
-        self.m_fallbacks.inc(tags={"reason": reason})
+        self.stats.count("fallback", reason=reason)
         return {"router": router, "p": None, "threshold": None, "tier": "fallback", "model": self.fallback,
                 "fallback": reason}
 
@@ -296,8 +273,7 @@ class Ingress:
             a = np.asarray(xs) * 1e3
             return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99)), "n": len(a)}
 
-        out = {"ingress": {"pid": os.getpid(), **{k: dict(v) if isinstance(v, Counter) else v for k, v in self.stats.items()},
-                           "latency": pct(self.lat), "routing_latency": pct(self.route_lat)}}
+        out = {"ingress": {"pid": os.getpid(), **self.stats.snapshot(pct)}}
         try:
             out["router"] = await asyncio.wait_for(_awaited(self.router.describe.remote()), 5)
         except Exception as e:
@@ -343,7 +319,7 @@ class Ingress:
             model, d = await self._target(v)
         except BadRequest as e:
             return self._reject(e.status, e.message, e.code)
-        self.stats["requests"][v["kind"]] += 1
+        self.stats.count("accepted", kind=v["kind"])
         headers = self._headers(model, d)
         handle = self.llms[model]
         try:
@@ -369,18 +345,15 @@ class Ingress:
             return self._reject(503, f"{model} is overloaded; retry later", "overloaded", "server_error",
                                 headers={"Retry-After": "1"})
         if _replica_lost(e):  # the replica died mid-request; Serve is starting a new one
-            self.stats["replica_lost"] += 1
+            self.stats.count("replica_lost", model=model)
             return self._reject(503, f"{model} replica was lost ({type(e).__name__}); retry later", "unavailable",
                                 "server_error", headers={"Retry-After": "5"})
-        self.stats["errors_5xx"] += 1
+        self.stats.count("error_5xx", model=model)
         return self._reject(500, f"{model} failed: {type(e).__name__}: {e}"[:500], "internal_error", "server_error")
 
     def _served(self, model: str, kind: str, t0: float):
-        dt = time.perf_counter() - t0
-        self.stats["served_by"][model] += 1
-        self.lat.append(dt)
-        self.m_requests.inc(tags={"model": model, "kind": kind})
-        self.m_latency.observe(dt, tags={"model": model})
+        self.stats.observe("latency", time.perf_counter() - t0, model=model)
+        self.stats.count("served", model=model, kind=kind)
 
     async def _sse(self, first: dict, gen, model: str, v: dict, t0: float):
         try:
@@ -392,7 +365,7 @@ class Ingress:
                 yield f"data: {json.dumps(chunk)}\n\n"
             self._served(model, v["kind"], t0)
         except Exception as e:  # mid-stream failure: tell the client in-band
-            self.stats["errors_5xx"] += 1
+            self.stats.count("error_5xx", model=model)
             yield f"data: {json.dumps({'error': {'message': f'{type(e).__name__}: {e}'[:300], 'type': 'server_error'}})}\n\n"
         yield "data: [DONE]\n\n"
 

@@ -270,7 +270,7 @@ def default_router_dir(name: str, data: str = "routellm:mt_bench", params: dict 
     out = routers_root() / f"{name}-{data.replace(':', '_')}-{tag}"
     if (out / "router.json").exists():
         return out
-    from rayeval.route.sources import load_source
+    from rayeval.prefs.sources import load_source
 
     r = make_router(kind, **params)
     r.fit(load_source(data))

@@ -35,7 +35,7 @@ class TuneData:
 
 
 def load_outcomes(source: str):
-    from rayeval.route.sources import load_outcomes as load
+    from rayeval.prefs.sources import load_outcomes as load
 
     return load(source, "tuning")
 

@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator
 
-from rayeval.route.prefs import Outcomes, Preferences
+from rayeval.prefs.outcomes import Outcomes, Preferences
 
 ROUTERS: dict[str, type["Router"]] = {}
 

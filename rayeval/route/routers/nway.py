@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rayeval.route.prefs import Outcomes
+from rayeval.prefs.outcomes import Outcomes
 from rayeval.route.routers.base import Router, register
 
 

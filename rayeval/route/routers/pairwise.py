@@ -7,7 +7,7 @@ import numpy as np
 from scipy.special import expit
 import pandas as pd
 
-from rayeval.route.prefs import Outcomes, Preferences
+from rayeval.prefs.outcomes import Outcomes, Preferences
 from rayeval.route.routers.base import Router, SideFeatures, register
 
 

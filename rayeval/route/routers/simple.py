@@ -184,7 +184,7 @@ class LogisticRouter(Router):
         return self.side_(texts, emb, groups)
 
     def _fit(self, ts, emb, fit):
-        from rayeval.route.prefs import Outcomes
+        from rayeval.prefs.outcomes import Outcomes
         from rayeval.route.routers.base import SideFeatures
 
         data = fit.data

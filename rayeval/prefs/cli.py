@@ -30,7 +30,7 @@ def generate(config: str = typer.Argument("judge_mt_bench", help="job config: pa
              engine: Optional[str] = typer.Option(None, help="override engine kind: vllm | fake"),
              resume: bool = typer.Option(True, help="skip finished shards of an earlier run")):
     """Responses of every configured model to every prompt (Ray Data actor pool, vLLM)."""
-    from rayeval.route.generate import load_generate_config, run_generate
+    from rayeval.prefs.generate import load_generate_config, run_generate
 
     cfg = load_generate_config(config)
     if max_tokens is not None:
@@ -49,7 +49,7 @@ def judge(config: str = typer.Argument("judge_mt_bench", help="job config with a
           engine: Optional[str] = typer.Option(None, help="override engine kind: vllm | hf | fake"),
           resume: bool = typer.Option(True)):
     """Judge responses pairwise in both orders (or rate them) -> preferences.parquet (D_judge)."""
-    from rayeval.route.judge import load_judge_config, run_judge
+    from rayeval.prefs.judge import load_judge_config, run_judge
 
     cfg = load_judge_config(config)
     for k, v in (("model", model), ("mode", mode), ("rule", rule)):
@@ -58,14 +58,14 @@ def judge(config: str = typer.Argument("judge_mt_bench", help="job config with a
     res = run_judge(cfg, responses, out, engine=_engine(engine), resume=resume)
     typer.echo(json.dumps({k: v for k, v in res.items() if k != "stats"}, indent=1))
     if "stats" in res:
-        from rayeval.route.judge import judge_markdown
+        from rayeval.prefs.judge import judge_markdown
 
         typer.echo(judge_markdown(res["stats"]))
 
 
 @app.command()
 def similarity(train: List[str] = typer.Option(["routerbench"], "--train", "-t",
-                                               help="training-set proxy sources (see `rayeval.route.similarity.SOURCES`)"),
+                                               help="training-set proxy sources (see `rayeval.prefs.similarity.SOURCES`)"),
                bench: List[str] = typer.Option(["mt_bench", "mmlu", "gsm8k"], "--bench", "-b",
                                                help="evaluation sets"),
                sample: int = typer.Option(1000, help="at most this many queries per set (seeded sample)"),
@@ -73,7 +73,7 @@ def similarity(train: List[str] = typer.Option(["routerbench"], "--train", "-t",
                out: Optional[Path] = typer.Option(None, "--out", "-o", help="folder for similarity.json/.md")):
     """RouteLLM's benchmark-dataset similarity: mean over eval queries of the best cosine
     similarity to any training query, on the routers' embeddings."""
-    from rayeval.route.similarity import similarity_study, similarity_markdown
+    from rayeval.prefs.similarity import similarity_study, similarity_markdown
 
     res = similarity_study(train, bench, sample=sample, seed=seed)
     md = similarity_markdown(res)

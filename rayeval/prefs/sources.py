@@ -49,7 +49,7 @@ def parse_source(spec: str, split: str = "train") -> Source:
 
 def load_source(spec: str | Source, split: str = "train"):
     """The Outcomes or Preferences a source names."""
-    from rayeval.route import prefs as P
+    from rayeval.prefs import outcomes as P
 
     s = spec if isinstance(spec, Source) else parse_source(spec, split)
     if s.kind == "routellm":
@@ -71,7 +71,7 @@ def load_source(spec: str | Source, split: str = "train"):
 def load_outcomes(spec: str | Source, what: str = "this step"):
     """:func:`load_source`, refusing Preferences: ``what`` needs per-query outcomes of the strong
     and weak model (APGR, calibration)."""
-    from rayeval.route.prefs import Outcomes
+    from rayeval.prefs.outcomes import Outcomes
 
     d = load_source(spec)
     if not isinstance(d, Outcomes):

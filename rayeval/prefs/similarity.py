@@ -94,8 +94,8 @@ def query_set(name: str, sample: int | None = None, seed: int = 0) -> pd.DataFra
     """The distinct queries of a named set (see ``SOURCES``; ``a+b`` is the union of two sets):
     columns ``id`` (item / conversation id: the two MT-Bench turns of a question share it) and
     ``text``; optionally a seeded sample of ``sample`` rows."""
-    from rayeval.route import prefs as P
-    from rayeval.route.generate import load_prompts
+    from rayeval.prefs import outcomes as P
+    from rayeval.prefs.generate import load_prompts
 
     if "+" in name:
         parts = [query_set(n, None, seed) for n in name.split("+")]

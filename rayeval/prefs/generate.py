@@ -1,6 +1,6 @@
 """Response generation on Ray Data: chat prompts -> responses of every model in a set.
 
-    from rayeval.route.generate import run_generate
+    from rayeval.prefs.generate import run_generate
     run_generate("judge_mt_bench", "runs/mtb/generate")     # packaged config name or YAML path
 
 Prompts come from MT-Bench (first turns), a RouteLLM/RouterBench benchmark, or any JSONL /
@@ -152,7 +152,7 @@ def load_prompts(source: str | PromptSource = "mt_bench", limit: int | None = No
     if source == "mt_bench":
         df = _mt_bench(turn)
     elif kind in ("routellm", "routerbench") and rest:
-        from rayeval.route.sources import load_source
+        from rayeval.prefs.sources import load_source
 
         df = load_source(str(source)).queries.rename(columns={"query_id": "prompt_id", "query": "prompt"})[["prompt_id", "prompt", "group"]]
     else:

@@ -1,6 +1,6 @@
 """LLM-as-judge labelling on Ray Data: responses -> pairwise preferences (D_judge).
 
-    from rayeval.route.judge import run_judge
+    from rayeval.prefs.judge import run_judge
     run_judge("judge_mt_bench", "runs/mtb/generate/responses.parquet", "runs/mtb/judge")
 
 * **pairwise** (MT-Bench ``pair-v2`` style): the judge sees the question and two answers and is
@@ -38,8 +38,8 @@ from scipy.special import logsumexp, softmax
 
 from rayeval.config import from_dict, load_yaml, resolve_config
 from rayeval.eval.engines import ScoreRequest
-from rayeval.route.generate import conversation, render_chat
-from rayeval.route.prefs import Preferences, WINNERS
+from rayeval.prefs.generate import conversation, render_chat
+from rayeval.prefs.outcomes import Preferences, WINNERS
 from rayeval.runtime import Execution, ShardActor, digest, read_rows, run_sharded, write_parquet
 
 POSITIONS = ("first", "second", "tie")
@@ -329,7 +329,7 @@ def aggregate_pairwise(raw: pd.DataFrame, rule: str = "agree", tie_margin: float
 
 def aggregate_single(raw: pd.DataFrame, tie_eps: float = 0.0, name: str = "judge"):
     """Ratings (prompt_id, query, group, model, rating_expected) -> (Outcomes, Preferences, stats)."""
-    from rayeval.route.prefs import Outcomes
+    from rayeval.prefs.outcomes import Outcomes
 
     piv = raw.pivot(index="prompt_id", columns="model", values="rating_expected")
     meta = raw.drop_duplicates("prompt_id").set_index("prompt_id").loc[piv.index]
