@@ -52,7 +52,12 @@ class Checked:
         return not self.problems
 
     def problem(self, where: str, msg: Any) -> None:
-        """Record ``<file>: <where>: <msg>`` (messages of parsers that already name the file keep it)."""
+        """Record ``<file>: <where>: <msg>`` (messages of parsers that already name the file keep it);
+        a parser's error with several ``lines`` is one problem per line."""
+        if len(getattr(msg, "lines", None) or ()) > 1:
+            for ln in msg.lines:
+                self.problem(where, ln)
+            return
         line = " ".join(str(msg).split("\n"))
         line = f"{where}: {line}" if where else line
         if not line.startswith(self.path):

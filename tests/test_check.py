@@ -88,7 +88,7 @@ MATRIX = [
     ("bad-router-param-value", "pipeline", edit(PIPELINE, ["router", "params", "k"], "ten"),
      ["router.params.k", "expected int, got 'ten'"]),
     ("wrong-type-eval", "eval", edit(EVAL, ["datasets", 0, "limit"], "ten"),
-     ["datasets[0].limit", "expected an integer >= 1, got 'ten'"]),
+     ["datasets[0].limit", "expected int, got 'ten'"]),
     ("wrong-type-pipeline", "pipeline", edit(PIPELINE, ["folds"], "five"), ["folds", "expected int, got 'five'"]),
     ("wrong-type-tune", "tune", edit(TUNE, ["routers", 0, "num_samples"], "two"),
      ["routers[0].num_samples", "expected int, got 'two'"]),

@@ -147,3 +147,21 @@ def test_one_packaged_config_resolver_for_every_loader(tmp_path):
     assert load_eval_config("eval_small").name and load_workflow_config("pipeline_small").router
     assert TuneConfig.from_yaml("tune_small").routers
     assert load_generate_config("judge_mt_bench").models
+
+
+def test_a_section_reports_every_key_and_type_problem_at_once():
+    # pydantic checks each section's keys and value types together: one line per problem
+    bad = with_(settings=[{"name": "baseline", "seeds": "two", "templat": "mmlu", "scorings": "symbol"}])
+    with pytest.raises(ConfigError) as e:
+        EvalConfig.from_dict(bad)
+    assert sorted(e.value.lines) == sorted([
+        "settings[0]: unknown key(s) ['templat']; expected some of ['chat', 'cyclic', 'datasets', 'models', "
+        "'name', 'perturbations', 'scorings', 'seeds', 'shots', 'template']",
+        "settings[0].scorings: expected list, got 'symbol'",
+        "settings[0].seeds: expected int, got 'two'"])
+    with pytest.raises(ConfigError) as e:
+        EvalConfig.from_dict(with_(datasets=[{"name": "mmlu", "subjects": "anatomy", "limit": [3]}]))
+    assert set(e.value.lines) == {"datasets[0].subjects: expected list, got 'anatomy'",
+                                  "datasets[0].limit: expected int, got [3]"}
+    with pytest.raises(ConfigError, match=r"baseline\.datasets\.arc_challenge\.scoring: expected str, got 3"):
+        EvalConfig.from_dict(with_(baseline={"datasets": {"arc_challenge": {"scoring": 3}}}))

@@ -58,7 +58,7 @@ BASE = {"name": "t", "models": ["m1"], "datasets": [{"name": "mmlu"}], "scorings
     ({"p": {"baseline": "baseline", "scoring": "hybrid", "settings": ["s"]}},
      r"protocols\.p\.settings\[0\]: setting 's' does not run scoring 'hybrid'"),
     ({"p": {"baseline": "baseline", "scoring": "cloze", "settings": ["s"]}}, r"protocols\.p\.scoring: 'cloze'"),
-    ({"p": {"baseline": "baseline", "scoring": "symbol"}}, r"protocols\.p: missing \['settings'\]"),
+    ({"p": {"baseline": "baseline", "scoring": "symbol"}}, r"protocols\.p\.settings: required"),
     ({"p": {"baseline": "baseline", "scoring": "symbol", "settings": []}}, r"protocols\.p\.settings: expected"),
     ({"p": {"baseline": "b", "scoring": "symbol", "settings": ["s"], "extra": 1}}, r"protocols\.p: unknown key"),
     ([], r"protocols: expected a mapping"),

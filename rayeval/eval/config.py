@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from rayeval.config import load_yaml, resolve_config
+from rayeval.config import ConfigProblems, from_dict, load_yaml, resolve_config
 from rayeval.eval import perturb
 from rayeval.eval.prompts import Shots, get_template
 from rayeval.eval.scoring import Scoring, get_scoring
@@ -23,7 +23,21 @@ METRIC_KEYS = ("n_boot", "ci", "pride_fraction", "alpha", "correction")
 
 
 class ConfigError(ValueError):
-    pass
+    """A config problem naming its field; ``lines``: one per problem when there are several."""
+
+    def __init__(self, msg: str = "", lines: list[str] | None = None):
+        self.lines = lines or [msg]
+        super().__init__(msg or "\n".join(self.lines))
+
+
+def _typed(cls, d: Any, where: str):
+    """One section's keys and value types (pydantic, :func:`rayeval.config.from_dict`): every
+    problem at once, each naming its field (``datasets[0].limit: expected int, got 'ten'``)."""
+    try:
+        return from_dict(cls, d, where)
+    except ConfigProblems as e:
+        lines = [f"{where}{'' if p.startswith('[') else '.'}{p}: {m}" if p else f"{where}: {m}" for p, m in e.items]
+        raise ConfigError(lines=lines) from None
 
 
 @dataclass(frozen=True)
@@ -187,41 +201,41 @@ def _chat_mode(v: Any, where: str) -> str | None:
 
 
 def parse_setting(d: Any, where: str) -> Setting:
-    d = dict(_check_keys(Setting, d, where))
-    if not isinstance(d.get("name"), str) or not d["name"]:
-        raise ConfigError(f"{where}.name: required, a non-empty string")
-    specs = d.get("perturbations") or []
-    if not isinstance(specs, list):
-        raise ConfigError(f"{where}.perturbations: expected a list, got {specs!r}")
-    for j, s in enumerate(specs):
-        try:
-            perturb.build(s)
-        except ValueError as e:
-            raise ConfigError(f"{where}.perturbations[{j}]: {e}") from None
-    if d.get("template") is not None:
-        try:
-            get_template(d["template"])
-        except ValueError as e:
-            raise ConfigError(f"{where}.template: {e}") from None
-    try:
-        shots = Shots.parse(d.get("shots"))
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(d).__name__}")
+    d = dict(d)
+    try:  # the shorthands: shots: 5, chat: true, cyclic: true
+        d["shots"] = Shots.parse(d.get("shots"))
     except ValueError as e:
         raise ConfigError(f"{where}.{e}" if str(e).startswith("shots") else f"{where}.shots: {e}") from None
-    cyc = d.get("cyclic", 0.0)
-    if cyc is True:
-        cyc = 1.0
-    if isinstance(cyc, bool) or not isinstance(cyc, (int, float)) or not 0 <= cyc <= 1:
-        raise ConfigError(f"{where}.cyclic: expected a share in [0, 1] (or true), got {cyc!r}")
+    if "chat" in d:
+        d["chat"] = _chat_mode(d["chat"], where)
+    if d.get("cyclic") is True:
+        d["cyclic"] = 1.0
+    if "perturbations" in d and d["perturbations"] is None:
+        d["perturbations"] = []
+    st = _typed(Setting, d, where)
+    if not st.name:
+        raise ConfigError(f"{where}.name: required, a non-empty string")
+    for j, spec in enumerate(st.perturbations):
+        try:
+            perturb.build(spec)
+        except ValueError as e:
+            raise ConfigError(f"{where}.perturbations[{j}]: {e}") from None
+    if st.template is not None:
+        try:
+            get_template(st.template)
+        except ValueError as e:
+            raise ConfigError(f"{where}.template: {e}") from None
+    if not 0 <= st.cyclic <= 1:
+        raise ConfigError(f"{where}.cyclic: expected a share in [0, 1] (or true), got {st.cyclic!r}")
     for key in ("scorings", "datasets", "models"):
-        v = d.get(key)
-        if v is not None and (not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v)):
-            raise ConfigError(f"{where}.{key}: expected a non-empty list of names or null, got {v!r}")
-    if SEED_MARK in d["name"]:
-        raise ConfigError(f"{where}.name: {d['name']!r} contains {SEED_MARK!r}, which names seed replicates")
-    seeds = _int(d.get("seeds", 1), f"{where}.seeds", 1)
-    return Setting(name=d["name"], perturbations=list(specs), template=d.get("template"), shots=shots,
-                   cyclic=float(cyc), scorings=d.get("scorings"), datasets=d.get("datasets"), seeds=seeds,
-                   chat=_chat_mode(d.get("chat"), where), models=d.get("models"))
+        if getattr(st, key) is not None and not getattr(st, key):
+            raise ConfigError(f"{where}.{key}: expected a non-empty list of names or null, got []")
+    if SEED_MARK in st.name:
+        raise ConfigError(f"{where}.name: {st.name!r} contains {SEED_MARK!r}, which names seed replicates")
+    _int(st.seeds, f"{where}.seeds", 1)
+    return st
 
 
 def parse_config(d: dict[str, Any]) -> EvalConfig:
@@ -237,20 +251,17 @@ def parse_config(d: dict[str, Any]) -> EvalConfig:
     datasets = []
     for i, ds in enumerate(_list(d, "datasets", "")):
         where = f"datasets[{i}]"
-        ds = dict(_check_keys(DatasetSpec, ds, where))
-        if not isinstance(ds.get("name"), str) or not ds["name"]:
+        spec = _typed(DatasetSpec, ds, where)
+        if not spec.name:
             raise ConfigError(f"{where}.name: required, a non-empty string")
-        if ds.get("limit") is not None:
-            _int(ds["limit"], f"{where}.limit", 1)
-        subj = ds.get("subjects")
-        if subj is not None and (not isinstance(subj, list) or not all(isinstance(s, str) for s in subj)):
-            raise ConfigError(f"{where}.subjects: expected a list of subject names or null, got {subj!r}")
+        if spec.limit is not None:
+            _int(spec.limit, f"{where}.limit", 1)
         check_dataset_subjects(ds, where)
         try:
-            get_template(ds.get("template", "mmlu"))
+            get_template(spec.template)
         except ValueError as e:
             raise ConfigError(f"{where}.template: {e}") from None
-        datasets.append(DatasetSpec(**ds))
+        datasets.append(spec)
     parsed = [parse_setting(s, f"settings[{i}]") for i, s in enumerate(_list(d, "settings", ""))]
     names = [s.name for s in parsed]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -281,16 +292,13 @@ def parse_config(d: dict[str, Any]) -> EvalConfig:
     engine = d.get("engine") or {}
     if not isinstance(engine, dict):
         raise ConfigError(f"engine: expected a mapping of engine options, got {engine!r}")
-    b = d.get("baseline") or {}
-    b = Baseline(**_check_keys(Baseline, b, "baseline"))
-    if not isinstance(b.datasets, dict):
-        raise ConfigError(f"baseline.datasets: expected a mapping {{dataset: {{setting, scoring}}}}, got {b.datasets!r}")
+    b = _typed(Baseline, d.get("baseline") or {}, "baseline")
     checks = [("baseline", b.setting, b.scoring)]
     for ds, o in b.datasets.items():
         where = f"baseline.datasets.{ds}"
         if ds not in ds_names:
             raise ConfigError(f"{where}: {ds!r} is not one of the datasets {ds_names}")
-        if not isinstance(o, dict) or set(o) - {"setting", "scoring"}:
+        if set(o) - {"setting", "scoring"}:
             raise ConfigError(f"{where}: expected a mapping with setting and/or scoring, got {o!r}")
         checks.append((where, o.get("setting", b.setting), o.get("scoring", b.scoring)))
     for where, st, sc in checks:
@@ -356,22 +364,18 @@ def parse_protocols(d: Any, settings: list[Setting], labels: list[str]) -> dict[
     out = {}
     for name, p in d.items():
         where = f"protocols.{name}"
-        p = dict(_check_keys(Protocol, p, where))
-        missing = [k for k in ("baseline", "scoring", "settings") if k not in p]
-        if missing:
-            raise ConfigError(f"{where}: missing {missing}")
-        if p["scoring"] not in labels:
-            raise ConfigError(f"{where}.scoring: {p['scoring']!r} is not one of the scorings {labels}")
-        sts = p["settings"]
-        if not isinstance(sts, list) or not sts or not all(isinstance(x, str) for x in sts):
-            raise ConfigError(f"{where}.settings: expected a non-empty list of setting names, got {sts!r}")
-        for key, st in [("baseline", p["baseline"])] + [(f"settings[{j}]", x) for j, x in enumerate(sts)]:
+        p = _typed(Protocol, p, where)
+        if p.scoring not in labels:
+            raise ConfigError(f"{where}.scoring: {p.scoring!r} is not one of the scorings {labels}")
+        if not p.settings:
+            raise ConfigError(f"{where}.settings: expected a non-empty list of setting names, got []")
+        for key, st in [("baseline", p.baseline)] + [(f"settings[{j}]", x) for j, x in enumerate(p.settings)]:
             if st not in by_name:
                 raise ConfigError(f"{where}.{key}: {st!r} is not one of the settings {list(by_name)}")
             runs = by_name[st].scorings
-            if runs is not None and p["scoring"] not in runs:
-                raise ConfigError(f"{where}.{key}: setting {st!r} does not run scoring {p['scoring']!r} (it runs {runs})")
-        out[str(name)] = Protocol(baseline=p["baseline"], scoring=p["scoring"], settings=list(sts))
+            if runs is not None and p.scoring not in runs:
+                raise ConfigError(f"{where}.{key}: setting {st!r} does not run scoring {p.scoring!r} (it runs {runs})")
+        out[str(name)] = p
     return out
 
 
@@ -381,4 +385,4 @@ def load_eval_config(path: str | Path) -> EvalConfig:
     try:
         return parse_config(load_yaml(p))
     except ConfigError as e:
-        raise ConfigError(f"{p}: {e}") from None
+        raise ConfigError(lines=[f"{p}: {ln}" for ln in e.lines]) from None
