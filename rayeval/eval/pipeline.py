@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import signal
 import time
@@ -37,7 +36,6 @@ from rayeval.eval.config import EvalConfig, dataset_path, load_eval_config
 from rayeval.eval.scoring import Work, expand, reduce
 from rayeval.runtime import Execution, ShardActor, read_rows, run_sharded
 
-log = logging.getLogger("rayeval.eval")
 
 # ----------------------------------------------------------------------------- loading + expansion
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,6 @@ import pandas as pd
 from rayeval.config import data_root, from_dict, load_yaml, resolve_config
 from rayeval.runtime import Execution, ShardActor, digest, read_rows, run_sharded, write_parquet
 
-log = logging.getLogger("rayeval.augment")
 
 
 # ----------------------------------------------------------------------------- config

@@ -1,5 +1,5 @@
 """Router transfer to new model pairs (RouteLLM section 5.3) on RouterBench's 11 models, and the
-issue-8 report section (D_judge position bias, benchmark similarity, transfer table).
+augmentation report section (D_judge position bias, benchmark similarity, transfer table).
 
 A router learns P(strong wins | query) for ONE (strong, weak) pair.  Transfer: fit it on the
 train split of pair P, then use its scores unchanged to route between another pair Q on the
@@ -160,7 +160,7 @@ def transfer_markdown(tab: pd.DataFrame, only_from_first: bool = False) -> str:
 
 def augment_markdown(judge_stats: dict | None = None, similarity: dict | None = None,
                      transfer: pd.DataFrame | None = None, title: str = "# Preference data beyond gold labels") -> str:
-    """The issue-8 section, for ``rayeval.route.evaluate.write_report(res, out, extra_md=...)``."""
+    """The augmentation section (judge bias, similarity, transfer), for ``rayeval.route.evaluate.write_report(res, out, extra_md=...)``."""
     from rayeval.prefs.judge import judge_markdown
     from rayeval.prefs.similarity import similarity_markdown
 
