@@ -93,8 +93,23 @@ def zero_shot(model: str, n_q: int, env, tmp: Path) -> dict:
     roof = es.roofline(eng, reqs, torch, rows_options=(1024, 4096), reps=10, rounds=3)
     out["roofline"] = roof
     out["rayeval"]["pct_of_roofline"] = 100 * out["rayeval"]["q_per_s"] / roof["ceiling_q_per_s"]
+    # rayeval computes only the trie's tokens: its own bound is the ceiling scaled by what it skips
+    st = out["rayeval"]["stats"]
+    out["rayeval"]["sharing_bound_q_per_s"] = roof["ceiling_q_per_s"] * st["tokens_requested"] / max(st["tokens_computed"], 1)
     threads = torch.get_num_threads()
     del eng
+    if eng_dtype_is_bf16(out["rayeval"]["dtype"]):
+        # the numerics reference: fp32, every prompt alone (no sharing, eager kernels); how far bf16
+        # itself moves predictions on these near-chance models, against which lm-eval's agreement reads
+        ref = make_engine("hf", model, {"dtype": "float32", "prefix_sharing": False, "fuse": False})
+        t0 = time.perf_counter()
+        ref_preds = es.preds_from_results(works, ref.score(reqs))
+        out["fp32_reference"] = {"seconds": time.perf_counter() - t0, "acc": es.accuracy(ref_preds, gold),
+                                 "agreement_rayeval_bf16": es.agreement(preds, ref_preds)}
+        log(f"{model}: fp32 reference agrees with rayeval bf16 on {out['fp32_reference']['agreement_rayeval_bf16']:.3f}")
+        del ref
+    else:
+        ref_preds = None
     if env is not None:
         from rayeval.config import data_root
         from rayeval.data.loaders import load_items
@@ -108,6 +123,8 @@ def zero_shot(model: str, n_q: int, env, tmp: Path) -> dict:
         agree = es.agreement(preds, d["preds"])
         out["lm_eval_hf"] = {"q_per_s": n / d["eval_s"], "seconds": d["eval_s"], "dtype": dtype,
                              "acc": es.accuracy(d["preds"], gold), "agreement_with_rayeval": agree}
+        if ref_preds is not None:
+            out["lm_eval_hf"]["agreement_with_fp32_reference"] = es.agreement(d["preds"], ref_preds)
         out["rayeval"]["x_lm_eval"] = out["rayeval"]["q_per_s"] / out["lm_eval_hf"]["q_per_s"]
         log(f"{model}: lm-eval HF {n / d['eval_s']:.2f} q/s ({dtype}); rayeval = {out['rayeval']['x_lm_eval']:.2f}x, "
             f"agreement {agree:.3f}")
@@ -115,6 +132,10 @@ def zero_shot(model: str, n_q: int, env, tmp: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------- part B
+
+def eng_dtype_is_bf16(dtype: str) -> bool:
+    return str(dtype) in ("bfloat16", "torch.bfloat16")
+
 
 def grid_config(models, subjects: int, items: int, arc: int, name: str, drop: str | None = None):
     from rayeval.config import CONFIG_DIR, load_yaml
@@ -247,15 +268,22 @@ def render(R: dict) -> str:
          f"CPU: {c['model']}, {c['cores']} cores; flags {' '.join(c['flags'])}; native bf16: {R['native_bf16']}. "
          f"Load average {R['loadavg_start'][0]:.1f} at start, {R.get('loadavg_end', [0])[0]:.1f} at end.", ""]
     if R.get("zero_shot"):
+        nan = float("nan")
         L += ["## Zero-shot symbol scoring (MMLU, three subjects)", "",
-              "| model | questions | rayeval default (q/s) | roofline ceiling (q/s) | % of roofline | lm-eval HF (q/s) | "
-              "rayeval / lm-eval | agreement |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+              "| model | questions | rayeval default (q/s) | roofline ceiling (q/s) | % of roofline | sharing bound (q/s) | "
+              "lm-eval HF (q/s) | rayeval / lm-eval | agreement | fp32 ref vs rayeval / vs lm-eval |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for m, z in R["zero_shot"].items():
-            r, lm = z["rayeval"], z.get("lm_eval_hf", {})
+            r, lm, ref = z["rayeval"], z.get("lm_eval_hf", {}), z.get("fp32_reference", {})
             L.append(f"| {m} | {z['n']} | {r['q_per_s']:.2f} ({r['dtype']}, {r['threads']}t) | "
                      f"{z['roofline']['ceiling_q_per_s']:.2f} ({z['roofline']['best']}) | {r['pct_of_roofline']:.0f}% | "
-                     f"{lm.get('q_per_s', float('nan')):.2f} | {r.get('x_lm_eval', float('nan')):.2f}x | "
-                     f"{lm.get('agreement_with_rayeval', float('nan')):.3f} |")
+                     f"{r.get('sharing_bound_q_per_s', nan):.1f} | "
+                     f"{lm.get('q_per_s', nan):.2f} | {r.get('x_lm_eval', nan):.2f}x | "
+                     f"{lm.get('agreement_with_rayeval', nan):.3f} | "
+                     f"{ref.get('agreement_rayeval_bf16', nan):.3f} / {lm.get('agreement_with_fp32_reference', nan):.3f} |")
+        L += ["", "Sharing bound: the ceiling x tokens the prompts hold / tokens rayeval computes (the subject "
+              "header is shared). fp32 reference: rayeval's HF engine in fp32 with every prompt alone (no sharing, "
+              "eager kernels); its agreement with each bf16 run is how much bf16 rounding alone moves predictions."]
         L += ["", "Matmul rates measured in this run (GFLOP/s): " + "; ".join(
             f"{m}: " + ", ".join(f"{k} {v:.0f}" for k, v in z["roofline"]["matmul_gflops"].items())
             for m, z in R["zero_shot"].items()), ""]
