@@ -335,7 +335,7 @@ def _under_load(gateway, body: dict, path: str, kill: str, recovered, clients: i
     (time, status, body, headers) and the kill/recovery times."""
     import ray
 
-    res, state = [], {"kill_t": None, "ok_t": None}
+    res, state = [], {"kill_t": None, "ok_t": None, "killed": []}
     t0 = time.time()
 
     async def client(cl):
@@ -354,6 +354,7 @@ def _under_load(gateway, body: dict, path: str, kill: str, recovered, clients: i
     async def killer():
         await asyncio.sleep(3)
         victims = _replicas(kill)
+        state["killed"] = [v._actor_id.hex() for v in victims]
         state["kill_t"] = time.time()
         for v in victims:
             ray.kill(v, no_restart=True)
@@ -366,7 +367,7 @@ def _under_load(gateway, body: dict, path: str, kill: str, recovered, clients: i
     assert state["kill_t"] is not None and state["ok_t"] is not None, f"no recovery within {max_s}s: {res[-5:]}"
     rec = state["ok_t"] - state["kill_t"]
     print(f"[test_serve] {kill} replica killed: recovered in {rec:.1f}s, {len(res)} requests", flush=True)
-    return {"responses": res, "recovery_s": rec}
+    return {"responses": res, "recovery_s": rec, "killed": state["killed"]}
 
 
 def _clean_outcomes(res) -> None:
@@ -380,18 +381,23 @@ def _clean_outcomes(res) -> None:
 
 @pytest.mark.parametrize("deployment", ["Router", "Embedder"])
 def test_routing_replica_killed_under_load_falls_back_then_recovers(gateway, deployment):
-    """A Router (or Embedder) replica dies while /v1/route requests flow: each request is answered
-    (the fallback model while the routing path is down, a real decision again once Serve has
-    replaced the replica); no 5xx, no hang."""
+    """Every Router (or Embedder) replica dies while /v1/route requests flow: each request is
+    answered, with the fallback model while a call on the routing path fails or outlasts
+    ``route_timeout_s``, with a real decision once Serve has replaced the replicas; no 5xx, no
+    hang.  (Whether any request needs the fallback depends on how fast the new replica starts:
+    requests that wait less than the timeout for it get a real decision.)"""
     before = _stats(gateway)["ingress"]
     body = {"model": "router-knn-0.5", "messages": [{"role": "user", "content": f"Fault check while {deployment} restarts."}]}
     out = _under_load(gateway, body, "/v1/route", deployment,
                       recovered=lambda it: it[1] == 200 and isinstance(it[2], dict) and it[2]["tier"] != "fallback")
     _clean_outcomes(out["responses"])
+    # the kill happened: none of the replicas serving now is one that was killed
+    assert out["killed"] and not set(out["killed"]) & {r._actor_id.hex() for r in _replicas(deployment)}
     tiers = [b["tier"] for _, c, b, _ in out["responses"] if c == 200]
-    assert "fallback" in tiers, "the routing path never looked down: was the replica killed?"
+    assert set(tiers) <= {"strong", "weak", "fallback"} and tiers[-1] != "fallback"
     after = _stats(gateway)["ingress"]
-    assert after["fallbacks"] > before["fallbacks"] and after["errors_5xx"] == before["errors_5xx"]
+    assert after["fallbacks"] - before["fallbacks"] >= tiers.count("fallback")
+    assert after["errors_5xx"] == before["errors_5xx"]
 
 
 def test_llm_replica_killed_mid_request_is_a_503_then_recovers(gateway):
