@@ -334,13 +334,13 @@ def check_eval(config: Any, *, engine: dict | None = None, plan: bool = True) ->
     and splits (subjects: the parser), the engine section, then (``plan``) the grid's prompts
     against each model's context, naming item and setting.  ``engine`` overrides keys of the
     config's engine section (``rayeval eval --engine``)."""
-    from rayeval.eval.config import ConfigError, EvalConfig, _check_keys, parse_config, parse_setting
+    from rayeval.eval.config import ConfigError, EvalConfig, EvalDoc, _typed, parse_config, parse_setting
 
     res, doc = _open(config, "eval")
     if doc is None:
         return res
     try:
-        _check_keys(EvalConfig, doc, "config")
+        _typed(EvalDoc, doc, "config")  # the top level's keys and types
     except ConfigError as e:
         res.problem("", e)
     settings = doc.get("settings") if isinstance(doc.get("settings"), list) else []
