@@ -292,7 +292,7 @@ def _drop(doc: Any, loc: tuple) -> Any:
     return [(_drop(v, rest) if i == head else v) for i, v in enumerate(doc)]
 
 
-def _parse(res: Checked, cls: type, doc: dict, where: str, build, validate=None, at: str = ""):
+def _parse(res: Checked, doc: dict, build, validate=None, at: str = ""):
     """A dataclass config: ``build`` (its parser, :func:`rayeval.config.from_dict` inside) reports
     unknown keys and wrong types at every level, one problem each; after unknown keys alone the
     rest is parsed without them, so the later checks still run.  Then its own ``validate``.
@@ -470,7 +470,7 @@ def check_pipeline(config: Any = None, *, serve: bool | None = None, engine: dic
     res, doc = _open(config, "pipeline", default="pipeline_small")
     if doc is None:
         return res
-    cfg, valid = _parse(res, WorkflowConfig, doc, res.path, lambda d: from_dict(WorkflowConfig, d, res.path),
+    cfg, valid = _parse(res, doc, lambda d: from_dict(WorkflowConfig, d, res.path),
                         lambda c: c.validate(res.path))
     if cfg is None:
         return res
@@ -535,7 +535,7 @@ def check_tune(config: Any) -> Checked:
     res, doc = _open(config, "tune")
     if doc is None:
         return res
-    cfg, _ = _parse(res, TuneConfig, doc, res.path, lambda d: TuneConfig.parse(d, res.path),
+    cfg, _ = _parse(res, doc, lambda d: TuneConfig.parse(d, res.path),
                     lambda c: c.validate(res.path))
     if cfg is None:
         return res
@@ -628,7 +628,7 @@ def check_app_args(res: Checked, app: dict, where: str) -> None:
     if not isinstance(args, dict):
         res.problem(f"{where}.args", f"expected a mapping, got {args!r}")
         return
-    a, valid = _parse(res, AppArgs, args, f"{where}.args", lambda d: from_dict(AppArgs, d, f"{where}.args"), AppArgs.validate,
+    a, valid = _parse(res, args, lambda d: from_dict(AppArgs, d, f"{where}.args"), AppArgs.validate,
                       at=f"{where}.args")
     if not valid:  # the checks below read llms, routers, thresholds and embedder as their types say
         return
@@ -691,7 +691,7 @@ def check_generate(config: Any) -> Checked:
     if doc is None:
         return res
     doc = {k: v for k, v in doc.items() if k != "judge"}
-    cfg, valid = _parse(res, GenerateConfig, doc, res.path, lambda d: GenerateConfig.from_dict(d, res.path))
+    cfg, valid = _parse(res, doc, lambda d: GenerateConfig.from_dict(d, res.path))
     if not valid:
         return res
     check_models(res, cfg.models, "models")
@@ -714,7 +714,7 @@ def check_judge(config: Any) -> Checked:
     if "judge" in doc:
         sec.setdefault("name", doc.get("name", "judge"))
     where = f"{res.path}:judge" if "judge" in doc else res.path
-    cfg, valid = _parse(res, JudgeConfig, sec, where, lambda d: JudgeConfig.from_dict(d, where))
+    cfg, valid = _parse(res, sec, lambda d: JudgeConfig.from_dict(d, where))
     if not valid:
         return res
     if model_problem(cfg.model):
