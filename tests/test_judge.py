@@ -257,9 +257,13 @@ def test_tiny_real_run_generate_judge_train(tmp_path, shared_data):
         resp = actor(batch).drop(columns=["shard"])
         assert len(resp) == 6 and (resp.tokens > 0).all() and (resp.tokens <= 16).all()
         assert (resp.response.str.len() > 0).all()
-        # the same seed gives the same text (each request carries its own seed)
-        again = gens["smollm2-135m"].generate([[{"role": "user", "content": prompts.prompt[0]}]], sampling)[0]
-        assert again["response"] == resp[(resp.model == "smollm2-135m")].response.iloc[0]
+        # the same seed on the same batch gives the same text (each request carries its own seed).
+        # Only the same batch: a batch of one runs other kernel shapes, and at temperature 0.7 a
+        # near-tie between two tokens can flip on that last-bit difference (seen in CI).
+        from rayeval.prefs.generate import conversation
+
+        again = gens["smollm2-135m"].generate([conversation(p, None) for p in prompts.prompt], sampling)
+        assert [a["response"] for a in again] == resp[resp.model == "smollm2-135m"].response.tolist()
         write_parquet(resp, tmp_path / "responses.parquet")
 
         cfg = load_judge_config("judge_mt_bench")
