@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_io import cpu_sentence, write_markdown  # noqa: E402
 from grid_speed import cpu_info  # noqa: E402
 
 # (name, works per shard, min_fill, head_rows)
@@ -43,7 +44,7 @@ def run(model: str, n: int) -> list[dict]:
 
     works, _ = build_work(load_eval_config("eval_pipeline"))
     ordered = [w for s in make_shards(works, 10**9) for w in s][:n]
-    eng = make_engine("hf", model, {"num_threads": 1, "max_model_len": 1024})
+    eng = make_engine("hf", model, {"num_threads": 1, "max_model_len": 1024, "packed": False})  # the padded passes it measures
     passes = {"n": 0, "padded": 0}
     orig = HFEngine._forward
 
@@ -91,8 +92,7 @@ def main() -> None:
            "works": a.works, "rows": rows}
     Path(a.out + ".json").write_text(json.dumps(res, indent=1))
     lines = [f"# HF engine packing on the main job's grid ({res['date']})", "",
-             f"CPU: {c['model']}, {c['cores']} cores; flags {' '.join(c['flags'])}. Load average at start "
-             f"{load0[0]:.2f}, at end {res['load_end'][0]:.2f}. First {a.works} work units of `eval_pipeline` in "
+             cpu_sentence(c, load0, res["load_end"]) + " " + f"First {a.works} work units of `eval_pipeline` in "
              "prompt order, one thread per model, fp32.", "",
              "| model | variant | works/shard | min_fill | head_rows | s | tokens computed | tokens processed (with padding) | "
              "passes | tokens/s | speed-up vs before | max abs diff vs before |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -101,8 +101,7 @@ def main() -> None:
         lines.append(f"| {r['model']} | {r['variant']} | {r['shard_works']} | {r['min_fill']} | {r['head_rows']} | {r['seconds']} | "
                      f"{r['tokens_computed']:,} | {r['tokens_processed']:,} | {r['passes']} | {r['tokens_per_s']} | "
                      f"{base['seconds'] / r['seconds']:.2f}x | {r['max_abs_diff_vs_before']:.1e} |")
-    Path(a.out + ".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_markdown(a.out, lines)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,18 @@ def machine_line(res: dict) -> str:
             f"{', '.join(f'{x:.1f}' for x in res['load_average_at_end'])}; config `{res['config']}`")
 
 
+def cpu_sentence(c: dict, load_start, load_end) -> str:
+    """The machine, as the grid benches' markdown opens: CPU model, cores, flags, load."""
+    return (f"CPU: {c['model']}, {c['cores']} cores; flags {' '.join(c['flags'])}. Load average at start "
+            f"{load_start[0]:.2f}, at end {load_end[0]:.2f}.")
+
+
+def write_markdown(out: str, lines: list[str]) -> None:
+    """``OUT.md`` from the lines, and the same table on stdout."""
+    Path(out + ".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
 def write_results(out: str | Path | None, res: dict, markdown: str, tag: str) -> None:
     if not out:
         return

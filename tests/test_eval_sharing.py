@@ -234,12 +234,31 @@ def test_fused_kernels_compute_what_the_eager_modules_do(tiny_models, arch):
 
 
 @pytest.mark.model
-def test_gemma_sliding_window_is_respected_across_shared_prefixes(tiny_models):
-    # prompts far longer than the tiny model's 24-token window: the shared-prefix path must apply
-    # the window exactly as a plain forward pass over the whole sequence does
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_packed_passes_equal_padded_passes(tiny_models, arch):
+    # packed: a pass is one unpadded sequence for the linear layers, attention per row group;
+    # padded: rows right-padded to the longest in the model's own SDPA.  Same numbers, all scorings.
+    reqs = _grid_requests()
+    fp = {"dtype": "float32", "num_threads": 1}
+    packed = make_engine("hf", tiny_models[arch], {**fp, "max_tokens_per_batch": 200})
+    padded = make_engine("hf", tiny_models[arch], {**fp, "packed": False})
+    assert packed.packed and not padded.packed
+    a, b = packed.score(reqs), padded.score(reqs)
+    assert max(abs(x - y) for x, y in zip(_numbers(a), _numbers(b))) < 1e-4
+    assert [r.continuation_tokens for r in a] == [r.continuation_tokens for r in b]
+    # another attention implementation (or logit soft-capping) cannot be packed: asked for, a clear error
+    with pytest.raises(ValueError, match="packed passes need SDPA"):
+        make_engine("hf", tiny_models[arch], {**fp, "packed": True, "attn_implementation": "eager"})
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_shared_prefixes_compute_what_a_plain_forward_pass_does(tiny_models, arch):
+    # Gemma's prompts are far longer than the tiny model's 24-token window: the shared-prefix,
+    # packed path must apply the window exactly as a plain forward pass over the whole sequence does
     import torch
 
-    eng = make_engine("hf", tiny_models["gemma"], {"dtype": "float32", "num_threads": 1})
+    eng = make_engine("hf", tiny_models[arch], {"dtype": "float32", "num_threads": 1})
     reqs = _grid_requests(n=3, shots=2)[:6]
     got = eng.score(reqs)
     for r, res in zip(reqs, got):

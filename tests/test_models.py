@@ -75,3 +75,35 @@ def test_vllm_scores_both_models_and_agrees_with_transformers():
             assert abs(a - b) < 0.35 + 0.05 * abs(b), (name, a, b)  # kernels (and bf16 where native) differ slightly
         assert rv[2].continuation_tokens == rh[2].continuation_tokens
         v.close()
+
+
+@pytest.mark.engine
+def test_vllm_continuations_read_the_prefix_cache_with_the_same_numbers():
+    """Continuation jobs (prompt logprobs) read vLLM's automatic prefix cache: a long shared
+    context is computed once, the numbers equal those of requests that skip the cache, and a job
+    whose cached part would cover its continuation is recomputed (the same jobs scored again)."""
+    context = "The following are multiple choice questions about geography.\n\n" + " ".join(
+        f"Fact {i}: the river {i} flows into the sea {i % 7}." for i in range(40)) + "\n\n" + PROMPT
+    reqs = [ScoreRequest(context, continuations=(" Berlin", " Paris", " Rome", " Madrid")),
+            ScoreRequest(context, symbols=("A", "B", "C", "D"))]
+    kw = {"max_model_len": 1024, "block_size": 32, "dtype": "float32"}   # fp32: only the cache could differ
+    v = make_engine("vllm", "smollm2-135m", kw)
+    try:
+        got = v.score(reqs)
+        asked, done = v.stats["tokens_requested"], v.stats["tokens_computed"]
+        again = v.score(reqs)   # every block cached now: each continuation is recomputed, same numbers
+        ref = make_engine("vllm", "smollm2-135m", {**kw, "cached_prompt_logprobs": False, "enable_prefix_caching": False})
+        want = ref.score(reqs)
+        ref.close()
+    finally:
+        v.close()
+    n_ctx = len(v.tokenizer.encode(context, add_special_tokens=False))
+    assert n_ctx > 300
+    # five jobs share the context (four continuations, one symbol job): it is computed about once
+    assert done < asked - 3 * (n_ctx - 32), (asked, done)
+    assert ref.stats["tokens_computed"] == ref.stats["tokens_requested"]
+    for a, b, c in zip(got, again, want):
+        x = a.continuation_logprobs or a.symbol_logprobs
+        y = b.continuation_logprobs or b.symbol_logprobs
+        z = c.continuation_logprobs or c.symbol_logprobs
+        assert max(abs(p - q) for p, q in zip(x, z)) < 2e-3 and max(abs(p - q) for p, q in zip(y, z)) < 2e-3, (x, y, z)

@@ -391,7 +391,12 @@ class VLLMEngine(TokenEngine):
     Next-token jobs are ONE generation step per prompt with ``logprob_token_ids`` (vLLM >= 0.30)
     returning the raw next-token log-probabilities of exactly the candidate tokens (on older vLLM
     the top-``max_logprobs`` list); such requests go through vLLM's automatic prefix cache.
-    Continuation jobs use ``prompt_logprobs=0`` over context+continuation token ids.  On CPU the
+    Continuation jobs use ``prompt_logprobs=0`` over context+continuation token ids, and read the
+    prefix cache too (``cached_prompt_logprobs``, default on; vLLM skips it for prompt-logprob
+    requests unless told): the context's cached blocks are not recomputed, and only positions
+    after them are read (a job whose cached part reaches into its continuation is recomputed
+    without the cache).  Jobs go to vLLM sorted by token ids, so requests that share a prefix are
+    neighbours; ``stats["tokens_computed"]`` counts what vLLM did not find cached.  On CPU the
     defaults are :func:`vllm_cpu_defaults` (the CPU's fast dtype, eager mode); on a GPU cluster
     vLLM's own defaults apply.  Extra
     ``engine_kwargs`` go straight to ``vllm.LLM``."""
@@ -406,6 +411,7 @@ class VLLMEngine(TokenEngine):
         self.name = model
         engine_kwargs = dict(engine_kwargs or {})
         cache = engine_kwargs.pop("score_cache", None)
+        self.cached_prompt_logprobs = bool(engine_kwargs.pop("cached_prompt_logprobs", True))
         path, kw = vllm_engine_args(model, engine_kwargs, engine_kwargs.pop("cpu_cores", None))
         spec = get_spec(model)
         self.llm = LLM(model=str(path), **kw)
@@ -413,8 +419,10 @@ class VLLMEngine(TokenEngine):
         self.add_bos = spec.add_bos
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self._SP = SamplingParams
-        self._has_token_ids = "logprob_token_ids" in SamplingParams.__struct_fields__ if hasattr(
-            SamplingParams, "__struct_fields__") else hasattr(SamplingParams(), "logprob_token_ids")
+        fields = getattr(SamplingParams, "__struct_fields__", None) or vars(SamplingParams())
+        self._has_token_ids = "logprob_token_ids" in fields
+        self._can_read_cache = "skip_reading_prefix_cache" in fields
+        self._computed = 0
         self._init_common(cache, engine_identity("vllm", model, kw))
         self._closing, self._dead = False, None
         self._watch_engine_core()
@@ -477,19 +485,37 @@ class VLLMEngine(TokenEngine):
             core.shutdown()
         self.llm = None
 
+    def _params(self, j: TokenJob, read_cache: bool):
+        # detokenize off: scoring reads numbers only (and cached positions of a prompt-logprob
+        # request hold no tokens to decode)
+        sp = dict(max_tokens=1, temperature=0.0, detokenize=False)
+        if j.next_token and self._has_token_ids:
+            return self._SP(**sp, logprob_token_ids=list(j.cands))
+        if j.next_token:  # pragma: no cover - older vLLM
+            return self._SP(**sp, logprobs=20)
+        if self._can_read_cache:
+            return self._SP(**sp, prompt_logprobs=0, skip_reading_prefix_cache=not read_cache)
+        return self._SP(**sp, prompt_logprobs=0)  # pragma: no cover - older vLLM
+
     def _compute(self, jobs: Sequence[TokenJob]) -> list:
         from vllm.inputs import TokensPrompt
 
-        prompts, params = [], []
-        for j in jobs:
-            prompts.append(TokensPrompt(prompt_token_ids=list(j.ids)))
-            if j.next_token and self._has_token_ids:
-                params.append(self._SP(max_tokens=1, temperature=0.0, logprob_token_ids=list(j.cands)))
-            elif j.next_token:  # pragma: no cover - older vLLM
-                params.append(self._SP(max_tokens=1, temperature=0.0, logprobs=20))
-            else:
-                params.append(self._SP(max_tokens=1, temperature=0.0, prompt_logprobs=0))
-        outs = self.generate(prompts, params)
+        order = sorted(range(len(jobs)), key=lambda k: jobs[k].ids)   # shared prefixes side by side
+        outs: list = [None] * len(jobs)
+        todo, read = order, self.cached_prompt_logprobs
+        self._computed = 0
+        while todo:
+            got = self.generate([TokensPrompt(prompt_token_ids=list(jobs[k].ids)) for k in todo],
+                                [self._params(jobs[k], read) for k in todo])
+            redo = []
+            for k, o in zip(todo, got):
+                cached = int(getattr(o, "num_cached_tokens", 0) or 0)
+                if not jobs[k].next_token and cached >= jobs[k].start:
+                    redo.append(k)  # its first scored position came from the cache: no logprob there
+                    continue
+                outs[k] = o
+                self._computed += len(jobs[k].ids) - cached
+            todo, read = redo, False
         values = []
         for j, o in zip(jobs, outs):
             if j.next_token:
@@ -501,6 +527,9 @@ class VLLMEngine(TokenEngine):
                                len(j.ids) - j.start))
         return values
 
+    def _tokens_computed(self, jobs: Sequence[TokenJob]) -> int:
+        return self._computed if jobs else 0  # what the last _compute found not cached
+
 
 class HFEngine(TokenEngine):
     """A transformers engine that computes every shared prefix once.
@@ -508,16 +537,21 @@ class HFEngine(TokenEngine):
     The distinct jobs of a call become a :class:`PrefixTrie`; the trie is run level by level (a
     node's tokens with its parent's KV cache as the past), so a few-shot block shared by a
     subject's questions, the prompt shared by its hybrid continuations, or a symbol prompt that is
-    the prefix of the same item's hybrid context are computed once.  Nodes of a level are batched
-    together (segments right-padded, parent caches left-padded); the vocabulary head runs only at
-    the positions a job reads.  ``prefix_sharing: false`` runs every distinct sequence from
-    scratch (the trie then has one node per sequence): the reference the tests compare against.
+    the prefix of the same item's hybrid context are computed once.  A level's nodes form rows
+    (siblings share one); a forward pass is one packed sequence of up to ``max_tokens_per_batch``
+    real tokens from many rows, with attention per group of rows on top of their parents' caches
+    (:mod:`rayeval.eval.packed`; ``packed: false``: rows right-padded in the model's own
+    attention, parent caches left-padded).  The vocabulary head runs only at the positions a job
+    reads.  ``prefix_sharing: false`` runs every distinct sequence from scratch (the trie then has
+    one node per sequence): the reference the tests compare against.
 
     Options: ``dtype`` (``auto``: bf16 where the CPU has native bf16 matmuls or on GPU, else
     fp32), ``num_threads`` (default: every core this process may use), ``batch_size`` (rows per
-    forward), ``max_tokens_per_batch`` (segment tokens per forward), ``max_kv_tokens`` (parent
-    cache tokens per forward), ``row_tokens`` (sibling tokens packed per row), ``min_fill`` (a row
-    shorter than this share of its pass's longest row starts a new pass: padding stays small),
+    attention group; padded: per pass), ``max_tokens_per_batch`` (tokens per forward pass),
+    ``max_kv_tokens`` (keys per attention group, parents' included), ``row_tokens`` (sibling tokens
+    packed per row), ``min_fill`` (a row shorter than this share of its group's longest opens the
+    next group: attention padding stays small), ``packed`` (``auto``: packed passes where the
+    model's attention allows),
     ``head_rows`` (read positions per vocabulary-head chunk; 0: the head after every forward pass),
     ``fuse`` (``auto``: compiled elementwise kernels on a bf16 CPU, :mod:`rayeval.eval.fused`),
     ``prefix_sharing``, ``score_cache``;
@@ -545,6 +579,7 @@ class HFEngine(TokenEngine):
         self.min_fill = float(kw.pop("min_fill", 0.75))
         self.head_rows = int(kw.pop("head_rows", 256))
         self.prefix_sharing = bool(kw.pop("prefix_sharing", True))
+        packed = kw.pop("packed", "auto")
         cache = kw.pop("score_cache", None)
         limit = kw.pop("max_model_len", None)
         threads = kw.pop("num_threads", None) or default_threads()
@@ -571,6 +606,16 @@ class HFEngine(TokenEngine):
             from rayeval.eval.fused import fuse_elementwise
 
             self.fused = fuse_elementwise(self.model)
+        # Packed passes (rayeval.eval.packed) run their own SDPA: the default, unless another
+        # attention implementation is asked for or the model soft-caps its attention logits.
+        can_pack = kw.get("attn_implementation") in (None, "sdpa") and not getattr(cfg, "attn_logit_softcapping", None)
+        self.packed = can_pack if packed == "auto" else bool(packed)
+        if self.packed and not can_pack:
+            raise ValueError(f"{model}: packed passes need SDPA attention without logit soft-capping; set packed: false")
+        if self.packed:
+            from rayeval.eval.packed import install
+
+            install(self.model)
         self._init_common(cache, engine_identity("hf", model, {"dtype": dtype, "fuse": bool(self.fused)}))
 
     def _trie(self, jobs: Sequence[TokenJob]) -> PrefixTrie:
@@ -644,8 +689,9 @@ class HFEngine(TokenEngine):
         with torch.inference_mode():
             for level in trie.levels():
                 nxt: dict[int, list] = {}
-                for batch in self._batches(self._rows(level, trie), trie):
-                    self._forward(batch, trie, kv, nxt, reads)
+                rows = self._rows(level, trie)
+                for batch in (self._passes(rows, trie) if self.packed else self._batches(rows, trie)):
+                    (self._forward_packed if self.packed else self._forward)(batch, trie, kv, nxt, reads)
                     if not self.head_rows:  # head_rows 0: the head after every pass (the reference)
                         self._read_heads(values, is_next)
                 kv = nxt
@@ -682,6 +728,119 @@ class HFEngine(TokenEngine):
         for hid, _ in self._pending:
             yield off
             off += hid.shape[0]
+
+    def _passes(self, rows: list[list[int]], trie: PrefixTrie):
+        """Packed mode: rows into passes of at most ``max_tokens_per_batch`` real tokens (no
+        padding), and each pass's rows into attention groups (longest first; a row shorter than
+        ``min_fill`` of its group's first, or past ``batch_size`` rows or ``max_kv_tokens``, opens
+        the next group).  Yields lists of groups, each a list of rows."""
+        q = [sum(trie.hi[n] - trie.lo[n] for n in r) for r in rows]
+        p = [trie.lo[r[0]] for r in rows]
+        order = sorted(range(len(rows)), key=lambda i: (-q[i], -p[i]))
+        groups: list[list[int]] = []
+        used = 0
+        for i in order:
+            if groups and used + q[i] > self.max_tokens_per_batch:
+                yield [[rows[j] for j in g] for g in groups]
+                groups, used = [], 0
+            g = groups[-1] if groups else None
+            if g is not None:
+                qmax, b = q[g[0]], len(g) + 1
+                pmax = max(p[j] for j in g + [i])
+                if b > self.batch_size or b * (pmax + qmax) > self.max_kv_tokens or q[i] < self.min_fill * qmax:
+                    g = None
+            if g is None:
+                groups.append([])
+                g = groups[-1]
+            g.append(i)
+            used += q[i]
+        if groups:
+            yield [[rows[j] for j in g] for g in groups]
+
+    def _forward_packed(self, groups: list[list[list[int]]], trie: PrefixTrie, kv, nxt, reads) -> None:
+        """One packed forward pass (:mod:`rayeval.eval.packed`): the rows of every group as one
+        sequence for the linear layers, attention per group on top of the parents' caches."""
+        from rayeval.eval.packed import Group, Pass, running
+
+        torch = self._torch
+        dev = self.device
+        ids: list[int] = []
+        pos: list[int] = []
+        start: dict[int, int] = {}   # node -> its first packed position
+        parents: dict[int, int] = {}  # parent node -> offset in the parent store
+        offset = 0
+        built = []
+        for rows in groups:
+            P = [trie.lo[row[0]] for row in rows]
+            Q = [sum(trie.hi[n] - trie.lo[n] for n in row) for row in rows]
+            R, pmax, qmax = len(rows), max(P), max(Q)
+            qidx = torch.zeros((R, qmax), dtype=torch.long)
+            pidx = torch.zeros((R, pmax), dtype=torch.long)
+            gpos = torch.zeros((R, qmax), dtype=torch.long)
+            grp = torch.full((R, qmax), -1, dtype=torch.long)
+            for r, row in enumerate(rows):
+                c = 0
+                for g, n in enumerate(row):
+                    s = trie.hi[n] - trie.lo[n]
+                    start[n] = len(ids)
+                    qidx[r, c: c + s] = torch.arange(len(ids), len(ids) + s)
+                    gpos[r, c: c + s] = torch.arange(P[r], P[r] + s)
+                    grp[r, c: c + s] = g
+                    ids.extend(trie.tokens(n))
+                    pos.extend(range(P[r], P[r] + s))
+                    c += s
+                if P[r]:
+                    par = trie.parent[row[0]]
+                    if par not in parents:
+                        parents[par] = offset
+                        offset += P[r]
+                    pidx[r, pmax - P[r]:] = torch.arange(parents[par], parents[par] + P[r])
+            kreal = torch.arange(pmax)[None, :] >= (pmax - torch.tensor(P))[:, None]
+            same = (grp[:, :, None] == grp[:, None, :]) & (gpos[:, :, None] >= gpos[:, None, :]) & (grp[:, :, None] >= 0)
+            eye = torch.eye(qmax, dtype=torch.bool)[None] & (grp[:, :, None] < 0)   # pads see themselves
+            full = torch.cat([kreal[:, None, :].expand(R, qmax, pmax), same | eye], 2)
+            sliding = None
+            if self.window:
+                kpos = torch.cat([torch.arange(pmax)[None, :] - (pmax - torch.tensor(P))[:, None], gpos], 1)
+                near = (gpos[:, :, None] - kpos[:, None, :]) < self.window
+                padself = torch.cat([torch.zeros(R, qmax, pmax, dtype=torch.bool), eye], 2)
+                sliding = ((full & near) | padself)[:, None].to(dev)
+            real = (grp >= 0).flatten()
+            src = real.nonzero().squeeze(1)
+            built.append(Group(qidx=qidx.flatten().to(dev), pidx=pidx.flatten().to(dev) if pmax else None,
+                               rows=R, qmax=qmax, pmax=pmax, full=full[:, None].to(dev), sliding=sliding,
+                               src=src.to(dev), dst=qidx.flatten()[src].to(dev)))
+        keep = any(trie.children[n] for n in start)
+        p = Pass(groups=built, parents=list(parents), kv=kv, keep=keep)
+        dummy = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=dev)  # 4-D: transformers builds no mask
+        attn = {"full_attention": dummy, "sliding_attention": dummy} if self.window else dummy
+        with running(p):
+            out = self.base(input_ids=torch.tensor([ids], device=dev), attention_mask=attn,
+                            position_ids=torch.tensor([pos], device=dev), use_cache=False)
+        h = out.last_hidden_state[0]
+        at: dict[int, int] = {}
+        want = []
+        for n, s0 in start.items():
+            for o, tok, k, slot in reads.get(n, ()):
+                q = at.setdefault(s0 + o, len(at))
+                want.append((q, tok, k, slot))
+        if want:
+            self._pending.append((h[torch.tensor(list(at), device=dev)], want))
+        if keep:
+            layers = sorted(p.new)
+            for n, s0 in start.items():
+                if not trie.children[n]:
+                    continue
+                s1 = s0 + trie.hi[n] - trie.lo[n]
+                path = []
+                for layer in layers:
+                    k_new, v_new = p.new[layer]
+                    if trie.lo[n]:
+                        pk, pv = kv[trie.parent[n]][layer]
+                        path.append((torch.cat([pk, k_new[s0:s1]]), torch.cat([pv, v_new[s0:s1]])))
+                    else:
+                        path.append((k_new[s0:s1].clone(), v_new[s0:s1].clone()))
+                nxt[n] = path
 
     def _forward(self, batch: list[list[int]], trie: PrefixTrie, kv, nxt, reads) -> None:
         """One forward pass over rows of sibling nodes on top of their parents' caches.

@@ -48,9 +48,10 @@ def _compiled(key: str, fn):
     return _COMPILED[key]
 
 
-# Every compiled kernel sees one shape family only (2-D, more than one row; rotary: batch and
-# length > 1), so it compiles once with dynamic sizes and never again mid-run (a size of 1 would
-# be a specialisation of its own); the rare size-1 call runs the eager module.
+# Every compiled kernel sees one shape family only (2-D, more than one row; rotary: length > 1,
+# and either batch > 1 or one packed sequence, a kernel each), so it compiles once with dynamic
+# sizes and never again mid-run (a size of 1 would be a specialisation of its own); the rare
+# size-1 call runs the eager module.
 
 def _norm_forward(m, fn, eps: float, eager):
     def forward(x):
@@ -70,11 +71,12 @@ def _mlp_forward(m, act_mul, eager):
     return forward
 
 
-def _rotary_forward(fused, eager):
+def _rotary_forward(fused, fused_one, eager):
+    """``fused`` for batches, ``fused_one`` for one packed sequence (batch 1: its own shape family)."""
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        if args or kwargs or q.shape[0] < 2 or q.shape[2] < 2:
+        if args or kwargs or q.shape[2] < 2:
             return eager(q, k, cos, sin, *args, **kwargs)
-        return fused(q, k, cos, sin)
+        return (fused if q.shape[0] > 1 else fused_one)(q, k, cos, sin)
     apply_rotary_pos_emb._rayeval_fused = True
     return apply_rotary_pos_emb
 
@@ -135,9 +137,9 @@ def _fuse(model, torch) -> list[str]:
         if rot is not None and hasattr(rot, "_rayeval_fused"):   # an earlier engine of this process
             done.append("apply_rotary_pos_emb")
         elif rot is not None:
-            fused = _rotary_forward(_compiled(f"rotary:{mod.__name__}", rot), rot)
+            fused = _rotary_forward(_compiled(f"rotary:{mod.__name__}", rot), _compiled(f"rotary1:{mod.__name__}", rot), rot)
             ok = True
-            for b, t in ((2, 6), (3, 5), (1, 1)):   # the model's own head counts
+            for b, t in ((2, 6), (3, 5), (1, 7), (1, 4), (1, 1)):   # the model's own head counts
                 q, k = torch.randn(b, heads, t, head_dim, dtype=dtype), torch.randn(b, kv_heads, t, head_dim, dtype=dtype)
                 cos, sin = torch.randn(b, t, head_dim, dtype=dtype), torch.randn(b, t, head_dim, dtype=dtype)
                 ok = ok and all(_same(x, y, dtype) for x, y in zip(fused(q, k, cos, sin), rot(q, k, cos, sin)))

@@ -1,0 +1,158 @@
+"""Packed against padded forward passes in the HF engine, measured side by side in ONE run.
+
+    .venv/bin/python bench/packed_passes.py --out bench/results/packed-DATE-CPU
+
+Two workloads per model, each scored by both variants in interleaved rounds (padded, packed,
+packed, padded, ...; the fastest round of each is reported, so a load spike hurts neither):
+
+  zero-shot   zero-shot symbol MMLU questions (``grid_speed`` part A's three subjects), one call,
+              every core (what ``make_engine("hf", model)`` gets)
+  main grid   the main job's grid (``eval_pipeline``: 6 settings, three scorings on the baseline)
+              in prompt order, its first ``--works`` work units in shards of 128, one thread
+              (what each model gets in the main job's actor)
+
+  padded      ``packed: false``: rows of a pass right-padded to the longest (``min_fill``
+              bucketing keeps padding small, at the price of many small passes)
+  packed      ``packed: true`` (the default): a pass is one sequence of real tokens up to
+              ``max_tokens_per_batch`` for the linear layers; attention per group of rows
+
+For each: seconds, questions or work units per second, forward passes, tokens the linear layers
+processed (padding included), and the largest log-probability difference and the prediction
+agreement between the two variants (per work unit).  Results: ``OUT.json`` and ``OUT.md`` with the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import eval_speed as es  # noqa: E402
+from results_io import cpu_sentence, write_markdown  # noqa: E402
+from grid_speed import SUBJECTS, cpu_info  # noqa: E402
+
+
+def counting(eng):
+    """Wrap the engine's pass functions to count passes and processed tokens."""
+    c = {"passes": 0, "processed": 0}
+    fwd, packed = eng._forward, eng._forward_packed
+
+    def padded_pass(batch, trie, *a):
+        c["passes"] += 1
+        c["processed"] += len(batch) * max(sum(trie.hi[x] - trie.lo[x] for x in row) for row in batch)
+        return fwd(batch, trie, *a)
+
+    def packed_pass(groups, trie, *a):
+        c["passes"] += 1
+        c["processed"] += sum(trie.hi[x] - trie.lo[x] for g in groups for row in g for x in row)
+        return packed(groups, trie, *a)
+
+    eng._forward, eng._forward_packed = padded_pass, packed_pass
+    return c
+
+
+def workloads(model: str, n_q: int, n_works: int):
+    from rayeval.eval.config import load_eval_config
+    from rayeval.eval.pipeline import build_work, make_shards
+
+    cfg = es.make_config(model, SUBJECTS[:3], es.per_subject_limit(n_q, SUBJECTS[:3]), 64)
+    zs, _ = build_work(cfg)
+    zs = [w for s in make_shards(zs, len(zs)) for w in s]
+    grid, _ = build_work(load_eval_config("eval_pipeline"))
+    grid = [w for s in make_shards(grid, 10**9) for w in s][:n_works]
+    return {"zero-shot": (zs, None, len(zs)), "main grid": (grid, 128, 1)}
+
+
+def work_preds(works, results) -> dict:
+    """Every work unit's prediction (a unit: item x setting x scoring x rotation)."""
+    from rayeval.eval.scoring import reduce_all
+
+    return {(r["dataset"], r["setting"], r["scoring"], r["item_id"], r["rotation"]): int(r["prediction"])
+            for r in reduce_all(works, results)}
+
+
+def score(eng, works, shard):
+    res = []
+    step = shard or len(works)
+    for i in range(0, len(works), step):
+        res += eng.score([r for w in works[i:i + step] for r in w.requests])
+    return res
+
+
+def run(model: str, n_q: int, n_works: int, rounds: int) -> list[dict]:
+    import torch
+
+    from rayeval.eval.engines import make_engine
+
+    out = []
+    for name, (works, shard, threads) in workloads(model, n_q, n_works).items():
+        threads = threads if threads == 1 else len(os.sched_getaffinity(0))
+        engines = {v: make_engine("hf", model, {"packed": v == "packed", "num_threads": threads, "max_model_len": 1024})
+                   for v in ("padded", "packed")}
+        counts = {v: counting(e) for v, e in engines.items()}
+        best: dict[str, dict] = {}
+        results: dict[str, list] = {}
+        for e in engines.values():   # warm-up: compiled kernels, allocator
+            e.score([r for w in works[:4] for r in w.requests])
+        for r in range(rounds):
+            for v in (("padded", "packed") if r % 2 == 0 else ("packed", "padded")):
+                eng = engines[v]
+                torch.set_num_threads(threads)
+                counts[v].update(passes=0, processed=0)
+                t0 = time.perf_counter()
+                res = score(eng, works, shard)
+                dt = time.perf_counter() - t0
+                results[v] = res
+                if v not in best or dt < best[v]["seconds"]:
+                    best[v] = {"seconds": dt, **counts[v]}
+                print(f"[packed {time.strftime('%H:%M:%S')}] {model} {name} {v}: {dt:.1f}s", flush=True)
+        a = [x for r in results["padded"] for x in (r.symbol_logprobs or r.continuation_logprobs or [])]
+        b = [x for r in results["packed"] for x in (r.symbol_logprobs or r.continuation_logprobs or [])]
+        pa, pb = work_preds(works, results["padded"]), work_preds(works, results["packed"])
+        for v in ("padded", "packed"):
+            s = best[v]
+            out.append({"model": model, "workload": name, "variant": v, "works": len(works), "threads": threads,
+                        "dtype": engines[v].dtype, "seconds": round(s["seconds"], 2),
+                        "units_per_s": round(len(works) / s["seconds"], 2), "passes": s["passes"],
+                        "tokens_processed": s["processed"],
+                        "speedup_vs_padded": round(best["padded"]["seconds"] / s["seconds"], 3),
+                        "max_abs_logprob_diff": max(abs(x - y) for x, y in zip(a, b)),
+                        "prediction_agreement": es.agreement(pa, pb)})
+            print(json.dumps(out[-1]), flush=True)
+        del engines
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    ap.add_argument("--zero-shot-n", type=int, default=456)
+    ap.add_argument("--works", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=4)
+    a = ap.parse_args()
+    load0 = os.getloadavg()
+    rows = [r for m in a.models.split(",") for r in run(m, a.zero_shot_n, a.works, a.rounds)]
+    c = cpu_info()
+    res = {"date": _dt.date.today().isoformat(), "cpu": c, "load_start": load0, "load_end": os.getloadavg(),
+           "rounds": a.rounds, "rows": rows}
+    Path(a.out + ".json").write_text(json.dumps(res, indent=1))
+    lines = [f"# HF engine: packed against padded forward passes ({res['date']})", "",
+             cpu_sentence(c, load0, res["load_end"]) + " " + f"Fastest of {a.rounds} interleaved rounds per variant.", "",
+             "| model | workload | variant | units | threads | dtype | s | units/s | passes | tokens processed | "
+             "speed-up vs padded | max abs logprob diff | prediction agreement |",
+             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['workload']} | {r['variant']} | {r['works']} | {r['threads']} | {r['dtype']} | "
+                     f"{r['seconds']} | {r['units_per_s']} | {r['passes']} | {r['tokens_processed']:,} | "
+                     f"{r['speedup_vs_padded']:.2f}x | {r['max_abs_logprob_diff']:.1e} | {r['prediction_agreement']:.3f} |")
+    write_markdown(a.out, lines)
+
+
+if __name__ == "__main__":
+    main()
