@@ -257,11 +257,13 @@ def test_tiny_real_run_generate_judge_train(tmp_path, shared_data):
         resp = actor(batch).drop(columns=["shard"])
         assert len(resp) == 6 and (resp.tokens > 0).all() and (resp.tokens <= 16).all()
         assert (resp.response.str.len() > 0).all()
-        # the same seed on the same batch gives the same text (each request carries its own seed).
-        # Only the same batch: a batch of one runs other kernel shapes, and at temperature 0.7 a
-        # near-tie between two tokens can flip on that last-bit difference (seen in CI).
+        # the same seed on the same computation gives the same text (each request carries its own
+        # seed): the same batch, and the prefix cache emptied first.  A batch of one runs other
+        # kernel shapes, and prompts read back from the prefix cache skip the prefill they had; at
+        # temperature 0.7 a near-tie between two tokens flips on such a last-bit difference (seen in CI).
         from rayeval.prefs.generate import conversation
 
+        gens["smollm2-135m"].engine.llm.reset_prefix_cache()
         again = gens["smollm2-135m"].generate([conversation(p, None) for p in prompts.prompt], sampling)
         assert [a["response"] for a in again] == resp[resp.model == "smollm2-135m"].response.tolist()
         write_parquet(resp, tmp_path / "responses.parquet")
