@@ -70,6 +70,7 @@ def test_calibration_thresholds_and_drift(gsm):
     assert {"quality", "pgr"} <= set(study.columns)
 
 
+@pytest.mark.model  # a kNN router on MiniLM embeddings of 4,115 questions
 def test_out_of_distribution_mmlu_to_gsm8k():
     mm = load_routellm("mmlu").subset(np.arange(0, 14037, 5))  # 2,808 questions
     g = load_routellm("gsm8k")
