@@ -301,6 +301,31 @@ def engine_identity(kind: str, model: str, engine_kwargs: dict | None = None) ->
     return ident
 
 
+def keep_heap() -> bool:
+    """glibc only: keep freed memory in this process's heap instead of handing it back to the OS.
+
+    A CPU forward pass allocates and frees activations of megabytes per layer.  glibc's defaults
+    return such blocks to the kernel (``mmap`` above a threshold, heap trimming above another), so
+    the next layer page-faults the same memory in again: on SmolLM2's zero-shot MMLU that was 17%
+    of the wall time and most of the system time (docs/benchmarks.md).  Blocks up to 32 MiB (the
+    largest ``M_MMAP_THRESHOLD`` glibc takes) now come from the heap, and the heap is never
+    trimmed: the process keeps its peak resident size, as an inference engine's memory pool does.
+    Process-wide; returns whether it applied (False off glibc)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        return False
+    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+    ok = mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1
+    ok &= mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+    ok &= mallopt(M_TOP_PAD, 64 << 20) == 1
+    return bool(ok)
+
+
 def default_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
@@ -554,6 +579,8 @@ class HFEngine(TokenEngine):
     model's attention allows),
     ``head_rows`` (read positions per vocabulary-head chunk; 0: the head after every forward pass),
     ``fuse`` (``auto``: compiled elementwise kernels on a bf16 CPU, :mod:`rayeval.eval.fused`),
+    ``keep_heap`` (``auto``: on a CPU host, freed activations stay in the process heap,
+    :func:`keep_heap`),
     ``prefix_sharing``, ``score_cache``;
     anything else goes to ``from_pretrained``."""
 
@@ -583,6 +610,8 @@ class HFEngine(TokenEngine):
         cache = kw.pop("score_cache", None)
         limit = kw.pop("max_model_len", None)
         threads = kw.pop("num_threads", None) or default_threads()
+        heap = kw.pop("keep_heap", "auto")
+        self.keep_heap = keep_heap() if (on_cpu() if heap == "auto" else bool(heap)) else False
         torch.set_num_threads(int(threads))
         path = resolve_model(model)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path))

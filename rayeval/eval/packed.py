@@ -37,6 +37,43 @@ class Group:
     sliding: Any | None
     src: Any           # real (non-pad) slots of the flattened [R * qmax] output
     dst: Any           # their packed positions
+    bias: dict = field(default_factory=dict)  # (sliding, heads per kv head, dtype) -> additive mask, made once a pass
+    folded: dict = field(default_factory=dict)  # (heads, kv heads, pass length) -> fold_index, made once a pass
+
+    def fold_index(self, heads: int, kv_heads: int, n: int, head_major: bool):
+        """Index tensors for queries folded per key/value head: ``take`` gathers the group's
+        ``[R, kv_heads, fold * qmax, D]`` queries in one copy from the pass's ``n * heads`` query
+        rows (head-major ``[heads, n, D]`` or token-major ``[n, heads, D]``, as the model wrote
+        them); ``put`` sends each output row to its token-major row (pads to row ``n * heads``, a
+        scratch row)."""
+        key = (heads, kv_heads, n, head_major)
+        if key not in self.folded:
+            import torch
+
+            R, qm, fold = self.rows, self.qmax, heads // kv_heads
+            hd = torch.arange(heads, device=self.qidx.device).view(1, kv_heads, fold, 1)
+            tok = self.qidx.view(R, 1, 1, qm)
+            token_major = tok * heads + hd
+            take = hd * n + tok if head_major else token_major
+            real = torch.zeros(R * qm, dtype=torch.bool, device=self.qidx.device)
+            real[self.src] = True
+            put = torch.where(real.view(R, 1, 1, qm), token_major, n * heads)
+            self.folded[key] = (take.reshape(-1), put.reshape(-1))
+        return self.folded[key]
+
+    def mask_bias(self, sliding: bool, fold: int, dtype):
+        """The row mask as an additive bias for queries folded ``fold`` heads deep: ``[R, 1, fold *
+        qmax, K]``, 0 where a key is visible and -inf elsewhere.  Built at the first layer and
+        reused by every other (SDPA's CPU kernel turns a boolean mask into this on every call)."""
+        key = (sliding, fold, dtype)
+        if key not in self.bias:
+            import torch
+
+            m = self.sliding if sliding else self.full
+            if fold > 1:
+                m = m.repeat(1, 1, fold, 1)
+            self.bias[key] = torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill_(~m, float("-inf"))
+        return self.bias[key]
 
 
 @dataclass
@@ -79,21 +116,28 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         p.new[layer] = (k0, v0)
     N, H, D = q0.shape
     hkv = k0.shape[1]
-    out = q0.new_empty(N, H, D)
+    fold = H // hkv
+    head_major = query[0].is_contiguous()  # Gemma-3's q-norm writes [H, N, D]; SmolLM2's projection [N, H, D]
+    qrows = query[0].reshape(H * N, D) if head_major else q0.reshape(N * H, D)
+    out = q0.new_empty(N * H + 1, D)  # + a scratch row that padding slots write to
     for g in p.groups:
         R, qm = g.rows, g.qmax
-        q = q0.index_select(0, g.qidx).view(R, qm, H, D)
+        take, put = g.fold_index(H, hkv, N, head_major)
         k = k0.index_select(0, g.qidx).view(R, qm, hkv, D)
         v = v0.index_select(0, g.qidx).view(R, qm, hkv, D)
         if g.pmax:
             sk, sv = p.parent_store(layer)
             k = torch.cat([sk.index_select(0, g.pidx).view(R, g.pmax, hkv, D), k], 1)
             v = torch.cat([sv.index_select(0, g.pidx).view(R, g.pmax, hkv, D), v], 1)
-        mask = g.sliding if (sliding_window and g.sliding is not None) else g.full
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
-                                           scale=scaling, enable_gqa=hkv != H)
-        out.index_copy_(0, g.dst, o.transpose(1, 2).reshape(R * qm, H, D).index_select(0, g.src))
-    return out.unsqueeze(0), None
+        # Grouped-query attention with the query heads of each key/value head folded into the
+        # query length ([R, Hkv, fold * qmax, D]): one taller attention per key/value head, no
+        # repeated keys, and the mask as a bias made once a pass (1.2-1.8x faster than SDPA's GQA
+        # with a boolean mask on short rows, docs/benchmarks.md)
+        bias = g.mask_bias(bool(sliding_window and g.sliding is not None), fold, q0.dtype)
+        qf = qrows.index_select(0, take).view(R, hkv, fold * qm, D)
+        o = F.scaled_dot_product_attention(qf, k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=scaling)
+        out.index_copy_(0, put, o.reshape(R * hkv * fold * qm, D))
+    return out[: N * H].view(N, H, D).unsqueeze(0), None
 
 
 def install(model) -> None:

@@ -12,7 +12,7 @@ EXEC_KEYS = ("kind", "actors", "num_cpus", "num_gpus", "resources", "cpu_cores",
              "hf", "vllm")
 # Engine options each kind takes (besides ``from_pretrained`` / ``vllm.LLM`` passthrough below).
 HF_KEYS = {"dtype", "num_threads", "batch_size", "max_tokens_per_batch", "max_kv_tokens", "row_tokens", "min_fill", "head_rows",
-           "fuse", "packed",
+           "fuse", "packed", "keep_heap",
            "prefix_sharing", "max_model_len", "attn_implementation", "revision", "trust_remote_code"}
 
 
