@@ -102,7 +102,7 @@ def zero_shot(model: str, n_q: int, env, tmp: Path, rounds: int = 3) -> dict:
                                 "acc": es.accuracy(preds, gold), "stats": dict(eng.stats)}}
     log(f"{model}: rayeval default engine {n / dt:.2f} q/s (rounds {[round(t, 2) for t in times]} s; {eng.dtype}, "
         f"{torch.get_num_threads()} threads)")
-    roof = es.roofline(eng, reqs, torch, rows_options=(1024, 4096), reps=10, rounds=3)
+    roof = es.roofline(eng, reqs, torch, rows_options=(1024, 4096, 8192), reps=10, rounds=3)
     out["roofline"] = roof
     out["rayeval"]["pct_of_roofline"] = 100 * out["rayeval"]["q_per_s"] / roof["ceiling_q_per_s"]
     # rayeval computes only the trie's tokens: its own bound is the ceiling scaled by what it skips

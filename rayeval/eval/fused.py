@@ -55,6 +55,18 @@ def _gelu_tanh_mul(g, u):
     return (x * torch.sigmoid(_GELU_K * (x + 0.044715 * x * x * x)) * u.float()).to(g.dtype)
 
 
+def _logsumexp_fp32(x):
+    import torch
+
+    return torch.logsumexp(x.float(), -1)
+
+
+def logsumexp_fp32():
+    """``logsumexp(x.float(), -1)`` of 2-D ``x`` as one compiled kernel (reads ``x`` in its own
+    dtype; no fp32 copy of it is written)."""
+    return _compiled("logsumexp_fp32", _logsumexp_fp32)
+
+
 def _is_gelu_tanh(act) -> bool:
     name = type(act).__name__
     return name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation") or (
