@@ -149,7 +149,8 @@ def eng_dtype_is_bf16(dtype: str) -> bool:
     return str(dtype) in ("bfloat16", "torch.bfloat16")
 
 
-def grid_config(models, subjects: int, items: int, arc: int, name: str, drop: str | None = None):
+def grid_config(models, subjects: int, items: int, arc: int, name: str, drop: str | None = None,
+                cache: bool | str = True):
     from rayeval.config import CONFIG_DIR, load_yaml
     from rayeval.eval.config import parse_config
 
@@ -157,7 +158,7 @@ def grid_config(models, subjects: int, items: int, arc: int, name: str, drop: st
     d["name"] = name
     d["models"] = list(models)
     d["batch_size"] = 64
-    d["engine"] = {"kind": "auto", "max_model_len": 2048, "cache": True}
+    d["engine"] = {"kind": "auto", "max_model_len": 2048, "cache": cache}
     d["metrics"] = {"n_boot": 100}
     d["datasets"] = [{"name": "mmlu", "split": "test", "dev_split": "dev", "subjects": SUBJECTS[:subjects],
                       "limit": items, "template": "mmlu"},
@@ -209,10 +210,11 @@ def grid(models, a, env, tmp: Path, out: dict, save) -> dict:
         log(f"plan {m.model}: requested {m.tokens_requested:,}, trie {m.trie_minimum:,}, to compute {m.to_compute:,} "
             f"({m.to_compute / m.trie_minimum:.3f}x trie, {m.sharing:.2f}x less than requested)")
     # end to end, rayeval
-    os.environ["RAYEVAL_CACHE"] = str(tmp / "cache_e2e")
+    # An empty score cache of its own (the engine's ``cache:`` path; $RAYEVAL_CACHE would also move
+    # the prepared models, and the run would convert them again)
     from rayeval.eval.pipeline import run_eval
 
-    cfg = grid_config(models, a.e2e_subjects, a.e2e_items, a.e2e_arc, "grid_e2e")
+    cfg = grid_config(models, a.e2e_subjects, a.e2e_items, a.e2e_arc, "grid_e2e", cache=str(tmp / "cache_e2e"))
     t0 = time.perf_counter()
     res = run_eval(cfg, tmp / "e2e", resume=False, report=False)
     wall = time.perf_counter() - t0
@@ -243,11 +245,12 @@ def grid(models, a, env, tmp: Path, out: dict, save) -> dict:
         log(f"end to end: lm-eval {lm_total:.1f}s vs rayeval {wall:.1f}s = {out['e2e_ratio']:.2f}x")
     # an added setting on a finished grid
     drop = a.added_setting
-    os.environ["RAYEVAL_CACHE"] = str(tmp / "cache_added")
-    run_eval(grid_config(models, a.e2e_subjects, a.e2e_items, a.e2e_arc, "grid_minus", drop=drop), tmp / "minus",
-             resume=False, report=False)
+    added = str(tmp / "cache_added")
+    run_eval(grid_config(models, a.e2e_subjects, a.e2e_items, a.e2e_arc, "grid_minus", drop=drop, cache=added),
+             tmp / "minus", resume=False, report=False)
     t0 = time.perf_counter()
-    full = run_eval(cfg, tmp / "plus", resume=False, report=False)
+    full = run_eval(grid_config(models, a.e2e_subjects, a.e2e_items, a.e2e_arc, "grid_e2e", cache=added), tmp / "plus",
+                    resume=False, report=False)
     out["added_setting"] = {"setting": drop, "wall_s": time.perf_counter() - t0, "models": {}}
     only = grid_config(models, a.e2e_subjects, a.e2e_items, a.e2e_arc, "grid_only")
     only = dataclasses.replace(only, settings=[s for s in only.settings if s.name == drop])
@@ -320,7 +323,11 @@ def render(R: dict) -> str:
                   f"Slice: {R['args']['e2e_subjects']} MMLU subject(s) x {R['args']['e2e_items']} items + "
                   f"{R['args']['e2e_arc']} ARC items, all settings and scorings, both models.", "",
                   f"rayeval `run_eval` (Ray Data, engine auto, empty cache): {g['rayeval_e2e']['wall_s']:.1f} s, "
-                  f"{g['rayeval_e2e']['rows']} rows.", "",
+                  f"{g['rayeval_e2e']['rows']} rows; stages: " + ", ".join(
+                      f"{k} {v}" for k, v in g['rayeval_e2e']['accounting'].get('stages', {}).items()) + "; per model: "
+                  + ", ".join(f"{m} engine {v.get('engine_s')} s, {v.get('tokens_computed', 0):,} tokens computed of "
+                              f"{v.get('tokens_requested', 0):,} requested"
+                              for m, v in g['rayeval_e2e']['accounting'].get('models', {}).items()) + ".", "",
                   "| model | lm-eval HF wall s | lm-eval requests | prediction agreement |", "|---|---:|---:|---:|"]
             for m, v in g["lm_eval_hf"].items():
                 L.append(f"| {m} | {v['wall_s']:.1f} | {v['n_requests']:,} | {v['agreement']:.4f} ({v['docs']} docs) |")
