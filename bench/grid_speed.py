@@ -229,10 +229,16 @@ def grid(models, a, env, tmp: Path, out: dict, save) -> dict:
         tasks, idmap = lmeval_grid_tasks(works, tmp)
         out["lm_eval_hf"] = {}
         for model in models:
-            d = es.run_lmeval("hf", str(resolve_model(model)), dict(env), tmp, tasks, {k: k for k in idmap},
-                              dtype="float32" if not _bf16() else "bfloat16", batch_size=64,
-                              extra_env={"OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}, timeout=5400,
-                              add_bos=_bos(model))
+            try:
+                d = es.run_lmeval("hf", str(resolve_model(model)), dict(env), tmp, tasks, {k: k for k in idmap},
+                                  dtype="float32" if not _bf16() else "bfloat16", batch_size=64,
+                                  extra_env={"OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}, timeout=5400,
+                                  add_bos=_bos(model))
+            except RuntimeError as e:  # e.g. killed for memory: Gemma-3's 262k-wide logits at every position
+                out["lm_eval_hf"][model] = {"error": str(e).splitlines()[0]}
+                log(f"lm-eval HF {model}: {str(e).splitlines()[0]}")
+                save()
+                continue
             mine = rows[rows.model == model].set_index(["dataset", "setting", "scoring", "item_id", "rotation"])
             same = sum(int(mine.loc[idmap[k], "pred_none"]) == v for k, v in d["preds"].items())
             out["lm_eval_hf"][model] = {"eval_s": d["eval_s"], "wall_s": d["wall_s"], "n_requests": d["n_requests"],
@@ -240,8 +246,11 @@ def grid(models, a, env, tmp: Path, out: dict, save) -> dict:
             log(f"lm-eval HF {model}: eval {d['eval_s']:.1f}s (wall {d['wall_s']:.1f}s), agreement "
                 f"{same / len(d['preds']):.4f}")
             save()
-        lm_total = sum(v["wall_s"] for v in out["lm_eval_hf"].values())
+        lm_total = sum(v.get("wall_s", 0.0) for v in out["lm_eval_hf"].values())
         out["e2e_ratio"] = lm_total / wall
+        failed = [m for m, v in out["lm_eval_hf"].items() if "error" in v]
+        if failed:
+            out["e2e_ratio_note"] = f"lm-eval failed on {', '.join(failed)}: its time counts as 0 s, rayeval's includes it"
         log(f"end to end: lm-eval {lm_total:.1f}s vs rayeval {wall:.1f}s = {out['e2e_ratio']:.2f}x")
     # an added setting on a finished grid
     drop = a.added_setting
@@ -281,7 +290,9 @@ def render(R: dict) -> str:
     c = R["cpu"]
     L = [f"# Grid benchmark, {R['date']}", "",
          f"CPU: {c['model']}, {c['cores']} cores; flags {' '.join(c['flags'])}; native bf16: {R['native_bf16']}. "
-         f"Load average {R['loadavg_start'][0]:.1f} at start, {R.get('loadavg_end', [0])[0]:.1f} at end.", ""]
+         f"Load average {R['loadavg_start'][0]:.1f} at start, "
+         + (f"{R['loadavg_end'][0]:.1f} at end." if R.get("loadavg_end") else "no reading at the end (the run stopped early).")
+         , ""]
     if R.get("zero_shot"):
         nan = float("nan")
         L += ["## Zero-shot symbol scoring (MMLU, three subjects)", "",
@@ -330,9 +341,13 @@ def render(R: dict) -> str:
                               for m, v in g['rayeval_e2e']['accounting'].get('models', {}).items()) + ".", "",
                   "| model | lm-eval HF wall s | lm-eval requests | prediction agreement |", "|---|---:|---:|---:|"]
             for m, v in g["lm_eval_hf"].items():
+                if "error" in v:
+                    L.append(f"| {m} | {v['error']} | | |")
+                    continue
                 L.append(f"| {m} | {v['wall_s']:.1f} | {v['n_requests']:,} | {v['agreement']:.4f} ({v['docs']} docs) |")
             if "e2e_ratio" in g:
-                L += ["", f"**End to end: lm-eval / rayeval = {g['e2e_ratio']:.2f}x**", ""]
+                L += ["", f"**End to end: lm-eval / rayeval = {g['e2e_ratio']:.2f}x**"
+                      + (f" ({g['e2e_ratio_note']})" if g.get("e2e_ratio_note") else ""), ""]
         a = g.get("added_setting")
         if a:
             L += [f"## A finished grid plus one setting (`{a['setting']}`)", "",
