@@ -636,11 +636,9 @@ class HFEngine(TokenEngine):
             from rayeval.eval.fused import fuse_elementwise
 
             self.fused = fuse_elementwise(self.model)
-        self._lse = None
-        if self.fused:
-            from rayeval.eval.fused import logsumexp_fp32
+        from rayeval.eval.fused import logsumexp_fp32
 
-            self._lse = logsumexp_fp32()
+        self._lse = logsumexp_fp32(compiled=bool(self.fused))
         # Packed passes (rayeval.eval.packed) run their own SDPA: the default, unless another
         # attention implementation is asked for or the model soft-caps its attention logits.
         can_pack = kw.get("attn_implementation") in (None, "sdpa") and not getattr(cfg, "attn_logit_softcapping", None)
@@ -664,21 +662,13 @@ class HFEngine(TokenEngine):
     def _tokens_computed(self, jobs: Sequence[TokenJob]) -> int:
         return self._last_trie_size if jobs else 0  # the trie _compute just ran (flat without sharing)
 
-    def _head(self, h):
-        logits = self.model.lm_head(h).float()
-        if self.softcap:
-            logits = self._torch.tanh(logits / self.softcap) * self.softcap
-        return logits
-
     def _head_logprobs(self, h, inv, ti):
-        """log p(token ``ti[i]`` | position ``inv[i]``) for hidden states ``h`` at distinct positions.
-        With fused kernels and no soft-capping, the fp32 log-sum-exp runs as one compiled pass
-        over the model-dtype logits (Gemma-3: 262k per row) instead of eager PyTorch's float copy,
-        max, subtract and exp over the whole chunk."""
-        if self._lse is None or self.softcap:
-            logits = self._head(h)
-            return logits[inv, ti] - self._torch.logsumexp(logits, -1)[inv]
+        """log p(token ``ti[i]`` | position ``inv[i]``) for hidden states ``h`` at distinct positions:
+        the fp32 log-sum-exp over the model-dtype logits (with fused kernels one compiled pass, no
+        fp32 copy of Gemma-3's 262k-wide rows; soft-capped logits are fp32 already)."""
         logits = self.model.lm_head(h)
+        if self.softcap:
+            logits = self._torch.tanh(logits.float() / self.softcap) * self.softcap
         return logits[inv, ti].float() - self._lse(logits)[inv]
 
     def _rows(self, nodes: list[int], trie: PrefixTrie) -> list[list[int]]:
@@ -858,7 +848,7 @@ class HFEngine(TokenEngine):
             src = real.nonzero().squeeze(1)
             built.append(Group(qidx=qidx.flatten().to(dev), pidx=pidx.flatten().to(dev) if pmax else None,
                                rows=R, qmax=qmax, pmax=pmax, full=full[:, None].to(dev), sliding=sliding,
-                               src=src.to(dev), dst=qidx.flatten()[src].to(dev)))
+                               src=src.to(dev)))
         keep = any(trie.children[n] for n in start)
         p = Pass(groups=built, parents=list(parents), kv=kv, keep=keep)
         dummy = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=dev)  # 4-D: transformers builds no mask

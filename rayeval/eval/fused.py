@@ -61,10 +61,10 @@ def _logsumexp_fp32(x):
     return torch.logsumexp(x.float(), -1)
 
 
-def logsumexp_fp32():
-    """``logsumexp(x.float(), -1)`` of 2-D ``x`` as one compiled kernel (reads ``x`` in its own
-    dtype; no fp32 copy of it is written)."""
-    return _compiled("logsumexp_fp32", _logsumexp_fp32)
+def logsumexp_fp32(compiled: bool = True):
+    """``logsumexp(x.float(), -1)`` of 2-D ``x``; ``compiled``: as one kernel that reads ``x`` in
+    its own dtype (no fp32 copy of it is written)."""
+    return _compiled("logsumexp_fp32", _logsumexp_fp32) if compiled else _logsumexp_fp32
 
 
 def _is_gelu_tanh(act) -> bool:

@@ -36,9 +36,8 @@ class Group:
     full: Any          # [R, 1, qmax, pmax + qmax] bool
     sliding: Any | None
     src: Any           # real (non-pad) slots of the flattened [R * qmax] output
-    dst: Any           # their packed positions
     bias: dict = field(default_factory=dict)  # (sliding, heads per kv head, dtype) -> additive mask, made once a pass
-    folded: dict = field(default_factory=dict)  # (heads, kv heads, pass length) -> fold_index, made once a pass
+    folded: dict = field(default_factory=dict)  # (heads, kv heads, pass length, head-major) -> fold_index
 
     def fold_index(self, heads: int, kv_heads: int, n: int, head_major: bool):
         """Index tensors for queries folded per key/value head: ``take`` gathers the group's
