@@ -306,7 +306,7 @@ def keep_heap() -> bool:
 
     A CPU forward pass allocates and frees activations of megabytes per layer.  glibc's defaults
     return such blocks to the kernel (``mmap`` above a threshold, heap trimming above another), so
-    the next layer page-faults the same memory in again: on SmolLM2's zero-shot MMLU that was 17%
+    the next layer page-faults the same memory in again: on SmolLM2's zero-shot MMLU that was 13-15%
     of the wall time and most of the system time (docs/benchmarks.md).  Blocks up to 32 MiB (the
     largest ``M_MMAP_THRESHOLD`` glibc takes) now come from the heap, and the heap is never
     trimmed: the process keeps its peak resident size, as an inference engine's memory pool does.
