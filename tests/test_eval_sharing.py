@@ -108,6 +108,42 @@ def test_shards_follow_prompt_order():
     assert sorted(w.key for w in flat) == sorted(w.key for w in works)
 
 
+def test_attention_groups_bound_padding_on_both_dimensions():
+    """Rows of one trie level mix short and long parent paths: each attention group pads to its
+    first row's query and key lengths, so every row must fill ``min_fill`` of both and the padded
+    cells stay within ``1 / min_fill**2`` of the real ones."""
+    import random
+    from types import SimpleNamespace
+
+    from rayeval.eval.engines import HFEngine
+
+    rng = random.Random(0)
+    q = [rng.choice([rng.randint(1, 12), rng.randint(20, 64)]) for _ in range(400)]
+    p = [rng.choice([0, rng.randint(5, 40), rng.randint(200, 460)]) for _ in range(400)]
+    order = sorted(range(400), key=lambda i: (-(p[i] + q[i]), -q[i]))
+    eng = SimpleNamespace(min_fill=0.75, batch_size=16, max_kv_tokens=4096)
+    groups = HFEngine._groups(eng, order, q, p)
+    assert sorted(i for g in groups for i in g) == list(range(400))
+    padded = real = 0
+    for g in groups:
+        qm, pm = max(q[i] for i in g), max(p[i] for i in g)
+        assert (q[g[0]], p[g[0]]) == (qm, pm)  # the first row sets the group's shape
+        assert len(g) <= 16 and len(g) * (pm + qm) <= 4096 or len(g) == 1
+        assert all(q[i] >= 0.75 * qm and p[i] + q[i] >= 0.75 * (pm + qm) for i in g)
+        padded += len(g) * qm * (pm + qm)
+        real += sum(q[i] * (p[i] + q[i]) for i in g)
+    assert padded <= real / 0.75 ** 2
+    # grouping on the query length alone (sorted by it, as before) pads these rows far more
+    qonly, cur = [], None
+    for i in sorted(range(400), key=lambda i: (-q[i], -p[i])):
+        if cur is None or len(cur) == 16 or q[i] < 0.75 * q[cur[0]]:
+            cur = []
+            qonly.append(cur)
+        cur.append(i)
+    old = sum(len(g) * q[g[0]] * (max(p[i] for i in g) + q[g[0]]) for g in qonly)
+    assert old > 1.5 * padded, (old, padded, real)
+
+
 def test_too_long_prompt_names_item_setting_and_scoring():
     cfg = _cfg([{"name": "baseline"}, {"name": "shots", "shots": {"k": 2, "source": "dev"}}])
     dev = [MCQItem(id=f"d{i}", question="long " * 40, choices=["a", "b", "c", "d"], gold=0, subject="math")

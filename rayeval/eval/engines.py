@@ -575,8 +575,8 @@ class HFEngine(TokenEngine):
     attention group; padded: per pass), ``max_tokens_per_batch`` (tokens per forward pass; 8,192
     packed, 4,096 padded),
     ``max_kv_tokens`` (keys per attention group, parents' included), ``row_tokens`` (sibling tokens
-    packed per row), ``min_fill`` (a row shorter than this share of its group's longest opens the
-    next group: attention padding stays small), ``packed`` (``auto``: packed passes where the
+    packed per row), ``min_fill`` (a row must fill this share of its attention group's query and
+    key lengths, else it opens another group: attention padding stays small), ``packed`` (``auto``: packed passes where the
     model's attention allows),
     ``head_rows`` (read positions per vocabulary-head chunk; 0: the head after every forward pass),
     ``fuse`` (``auto``: compiled elementwise kernels on a bf16 CPU, :mod:`rayeval.eval.fused`),
@@ -770,31 +770,39 @@ class HFEngine(TokenEngine):
 
     def _passes(self, rows: list[list[int]], trie: PrefixTrie):
         """Packed mode: rows into passes of at most ``max_tokens_per_batch`` real tokens (no
-        padding), and each pass's rows into attention groups (longest first; a row shorter than
-        ``min_fill`` of its group's first, or past ``batch_size`` rows or ``max_kv_tokens``, opens
-        the next group).  Yields lists of groups, each a list of rows."""
+        padding), and each pass's rows into attention groups.  Yields lists of groups, each a list
+        of rows."""
         q = [sum(trie.hi[n] - trie.lo[n] for n in r) for r in rows]
         p = [trie.lo[r[0]] for r in rows]
-        order = sorted(range(len(rows)), key=lambda i: (-q[i], -p[i]))
-        groups: list[list[int]] = []
+        order = sorted(range(len(rows)), key=lambda i: (-(p[i] + q[i]), -q[i]))
+        chosen: list[int] = []
         used = 0
         for i in order:
-            if groups and used + q[i] > self.max_tokens_per_batch:
-                yield [[rows[j] for j in g] for g in groups]
-                groups, used = [], 0
-            g = groups[-1] if groups else None
-            if g is not None:
-                qmax, b = q[g[0]], len(g) + 1
-                pmax = max(p[j] for j in g + [i])
-                if b > self.batch_size or b * (pmax + qmax) > self.max_kv_tokens or q[i] < self.min_fill * qmax:
-                    g = None
-            if g is None:
-                groups.append([])
-                g = groups[-1]
-            g.append(i)
+            if chosen and used + q[i] > self.max_tokens_per_batch:
+                yield [[rows[j] for j in g] for g in self._groups(chosen, q, p)]
+                chosen, used = [], 0
+            chosen.append(i)
             used += q[i]
-        if groups:
-            yield [[rows[j] for j in g] for g in groups]
+        if chosen:
+            yield [[rows[j] for j in g] for g in self._groups(chosen, q, p)]
+
+    def _groups(self, order: list[int], q: list[int], p: list[int]) -> list[list[int]]:
+        """Rows (longest keys first) into attention groups: a group is a padded ``[rows, qmax,
+        pmax + qmax]`` attention, set by its first row; a row joins the first open group it fits
+        with at least ``min_fill`` of that group's query length and of its key length (else it
+        opens a group), up to ``batch_size`` rows and ``max_kv_tokens`` keys.  Bounding both
+        dimensions keeps the padded attention cells near the real ones on trie levels whose rows
+        mix short and long parent paths (paper grid: 1.2x the real cells, was 1.7x)."""
+        groups: list[tuple[list[int], int, int]] = []  # (rows, qmax, pmax)
+        for i in order:
+            for g, qm, pm in groups:
+                if (q[i] <= qm and p[i] <= pm and q[i] >= self.min_fill * qm and p[i] + q[i] >= self.min_fill * (pm + qm)
+                        and len(g) < self.batch_size and (len(g) + 1) * (pm + qm) <= self.max_kv_tokens):
+                    g.append(i)
+                    break
+            else:
+                groups.append(([i], q[i], p[i]))
+        return [g for g, _, _ in groups]
 
     def _forward_packed(self, groups: list[list[list[int]]], trie: PrefixTrie, kv, nxt, reads) -> None:
         """One packed forward pass (:mod:`rayeval.eval.packed`): the rows of every group as one
