@@ -724,15 +724,25 @@ class HFEngine(TokenEngine):
                 reads.setdefault(node, []).append((o, tok, k, slot))
         is_next = [j.next_token for j in jobs]
         values: list = [[0.0] * len(j.cands) if j.next_token else [0.0, len(j.ids) - j.start] for j in jobs]
-        kv: dict[int, list] = {}  # node -> per layer (keys, values) of its whole path
         self._pending: list = []  # (hidden states at read positions, their reads), headed at the end
         with torch.inference_mode():
+            if self.packed:
+                from rayeval.eval.packed import KVStore
+
+                store = KVStore(trie, self.device)  # the keys/values of every node with children
+            kv: dict[int, list] = {}  # padded passes: node -> per layer (keys, values) of its whole path
             for level in trie.levels():
                 nxt: dict[int, list] = {}
                 rows = self._rows(level, trie)
-                for batch in (self._passes(rows, trie) if self.packed else self._batches(rows, trie)):
-                    (self._forward_packed if self.packed else self._forward)(batch, trie, kv, nxt, reads)
-                    if not self.head_rows:  # head_rows 0: the head after every pass (the reference)
+                if self.packed:
+                    for groups in self._passes(rows, trie):
+                        self._forward_packed(groups, trie, store, reads)
+                        if not self.head_rows:  # head_rows 0: the head after every pass (the reference)
+                            self._read_heads(values, is_next)
+                    continue
+                for batch in self._batches(rows, trie):
+                    self._forward(batch, trie, kv, nxt, reads)
+                    if not self.head_rows:
                         self._read_heads(values, is_next)
                 kv = nxt
             self._read_heads(values, is_next)
@@ -804,7 +814,7 @@ class HFEngine(TokenEngine):
                 groups.append(([i], q[i], p[i]))
         return [g for g, _, _ in groups]
 
-    def _forward_packed(self, groups: list[list[list[int]]], trie: PrefixTrie, kv, nxt, reads) -> None:
+    def _forward_packed(self, groups: list[list[list[int]]], trie: PrefixTrie, store, reads) -> None:
         """One packed forward pass (:mod:`rayeval.eval.packed`): the rows of every group as one
         sequence for the linear layers, attention per group on top of the parents' caches."""
         from rayeval.eval.packed import Group, Pass, running
@@ -814,15 +824,13 @@ class HFEngine(TokenEngine):
         ids: list[int] = []
         pos: list[int] = []
         start: dict[int, int] = {}   # node -> its first packed position
-        parents: dict[int, int] = {}  # parent node -> offset in the parent store
-        offset = 0
         built = []
         for rows in groups:
             P = [trie.lo[row[0]] for row in rows]
             Q = [sum(trie.hi[n] - trie.lo[n] for n in row) for row in rows]
             R, pmax, qmax = len(rows), max(P), max(Q)
             qidx = torch.zeros((R, qmax), dtype=torch.long)
-            pidx = torch.zeros((R, pmax), dtype=torch.long)
+            pidx = torch.zeros((R, pmax), dtype=torch.long, device=dev)
             gpos = torch.zeros((R, qmax), dtype=torch.long)
             grp = torch.full((R, qmax), -1, dtype=torch.long)
             for r, row in enumerate(rows):
@@ -837,11 +845,7 @@ class HFEngine(TokenEngine):
                     pos.extend(range(P[r], P[r] + s))
                     c += s
                 if P[r]:
-                    par = trie.parent[row[0]]
-                    if par not in parents:
-                        parents[par] = offset
-                        offset += P[r]
-                    pidx[r, pmax - P[r]:] = torch.arange(parents[par], parents[par] + P[r])
+                    pidx[r, pmax - P[r]:] = store.path(trie.parent[row[0]])
             kreal = torch.arange(pmax)[None, :] >= (pmax - torch.tensor(P))[:, None]
             same = (grp[:, :, None] == grp[:, None, :]) & (gpos[:, :, None] >= gpos[:, None, :]) & (grp[:, :, None] >= 0)
             eye = torch.eye(qmax, dtype=torch.bool)[None] & (grp[:, :, None] < 0)   # pads see themselves
@@ -854,11 +858,14 @@ class HFEngine(TokenEngine):
                 sliding = ((full & near) | padself)[:, None].to(dev)
             real = (grp >= 0).flatten()
             src = real.nonzero().squeeze(1)
-            built.append(Group(qidx=qidx.flatten().to(dev), pidx=pidx.flatten().to(dev) if pmax else None,
+            built.append(Group(qidx=qidx.flatten().to(dev), pidx=pidx.flatten() if pmax else None,
                                rows=R, qmax=qmax, pmax=pmax, full=full[:, None].to(dev), sliding=sliding,
                                src=src.to(dev)))
-        keep = any(trie.children[n] for n in start)
-        p = Pass(groups=built, parents=list(parents), kv=kv, keep=keep)
+        kept = [n for n in start if trie.children[n]]
+        p = Pass(groups=built, store=store)
+        if kept:  # their keys/values go to the store as each layer makes them
+            p.src = torch.cat([torch.arange(start[n], start[n] + trie.hi[n] - trie.lo[n]) for n in kept]).to(dev)
+            p.dst = torch.cat([store.own(n) for n in kept])
         dummy = torch.ones((1, 1, 1, 1), dtype=torch.bool, device=dev)  # 4-D: transformers builds no mask
         attn = {"full_attention": dummy, "sliding_attention": dummy} if self.window else dummy
         with running(p):
@@ -873,21 +880,6 @@ class HFEngine(TokenEngine):
                 want.append((q, tok, k, slot))
         if want:
             self._pending.append((h[torch.tensor(list(at), device=dev)], want))
-        if keep:
-            layers = sorted(p.new)
-            for n, s0 in start.items():
-                if not trie.children[n]:
-                    continue
-                s1 = s0 + trie.hi[n] - trie.lo[n]
-                path = []
-                for layer in layers:
-                    k_new, v_new = p.new[layer]
-                    if trie.lo[n]:
-                        pk, pv = kv[trie.parent[n]][layer]
-                        path.append((torch.cat([pk, k_new[s0:s1]]), torch.cat([pv, v_new[s0:s1]])))
-                    else:
-                        path.append((k_new[s0:s1].clone(), v_new[s0:s1].clone()))
-                nxt[n] = path
 
     def _forward(self, batch: list[list[int]], trie: PrefixTrie, kv, nxt, reads) -> None:
         """One forward pass over rows of sibling nodes on top of their parents' caches.

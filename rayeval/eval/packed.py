@@ -8,8 +8,8 @@ see the pass as one sequence of real tokens, ``[1, N, hidden]``: no padding, and
 group of rows of similar length into a padded ``[rows, heads, length, dim]`` batch on top of the
 rows' parent caches, runs SDPA with the row mask (a token sees its parent path and the earlier
 tokens of its own node; siblings never see each other; the sliding window where a layer has
-one), and scatters the result back.  The key/value states of nodes with children are kept for the
-next level of the trie.
+one), and scatters the result back.  The key/value states of nodes with children go to a
+:class:`KVStore` (written once, read by every later pass through index tensors of paths).
 
 Nothing here changes what a token computes: the same weights, positions and visible keys as a
 plain forward pass over its whole sequence (tests compare against one)."""
@@ -29,7 +29,7 @@ class Group:
     """Rows that attend in one SDPA call: index tensors into the packed sequence and the parent store."""
 
     qidx: Any          # [R * qmax] packed positions of the rows' tokens (pads: 0)
-    pidx: Any | None   # [R * pmax] positions in the pass's parent store (pads: 0); None without parents
+    pidx: Any | None   # [R * pmax] slots of the rows' parent paths in the KV store (pads: 0); None without parents
     rows: int
     qmax: int
     pmax: int
@@ -75,23 +75,52 @@ class Group:
         return self.bias[key]
 
 
+class KVStore:
+    """The keys and values of every trie node with children, one ``[slots, Hkv, D]`` tensor per
+    layer (allocated at the first write): each node's tokens get their slots once, and a node's
+    path (its ancestors' slots, then its own) is an index tensor into them, so a row's parent
+    cache is one ``index_select`` and no path is ever copied whole."""
+
+    def __init__(self, trie, device):
+        import torch
+
+        self.trie, self.device, self._torch = trie, device, torch
+        self.first: dict[int, int] = {}
+        n = 0
+        for node in range(1, len(trie.parent)):
+            if trie.children[node]:
+                self.first[node] = n
+                n += trie.hi[node] - trie.lo[node]
+        self.slots = n
+        self.k: dict[int, Any] = {}
+        self.v: dict[int, Any] = {}
+        self._paths: dict[int, Any] = {0: torch.zeros(0, dtype=torch.long, device=device)}
+
+    def own(self, node: int):
+        a = self.first[node]
+        return self._torch.arange(a, a + self.trie.hi[node] - self.trie.lo[node], device=self.device)
+
+    def path(self, node: int):
+        """Slots of ``node``'s whole sequence (its tokens included; it must have children)."""
+        if node not in self._paths:
+            self._paths[node] = self._torch.cat([self.path(self.trie.parent[node]), self.own(node)])
+        return self._paths[node]
+
+    def write(self, layer: int, k, v, src, dst) -> None:
+        """Keys/values ``[N, Hkv, D]`` of a pass: rows ``src`` go to slots ``dst``."""
+        if layer not in self.k:
+            self.k[layer] = k.new_empty((self.slots,) + tuple(k.shape[1:]))
+            self.v[layer] = v.new_empty((self.slots,) + tuple(v.shape[1:]))
+        self.k[layer].index_copy_(0, dst, k.index_select(0, src))
+        self.v[layer].index_copy_(0, dst, v.index_select(0, src))
+
+
 @dataclass
 class Pass:
     groups: list[Group]
-    parents: list[int]                      # trie nodes whose caches form the parent store, in order
-    kv: dict                                # node -> per layer (keys [P, Hkv, D], values): its whole path
-    keep: bool                              # some node of the pass has children: keep its keys/values
-    new: dict = field(default_factory=dict)  # layer -> (keys [N, Hkv, D], values) of the pass
-    store: dict = field(default_factory=dict)
-
-    def parent_store(self, layer: int):
-        if layer not in self.store:
-            import torch
-
-            ks = [self.kv[n][layer][0] for n in self.parents]
-            vs = [self.kv[n][layer][1] for n in self.parents]
-            self.store[layer] = (torch.cat(ks), torch.cat(vs)) if len(ks) > 1 else (ks[0], vs[0])
-        return self.store[layer]
+    store: KVStore
+    src: Any | None = None   # packed positions of the pass's tokens of nodes with children ...
+    dst: Any | None = None   # ... and their slots in the store (None: no node of the pass has children)
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -111,8 +140,8 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     # token-major views ([N, heads, D], contiguous as the projections wrote them): gathering rows
     # of tokens from them copies only the rows, never the whole pass
     q0, k0, v0 = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)
-    if p.keep:
-        p.new[layer] = (k0, v0)
+    if p.dst is not None:
+        p.store.write(layer, k0, v0, p.src, p.dst)
     N, H, D = q0.shape
     hkv = k0.shape[1]
     fold = H // hkv
@@ -125,7 +154,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         k = k0.index_select(0, g.qidx).view(R, qm, hkv, D)
         v = v0.index_select(0, g.qidx).view(R, qm, hkv, D)
         if g.pmax:
-            sk, sv = p.parent_store(layer)
+            sk, sv = p.store.k[layer], p.store.v[layer]
             k = torch.cat([sk.index_select(0, g.pidx).view(R, g.pmax, hkv, D), k], 1)
             v = torch.cat([sv.index_select(0, g.pidx).view(R, g.pmax, hkv, D), v], 1)
         # Grouped-query attention with the query heads of each key/value head folded into the
