@@ -16,7 +16,10 @@ Part B, the paper grid (``eval_paper_grid``: 25 settings, three scorings) on a s
   end to end      ``run_eval`` (Ray Data, one actor, engine ``auto``, empty score cache) against
                   lm-eval running every (setting, scoring) as its own task on exactly rayeval's
                   prompts (one ``simple_evaluate`` over all tasks), on a smaller slice; predictions
-                  compared on the raw log-likelihood argmax
+                  compared on the raw log-likelihood argmax.  lm-eval's batch per model is the
+                  largest power of two up to 64 whose log-probabilities (batch x longest sequence
+                  x vocabulary, lm-eval holds them all) fit in half the available memory: Gemma-3's
+                  262k-wide rows at every position of a few-shot prompt do not fit at 64
   added setting   the slice without one setting, then the full slice on the same score cache: what
                   the second run computed against that setting's share of the plan
 
@@ -156,8 +159,7 @@ def grid_config(models, subjects: int, items: int, arc: int, name: str, drop: st
 
     d = load_yaml(CONFIG_DIR / "eval_paper_grid.yaml")
     d["name"] = name
-    d["models"] = list(models)
-    d["batch_size"] = 64
+    d["models"] = list(models)  # works per shard: the packaged config's (a shard is one engine call)
     d["engine"] = {"kind": "auto", "max_model_len": 2048, "cache": cache}
     d["metrics"] = {"n_boot": 100}
     d["datasets"] = [{"name": "mmlu", "split": "test", "dev_split": "dev", "subjects": SUBJECTS[:subjects],
@@ -229,20 +231,29 @@ def grid(models, a, env, tmp: Path, out: dict, save) -> dict:
         tasks, idmap = lmeval_grid_tasks(works, tmp)
         out["lm_eval_hf"] = {}
         for model in models:
-            try:
-                d = es.run_lmeval("hf", str(resolve_model(model)), dict(env), tmp, tasks, {k: k for k in idmap},
-                                  dtype="float32" if not _bf16() else "bfloat16", batch_size=64,
-                                  extra_env={"OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}, timeout=5400,
-                                  add_bos=_bos(model))
-            except RuntimeError as e:  # e.g. killed for memory: Gemma-3's 262k-wide logits at every position
-                out["lm_eval_hf"][model] = {"error": str(e).splitlines()[0]}
-                log(f"lm-eval HF {model}: {str(e).splitlines()[0]}")
-                save()
+            batch = lmeval_batch(model, works)
+            d = None
+            for b in (batch, max(1, batch // 4)):  # a second try only if the estimate was off
+                try:
+                    d = es.run_lmeval("hf", str(resolve_model(model)), dict(env), tmp, tasks, {k: k for k in idmap},
+                                      dtype="float32" if not _bf16() else "bfloat16", batch_size=b,
+                                      extra_env={"OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))}, timeout=5400,
+                                      add_bos=_bos(model))
+                    d["batch_size"] = b
+                    break
+                except RuntimeError as e:  # e.g. killed for memory
+                    out["lm_eval_hf"][model] = {"error": f"batch {b}: " + str(e).splitlines()[0]}
+                    log(f"lm-eval HF {model}: batch {b}: {str(e).splitlines()[0]}")
+                    save()
+                    if b == 1:
+                        break
+            if d is None:
                 continue
             mine = rows[rows.model == model].set_index(["dataset", "setting", "scoring", "item_id", "rotation"])
             same = sum(int(mine.loc[idmap[k], "pred_none"]) == v for k, v in d["preds"].items())
             out["lm_eval_hf"][model] = {"eval_s": d["eval_s"], "wall_s": d["wall_s"], "n_requests": d["n_requests"],
-                                        "agreement": same / len(d["preds"]), "docs": len(d["preds"])}
+                                        "agreement": same / len(d["preds"]), "docs": len(d["preds"]),
+                                        "batch_size": d["batch_size"]}
             log(f"lm-eval HF {model}: eval {d['eval_s']:.1f}s (wall {d['wall_s']:.1f}s), agreement "
                 f"{same / len(d['preds']):.4f}")
             save()
@@ -272,6 +283,31 @@ def grid(models, a, env, tmp: Path, out: dict, save) -> dict:
         log(f"added setting {drop} ({m}): computed {got:,} tokens; the setting alone plans {ms.to_compute:,}, "
             f"the whole grid {mw.to_compute:,}")
     return out
+
+
+def lmeval_batch(model: str, works) -> int:
+    """lm-eval's batch for this model on these works: the largest power of two up to 64 whose
+    log-probabilities (batch x longest sequence x vocabulary, model dtype, with as much again for
+    lm-eval's log-softmax and the logit soft-capping temporaries: 8 bytes an entry) fit in half
+    of MemAvailable."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from rayeval.models import resolve_model
+
+    path = str(resolve_model(model))
+    cfg = AutoConfig.from_pretrained(path)
+    vocab = int(getattr(cfg, "vocab_size", None) or cfg.get_text_config().vocab_size)
+    tok = AutoTokenizer.from_pretrained(path)
+    texts = sorted({r.prompt + max((c for c in (r.continuations or ("",))), key=len)
+                    for w in works for r in w.requests}, key=len)[-32:]  # the longest by characters
+    longest = max(len(tok(t)["input_ids"]) for t in texts) + 1
+    avail = next(int(x.split()[1]) * 1024 for x in open("/proc/meminfo") if x.startswith("MemAvailable"))
+    b = 64
+    while b > 1 and b * longest * vocab * 8 > avail / 2:
+        b //= 2
+    log(f"lm-eval batch for {model}: {b} (longest sequence {longest} tokens, vocabulary {vocab:,}, "
+        f"{avail / 2**30:.1f} GiB available)")
+    return b
 
 
 def _bos(model: str) -> bool:
@@ -344,7 +380,8 @@ def render(R: dict) -> str:
                 if "error" in v:
                     L.append(f"| {m} | {v['error']} | | |")
                     continue
-                L.append(f"| {m} | {v['wall_s']:.1f} | {v['n_requests']:,} | {v['agreement']:.4f} ({v['docs']} docs) |")
+                L.append(f"| {m} | {v['wall_s']:.1f} (batch {v.get('batch_size', 64)}) | {v['n_requests']:,} | "
+                         f"{v['agreement']:.4f} ({v['docs']} docs) |")
             if "e2e_ratio" in g:
                 L += ["", f"**End to end: lm-eval / rayeval = {g['e2e_ratio']:.2f}x**"
                       + (f" ({g['e2e_ratio_note']})" if g.get("e2e_ratio_note") else ""), ""]
@@ -368,8 +405,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--plan-items", type=int, default=25)
     ap.add_argument("--plan-arc", type=int, default=50)
     ap.add_argument("--e2e-subjects", type=int, default=2)
-    ap.add_argument("--e2e-items", type=int, default=3)
-    ap.add_argument("--e2e-arc", type=int, default=4)
+    ap.add_argument("--e2e-items", type=int, default=25)
+    ap.add_argument("--e2e-arc", type=int, default=25)
     ap.add_argument("--added-setting", default="shot5_fixed_B")
     ap.add_argument("--skip-grid", action="store_true")
     ap.add_argument("--skip-lm-eval", action="store_true")
