@@ -231,7 +231,11 @@ def _numbers(results):
 
 @pytest.mark.model
 @pytest.mark.parametrize("arch", ["llama", "gemma"])
-def test_prefix_sharing_equals_separate_passes(tiny_models, arch):
+def test_prefix_sharing_equals_separate_passes(tiny_models, arch, monkeypatch):
+    from rayeval.eval.packed import KVStore
+
+    # slots of the KV store never written must never be read, not even as masked padding
+    monkeypatch.setattr(KVStore, "unwritten", float("nan"))
     reqs = _grid_requests()
     shared = make_engine("hf", tiny_models[arch], {"dtype": "float32", "num_threads": 1})
     # the reference: no sharing, rows of any length in one pass, the head after every pass
@@ -248,6 +252,34 @@ def test_prefix_sharing_equals_separate_passes(tiny_models, arch):
     # and one request at a time gives the same numbers (batching and packing change nothing)
     one = [shared.score([r])[0] for r in reqs[:8]]
     assert max(abs(x - y) for x, y in zip(_numbers(one), _numbers(a[:8]))) < 1e-4
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_padding_never_reads_a_kv_slot_written_later(tiny_models, arch, monkeypatch):
+    """Token sequences whose trie numbers a deep inner node first (the KV store gives it slot 0)
+    and pads a shallower level's attention group (parent paths of 2 and 4 tokens): the padding must
+    point at slots already written.  Unwritten slots hold NaN here; the numbers must equal every
+    sequence computed alone."""
+    from rayeval.eval.packed import KVStore
+    from rayeval.eval.tokens import PrefixTrie
+
+    monkeypatch.setattr(KVStore, "unwritten", float("nan"))
+    seqs = [(101, 102, 103, 104, 105, 106, 107), (101, 102, 103, 104, 105, 106, 108), (101, 102, 103, 104, 109),
+            (101, 102, 120), (130, 131, 132, 133, 134, 136, 137), (130, 131, 132, 133, 135, 138, 139)]
+    trie = PrefixTrie(seqs)
+    inner = [n for n in range(1, len(trie.parent)) if trie.children[n]]
+    assert trie.depth[inner[0]] == 3  # slot 0 belongs to a node of the third level
+    jobs = [TokenJob(s, 1) for s in seqs]
+    fp = {"dtype": "float32", "num_threads": 1, "min_fill": 0.0}
+    shared = make_engine("hf", tiny_models[arch], fp)
+    levels = [shared._rows(level, trie) for level in trie.levels()]
+    second = [g for groups in shared._passes(levels[1], trie) for g in groups]
+    assert len({trie.lo[row[0]] for g in second for row in g}) == 2  # one group, parents of 2 and 4 tokens
+    got = shared._compute(jobs)
+    alone = make_engine("hf", tiny_models[arch], {**fp, "prefix_sharing": False})._compute(jobs)
+    assert all(math.isfinite(x) for v in got for x in v[:1])
+    assert max(abs(a[0] - b[0]) for a, b in zip(got, alone)) < 1e-4
 
 
 @pytest.mark.model

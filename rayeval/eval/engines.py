@@ -830,7 +830,11 @@ class HFEngine(TokenEngine):
             Q = [sum(trie.hi[n] - trie.lo[n] for n in row) for row in rows]
             R, pmax, qmax = len(rows), max(P), max(Q)
             qidx = torch.zeros((R, qmax), dtype=torch.long)
-            pidx = torch.zeros((R, pmax), dtype=torch.long, device=dev)
+            paths = [store.path(trie.parent[row[0]]) if P[r] else None for r, row in enumerate(rows)]
+            # a parent slot written by an earlier level, for the rows' left padding: masked, but a
+            # slot not yet written holds whatever the allocator left there (bf16 NaN x 0 is NaN)
+            pad = next((int(x[0]) for x in paths if x is not None), 0)
+            pidx = torch.full((R, pmax), pad, dtype=torch.long, device=dev)
             gpos = torch.zeros((R, qmax), dtype=torch.long)
             grp = torch.full((R, qmax), -1, dtype=torch.long)
             for r, row in enumerate(rows):
@@ -845,7 +849,7 @@ class HFEngine(TokenEngine):
                     pos.extend(range(P[r], P[r] + s))
                     c += s
                 if P[r]:
-                    pidx[r, pmax - P[r]:] = store.path(trie.parent[row[0]])
+                    pidx[r, pmax - P[r]:] = paths[r]
             kreal = torch.arange(pmax)[None, :] >= (pmax - torch.tensor(P))[:, None]
             same = (grp[:, :, None] == grp[:, None, :]) & (gpos[:, :, None] >= gpos[:, None, :]) & (grp[:, :, None] >= 0)
             eye = torch.eye(qmax, dtype=torch.bool)[None] & (grp[:, :, None] < 0)   # pads see themselves

@@ -79,7 +79,11 @@ class KVStore:
     """The keys and values of every trie node with children, one ``[slots, Hkv, D]`` tensor per
     layer (allocated at the first write): each node's tokens get their slots once, and a node's
     path (its ancestors' slots, then its own) is an index tensor into them, so a row's parent
-    cache is one ``index_select`` and no path is ever copied whole."""
+    cache is one ``index_select`` and no path is ever copied whole.  Only written slots may be read,
+    padding included (a slot not yet written holds whatever the allocator left there, and a masked
+    bf16 NaN still makes NaN): ``unwritten`` (tests: NaN) fills new stores so that a read shows."""
+
+    unwritten: float | None = None
 
     def __init__(self, trie, device):
         import torch
@@ -109,8 +113,11 @@ class KVStore:
     def write(self, layer: int, k, v, src, dst) -> None:
         """Keys/values ``[N, Hkv, D]`` of a pass: rows ``src`` go to slots ``dst``."""
         if layer not in self.k:
-            self.k[layer] = k.new_empty((self.slots,) + tuple(k.shape[1:]))
-            self.v[layer] = v.new_empty((self.slots,) + tuple(v.shape[1:]))
+            shape = (self.slots,) + tuple(k.shape[1:])
+            if self.unwritten is None:
+                self.k[layer], self.v[layer] = k.new_empty(shape), v.new_empty(shape)
+            else:
+                self.k[layer], self.v[layer] = k.new_full(shape, self.unwritten), v.new_full(shape, self.unwritten)
         self.k[layer].index_copy_(0, dst, k.index_select(0, src))
         self.v[layer].index_copy_(0, dst, v.index_select(0, src))
 
