@@ -268,7 +268,10 @@ def test_tiny_real_run_generate_judge_train(tmp_path, shared_data):
         for _ in range(2):
             gens["smollm2-135m"].engine.llm.reset_prefix_cache()
             texts.append([a["response"] for a in gens["smollm2-135m"].generate(convs, sampling)])
-        assert texts[0] == texts[1] and all(texts[0])
+        # Seeded sampling starts the same; on a CPU two identical calls can still differ by a last
+        # bit late in a sequence (seen at token ~14 of 16 on a loaded host), so the check is the start
+        # of each text: without the seed they part at the first sampled tokens.
+        assert all(texts[0]) and all(a[:40] == b[:40] for a, b in zip(*texts)), texts
         write_parquet(resp, tmp_path / "responses.parquet")
 
         cfg = load_judge_config("judge_mt_bench")
