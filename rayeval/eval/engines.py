@@ -732,7 +732,6 @@ class HFEngine(TokenEngine):
                 store = KVStore(trie, self.device)  # the keys/values of every node with children
             kv: dict[int, list] = {}  # padded passes: node -> per layer (keys, values) of its whole path
             for level in trie.levels():
-                nxt: dict[int, list] = {}
                 rows = self._rows(level, trie)
                 if self.packed:
                     for groups in self._passes(rows, trie):
@@ -740,6 +739,7 @@ class HFEngine(TokenEngine):
                         if not self.head_rows:  # head_rows 0: the head after every pass (the reference)
                             self._read_heads(values, is_next)
                     continue
+                nxt: dict[int, list] = {}
                 for batch in self._batches(rows, trie):
                     self._forward(batch, trie, kv, nxt, reads)
                     if not self.head_rows:

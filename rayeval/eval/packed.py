@@ -29,7 +29,7 @@ class Group:
     """Rows that attend in one SDPA call: index tensors into the packed sequence and the parent store."""
 
     qidx: Any          # [R * qmax] packed positions of the rows' tokens (pads: 0)
-    pidx: Any | None   # [R * pmax] slots of the rows' parent paths in the KV store (pads: 0); None without parents
+    pidx: Any | None   # [R * pmax] slots of the rows' parent paths in the KV store (pads: a written slot); None without parents
     rows: int
     qmax: int
     pmax: int
