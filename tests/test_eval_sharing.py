@@ -242,6 +242,12 @@ def test_prefix_sharing_equals_separate_passes(tiny_models, arch, monkeypatch):
     alone = make_engine("hf", tiny_models[arch], {"dtype": "float32", "num_threads": 1, "prefix_sharing": False,
                                                   "min_fill": 0.0, "head_rows": 0})
     chunked = make_engine("hf", tiny_models[arch], {"dtype": "float32", "num_threads": 1, "head_rows": 3})
+    # passes run across trie levels: a node shares a pass with its parent (tree attention in one
+    # pass, the parent's keys written to the store before any row attends), fewer passes than levels
+    trie = shared._trie(unique(shared.token_jobs(reqs)[1])[0])
+    passes = [[n for g in groups for row in g for n in row] for groups in shared._passes(trie)]
+    assert len(passes) < len(trie.levels())
+    assert any(trie.parent[n] in set(ns) for ns in passes for n in ns)
     a, b, c = shared.score(reqs), alone.score(reqs), chunked.score(reqs)
     assert max(abs(x - y) for x, y in zip(_numbers(a), _numbers(b))) < 1e-4
     assert max(abs(x - y) for x, y in zip(_numbers(c), _numbers(b))) < 1e-4
@@ -274,7 +280,7 @@ def test_padding_never_reads_a_kv_slot_written_later(tiny_models, arch, monkeypa
     fp = {"dtype": "float32", "num_threads": 1, "min_fill": 0.0}
     shared = make_engine("hf", tiny_models[arch], fp)
     levels = [shared._rows(level, trie) for level in trie.levels()]
-    second = [g for groups in shared._passes(levels[1], trie) for g in groups]
+    second = shared._pass_groups(levels[1], trie)
     assert len({trie.lo[row[0]] for g in second for row in g}) == 2  # one group, parents of 2 and 4 tokens
     got = shared._compute(jobs)
     alone = make_engine("hf", tiny_models[arch], {**fp, "prefix_sharing": False})._compute(jobs)

@@ -559,14 +559,15 @@ class VLLMEngine(TokenEngine):
 class HFEngine(TokenEngine):
     """A transformers engine that computes every shared prefix once.
 
-    The distinct jobs of a call become a :class:`PrefixTrie`; the trie is run level by level (a
-    node's tokens with its parent's KV cache as the past), so a few-shot block shared by a
-    subject's questions, the prompt shared by its hybrid continuations, or a symbol prompt that is
-    the prefix of the same item's hybrid context are computed once.  A level's nodes form rows
+    The distinct jobs of a call become a :class:`PrefixTrie`; the trie is run shallowest level
+    first (a node's tokens with its parent's KV cache as the past), so a few-shot block shared by
+    a subject's questions, the prompt shared by its hybrid continuations, or a symbol prompt that
+    is the prefix of the same item's hybrid context are computed once.  A level's nodes form rows
     (siblings share one); a forward pass is one packed sequence of up to ``max_tokens_per_batch``
-    real tokens from many rows, with attention per group of rows on top of their parents' caches
-    (:mod:`rayeval.eval.packed`; ``packed: false``: rows right-padded in the model's own
-    attention, parent caches left-padded).  The vocabulary head runs only at the positions a job
+    real tokens from many rows, of one level or several (a node may share a pass with its
+    parent), with attention per group of rows on top of their parents' caches
+    (:mod:`rayeval.eval.packed`; ``packed: false``: a level per pass, rows right-padded in the
+    model's own attention, parent caches left-padded).  The vocabulary head runs only at the positions a job
     reads.  ``prefix_sharing: false`` runs every distinct sequence from scratch (the trie then has
     one node per sequence): the reference the tests compare against.
 
@@ -730,21 +731,19 @@ class HFEngine(TokenEngine):
                 from rayeval.eval.packed import KVStore
 
                 store = KVStore(trie, self.device)  # the keys/values of every node with children
-            kv: dict[int, list] = {}  # padded passes: node -> per layer (keys, values) of its whole path
-            for level in trie.levels():
-                rows = self._rows(level, trie)
-                if self.packed:
-                    for groups in self._passes(rows, trie):
-                        self._forward_packed(groups, trie, store, reads)
-                        if not self.head_rows:  # head_rows 0: the head after every pass (the reference)
-                            self._read_heads(values, is_next)
-                    continue
-                nxt: dict[int, list] = {}
-                for batch in self._batches(rows, trie):
-                    self._forward(batch, trie, kv, nxt, reads)
-                    if not self.head_rows:
+                for groups in self._passes(trie):
+                    self._forward_packed(groups, trie, store, reads)
+                    if not self.head_rows:  # head_rows 0: the head after every pass (the reference)
                         self._read_heads(values, is_next)
-                kv = nxt
+            else:
+                kv: dict[int, list] = {}  # padded passes: node -> per layer (keys, values) of its whole path
+                for level in trie.levels():
+                    nxt: dict[int, list] = {}
+                    for batch in self._batches(self._rows(level, trie), trie):
+                        self._forward(batch, trie, kv, nxt, reads)
+                        if not self.head_rows:
+                            self._read_heads(values, is_next)
+                    kv = nxt
             self._read_heads(values, is_next)
         return [v if j.next_token else (v[0], int(v[1])) for j, v in zip(jobs, values)]
 
@@ -778,23 +777,34 @@ class HFEngine(TokenEngine):
             yield off
             off += hid.shape[0]
 
-    def _passes(self, rows: list[list[int]], trie: PrefixTrie):
-        """Packed mode: rows into passes of at most ``max_tokens_per_batch`` real tokens (no
-        padding), and each pass's rows into attention groups.  Yields lists of groups, each a list
-        of rows."""
+    def _passes(self, trie: PrefixTrie):
+        """Packed mode: the trie's rows into passes of at most ``max_tokens_per_batch`` real tokens
+        (no padding), and each pass's rows into attention groups.  Levels are taken shallowest
+        first and a pass runs across level boundaries: a node may share a pass with its parent,
+        whose keys and values each layer writes to the store before any row of the pass attends
+        (tree attention in one pass).  The paper grid's tries are deep and narrow (a shard: ~12
+        levels of ~1-3k tokens), so passes per level ran far below the matmuls' best size.
+        Yields lists of groups, each a list of rows."""
+        chosen: list[list[int]] = []
+        used = 0
+        for level in trie.levels():
+            rows = self._rows(level, trie)
+            q = [sum(trie.hi[n] - trie.lo[n] for n in r) for r in rows]
+            p = [trie.lo[r[0]] for r in rows]
+            for i in sorted(range(len(rows)), key=lambda i: (-(p[i] + q[i]), -q[i])):
+                if chosen and used + q[i] > self.max_tokens_per_batch:
+                    yield self._pass_groups(chosen, trie)
+                    chosen, used = [], 0
+                chosen.append(rows[i])
+                used += q[i]
+        if chosen:
+            yield self._pass_groups(chosen, trie)
+
+    def _pass_groups(self, rows: list[list[int]], trie: PrefixTrie) -> list[list[list[int]]]:
         q = [sum(trie.hi[n] - trie.lo[n] for n in r) for r in rows]
         p = [trie.lo[r[0]] for r in rows]
         order = sorted(range(len(rows)), key=lambda i: (-(p[i] + q[i]), -q[i]))
-        chosen: list[int] = []
-        used = 0
-        for i in order:
-            if chosen and used + q[i] > self.max_tokens_per_batch:
-                yield [[rows[j] for j in g] for g in self._groups(chosen, q, p)]
-                chosen, used = [], 0
-            chosen.append(i)
-            used += q[i]
-        if chosen:
-            yield [[rows[j] for j in g] for g in self._groups(chosen, q, p)]
+        return [[rows[j] for j in g] for g in self._groups(order, q, p)]
 
     def _groups(self, order: list[int], q: list[int], p: list[int]) -> list[list[int]]:
         """Rows (longest keys first) into attention groups: a group is a padded ``[rows, qmax,

@@ -9,7 +9,8 @@ group of rows of similar length into a padded ``[rows, heads, length, dim]`` bat
 rows' parent caches, runs SDPA with the row mask (a token sees its parent path and the earlier
 tokens of its own node; siblings never see each other; the sliding window where a layer has
 one), and scatters the result back.  The key/value states of nodes with children go to a
-:class:`KVStore` (written once, read by every later pass through index tensors of paths).
+:class:`KVStore` (written once, read through index tensors of paths): each layer writes the
+pass's own before any group attends, so a row may read its parent's keys from the same pass.
 
 Nothing here changes what a token computes: the same weights, positions and visible keys as a
 plain forward pass over its whole sequence (tests compare against one)."""
