@@ -1,24 +1,29 @@
-"""Packed against padded forward passes in the HF engine, measured side by side in ONE run.
+"""The HF engine's forward-pass schedules, measured side by side in ONE run.
 
     .venv/bin/python bench/packed_passes.py --out bench/results/packed-DATE-CPU
 
-Two workloads per model, each scored by both variants in interleaved rounds (padded, packed,
-packed, padded, ...; the fastest round of each is reported, so a load spike hurts neither):
+Three workloads per model, each scored by every variant in interleaved rounds (the order turns
+each round; the fastest round of each variant is reported, so a load spike hurts none):
 
   zero-shot   zero-shot symbol MMLU questions (``grid_speed`` part A's three subjects), one call,
               every core (what ``make_engine("hf", model)`` gets)
   main grid   the main job's grid (``eval_pipeline``: 6 settings, three scorings on the baseline)
               in prompt order, its first ``--works`` work units in shards of 128, one thread
               (what each model gets in the main job's actor)
+  paper grid  the paper grid (``eval_paper_grid``: 25 settings, three scorings) on grid_speed's
+              end-to-end slice, its first ``--paper-works`` units in the packaged config's shards
+              (256), one thread: deep, narrow prefix tries
 
-  padded      ``packed: false``: rows of a pass right-padded to the longest (``min_fill``
-              bucketing keeps padding small, at the price of many small passes)
-  packed      ``packed: true`` (the default): a pass is one sequence of real tokens up to
-              ``max_tokens_per_batch`` for the linear layers; attention per group of rows
+  padded      ``packed: false``: a trie level per pass, rows right-padded to the longest
+              (``min_fill`` bucketing keeps padding small, at the price of many small passes)
+  levels      packed passes, but a trie level per pass (the schedule before passes ran across
+              levels; reproduced here by replacing the engine's ``_passes``)
+  packed      the default: a pass is one sequence of real tokens up to ``max_tokens_per_batch``
+              for the linear layers, from one trie level or several; attention per group of rows
 
 For each: seconds, questions or work units per second, forward passes, tokens the linear layers
 processed (padding included), and the largest log-probability difference and the prediction
-agreement between the two variants (per work unit).  Results: ``OUT.json`` and ``OUT.md`` with the CPU.
+agreement against the first variant (per work unit).  Results: ``OUT.json`` and ``OUT.md`` with the CPU.
 """
 
 from __future__ import annotations
@@ -56,7 +61,16 @@ def counting(eng):
     return c
 
 
-def workloads(model: str, n_q: int, n_works: int):
+def level_passes(eng):
+    """Make ``eng`` run a trie level per packed pass (the schedule before cross-level passes)."""
+    passes = eng._passes
+    eng._passes = lambda trie: passes(trie, per_level=True)
+    return eng
+
+
+def workloads(model: str, n_q: int, n_works: int, paper_works: int):
+    from grid_speed import grid_config
+
     from rayeval.eval.config import load_eval_config
     from rayeval.eval.pipeline import build_work, make_shards
 
@@ -65,8 +79,10 @@ def workloads(model: str, n_q: int, n_works: int):
     zs = [w for s in make_shards(zs, len(zs)) for w in s]
     grid, _ = build_work(load_eval_config("eval_pipeline"))
     grid = [w for s in make_shards(grid, 10**9) for w in s][:n_works]
-    return {"zero-shot": (zs, None, len(zs)), "main grid": (grid, 128, 1)}
-
+    paper = grid_config([model], 2, 25, 25, "paper_grid", cache=False)
+    pw, _ = build_work(paper)
+    pw = [w for s in make_shards(pw, paper.batch_size) for w in s][:paper_works]
+    return {"zero-shot": (zs, None, len(zs)), "main grid": (grid, 128, 1), "paper grid": (pw, paper.batch_size, 1)}
 
 def work_preds(works, results) -> dict:
     """Every work unit's prediction (a unit: item x setting x scoring x rotation)."""
@@ -84,23 +100,25 @@ def score(eng, works, shard):
     return res
 
 
-def run(model: str, n_q: int, n_works: int, rounds: int) -> list[dict]:
+def run(model: str, n_q: int, n_works: int, paper_works: int, rounds: int, variants: list[str]) -> list[dict]:
     import torch
 
     from rayeval.eval.engines import make_engine
 
     out = []
-    for name, (works, shard, threads) in workloads(model, n_q, n_works).items():
+    for name, (works, shard, threads) in workloads(model, n_q, n_works, paper_works).items():
         threads = threads if threads == 1 else len(os.sched_getaffinity(0))
-        engines = {v: make_engine("hf", model, {"packed": v == "packed", "num_threads": threads, "max_model_len": 1024})
-                   for v in ("padded", "packed")}
+        engines = {}
+        for v in variants:
+            e = make_engine("hf", model, {"packed": v != "padded", "num_threads": threads, "max_model_len": 2048})
+            engines[v] = level_passes(e) if v == "levels" else e
         counts = {v: counting(e) for v, e in engines.items()}
         best: dict[str, dict] = {}
         results: dict[str, list] = {}
         for e in engines.values():   # warm-up: compiled kernels, allocator
             e.score([r for w in works[:4] for r in w.requests])
         for r in range(rounds):
-            for v in (("padded", "packed") if r % 2 == 0 else ("packed", "padded")):
+            for v in variants[r % len(variants):] + variants[:r % len(variants)]:
                 eng = engines[v]
                 torch.set_num_threads(threads)
                 counts[v].update(passes=0, processed=0)
@@ -111,18 +129,19 @@ def run(model: str, n_q: int, n_works: int, rounds: int) -> list[dict]:
                 if v not in best or dt < best[v]["seconds"]:
                     best[v] = {"seconds": dt, **counts[v]}
                 print(f"[packed {time.strftime('%H:%M:%S')}] {model} {name} {v}: {dt:.1f}s", flush=True)
-        a = [x for r in results["padded"] for x in (r.symbol_logprobs or r.continuation_logprobs or [])]
-        b = [x for r in results["packed"] for x in (r.symbol_logprobs or r.continuation_logprobs or [])]
-        pa, pb = work_preds(works, results["padded"]), work_preds(works, results["packed"])
-        for v in ("padded", "packed"):
+        ref = variants[0]
+        a = [x for r in results[ref] for x in (r.symbol_logprobs or r.continuation_logprobs or [])]
+        pa = work_preds(works, results[ref])
+        for v in variants:
             s = best[v]
+            b = [x for r in results[v] for x in (r.symbol_logprobs or r.continuation_logprobs or [])]
             out.append({"model": model, "workload": name, "variant": v, "works": len(works), "threads": threads,
                         "dtype": engines[v].dtype, "seconds": round(s["seconds"], 2),
                         "units_per_s": round(len(works) / s["seconds"], 2), "passes": s["passes"],
-                        "tokens_processed": s["processed"],
-                        "speedup_vs_padded": round(best["padded"]["seconds"] / s["seconds"], 3),
+                        "tokens_processed": s["processed"], "reference": ref,
+                        "speedup_vs_reference": round(best[ref]["seconds"] / s["seconds"], 3),
                         "max_abs_logprob_diff": max(abs(x - y) for x, y in zip(a, b)),
-                        "prediction_agreement": es.agreement(pa, pb)})
+                        "prediction_agreement": es.agreement(pa, work_preds(works, results[v]))})
             print(json.dumps(out[-1]), flush=True)
         del engines
     return out
@@ -134,23 +153,26 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2-135m,gemma3-270m")
     ap.add_argument("--zero-shot-n", type=int, default=456)
     ap.add_argument("--works", type=int, default=256)
+    ap.add_argument("--paper-works", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--variants", default="padded,levels,packed", help="the first is the reference")
     a = ap.parse_args()
+    variants = a.variants.split(",")
     load0 = os.getloadavg()
-    rows = [r for m in a.models.split(",") for r in run(m, a.zero_shot_n, a.works, a.rounds)]
+    rows = [r for m in a.models.split(",") for r in run(m, a.zero_shot_n, a.works, a.paper_works, a.rounds, variants)]
     c = cpu_info()
-    res = {"date": _dt.date.today().isoformat(), "cpu": c, "load_start": load0, "load_end": os.getloadavg(),
-           "rounds": a.rounds, "rows": rows}
+    res = {"date": _dt.date.today().isoformat(), "started": time.strftime("%H:%M UTC", time.gmtime()), "cpu": c,
+           "load_start": load0, "load_end": os.getloadavg(), "rounds": a.rounds, "rows": rows}
     Path(a.out + ".json").write_text(json.dumps(res, indent=1))
-    lines = [f"# HF engine: packed against padded forward passes ({res['date']})", "",
+    lines = [f"# HF engine: forward-pass schedules side by side ({res['date']})", "",
              cpu_sentence(c, load0, res["load_end"]) + " " + f"Fastest of {a.rounds} interleaved rounds per variant.", "",
              "| model | workload | variant | units | threads | dtype | s | units/s | passes | tokens processed | "
-             "speed-up vs padded | max abs logprob diff | prediction agreement |",
+             f"speed-up vs {variants[0]} | max abs logprob diff | prediction agreement |",
              "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['workload']} | {r['variant']} | {r['works']} | {r['threads']} | {r['dtype']} | "
                      f"{r['seconds']} | {r['units_per_s']} | {r['passes']} | {r['tokens_processed']:,} | "
-                     f"{r['speedup_vs_padded']:.2f}x | {r['max_abs_logprob_diff']:.1e} | {r['prediction_agreement']:.3f} |")
+                     f"{r['speedup_vs_reference']:.2f}x | {r['max_abs_logprob_diff']:.1e} | {r['prediction_agreement']:.3f} |")
     write_markdown(a.out, lines)
 
 

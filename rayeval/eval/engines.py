@@ -777,17 +777,21 @@ class HFEngine(TokenEngine):
             yield off
             off += hid.shape[0]
 
-    def _passes(self, trie: PrefixTrie):
+    def _passes(self, trie: PrefixTrie, per_level: bool = False):
         """Packed mode: the trie's rows into passes of at most ``max_tokens_per_batch`` real tokens
         (no padding), and each pass's rows into attention groups.  Levels are taken shallowest
         first and a pass runs across level boundaries: a node may share a pass with its parent,
         whose keys and values each layer writes to the store before any row of the pass attends
         (tree attention in one pass).  The paper grid's tries are deep and narrow (a shard: ~12
         levels of ~1-3k tokens), so passes per level ran far below the matmuls' best size.
+        ``per_level``: a level per pass (the schedule before; ``bench/packed_passes.py`` compares).
         Yields lists of groups, each a list of rows."""
         chosen: list[list[int]] = []
         used = 0
         for level in trie.levels():
+            if per_level and chosen:
+                yield self._pass_groups(chosen, trie)
+                chosen, used = [], 0
             rows = self._rows(level, trie)
             q = [sum(trie.hi[n] - trie.lo[n] for n in r) for r in rows]
             p = [trie.lo[r[0]] for r in rows]
