@@ -280,7 +280,7 @@ def test_padding_never_reads_a_kv_slot_written_later(tiny_models, arch, monkeypa
     fp = {"dtype": "float32", "num_threads": 1, "min_fill": 0.0}
     shared = make_engine("hf", tiny_models[arch], fp)
     levels = [shared._rows(level, trie) for level in trie.levels()]
-    second = shared._pass_groups(levels[1], trie)
+    second = shared._pass_groups(levels[1], *shared._lengths(levels[1], trie))
     assert len({trie.lo[row[0]] for g in second for row in g}) == 2  # one group, parents of 2 and 4 tokens
     got = shared._compute(jobs)
     alone = make_engine("hf", tiny_models[arch], {**fp, "prefix_sharing": False})._compute(jobs)

@@ -693,10 +693,14 @@ class HFEngine(TokenEngine):
             rows.append(row)
         return rows
 
+    @staticmethod
+    def _lengths(rows: list[list[int]], trie: PrefixTrie) -> tuple[list[int], list[int]]:
+        """Each row's query tokens (its nodes' tokens) and parent-path length."""
+        return [sum(trie.hi[n] - trie.lo[n] for n in r) for r in rows], [trie.lo[r[0]] for r in rows]
+
     def _batches(self, rows: list[list[int]], trie: PrefixTrie):
         """Pack rows into forward passes: longest first, bounded rows, query tokens, cache tokens."""
-        q = [sum(trie.hi[n] - trie.lo[n] for n in r) for r in rows]
-        p = [trie.lo[r[0]] for r in rows]
+        q, p = self._lengths(rows, trie)
         order = sorted(range(len(rows)), key=lambda i: (-q[i], -p[i]))
         batch: list[int] = []
         for i in order:
@@ -787,26 +791,28 @@ class HFEngine(TokenEngine):
         ``per_level``: a level per pass (the schedule before; ``bench/packed_passes.py`` compares).
         Yields lists of groups, each a list of rows."""
         chosen: list[list[int]] = []
+        cq: list[int] = []
+        cp: list[int] = []
         used = 0
         for level in trie.levels():
             if per_level and chosen:
-                yield self._pass_groups(chosen, trie)
-                chosen, used = [], 0
+                yield self._pass_groups(chosen, cq, cp)
+                chosen, cq, cp, used = [], [], [], 0
             rows = self._rows(level, trie)
-            q = [sum(trie.hi[n] - trie.lo[n] for n in r) for r in rows]
-            p = [trie.lo[r[0]] for r in rows]
+            q, p = self._lengths(rows, trie)
             for i in sorted(range(len(rows)), key=lambda i: (-(p[i] + q[i]), -q[i])):
                 if chosen and used + q[i] > self.max_tokens_per_batch:
-                    yield self._pass_groups(chosen, trie)
-                    chosen, used = [], 0
+                    yield self._pass_groups(chosen, cq, cp)
+                    chosen, cq, cp, used = [], [], [], 0
                 chosen.append(rows[i])
+                cq.append(q[i])
+                cp.append(p[i])
                 used += q[i]
         if chosen:
-            yield self._pass_groups(chosen, trie)
+            yield self._pass_groups(chosen, cq, cp)
 
-    def _pass_groups(self, rows: list[list[int]], trie: PrefixTrie) -> list[list[list[int]]]:
-        q = [sum(trie.hi[n] - trie.lo[n] for n in r) for r in rows]
-        p = [trie.lo[r[0]] for r in rows]
+    def _pass_groups(self, rows: list[list[int]], q: list[int], p: list[int]) -> list[list[list[int]]]:
+        """One pass's rows (with their :meth:`_lengths`) into attention groups, longest keys first."""
         order = sorted(range(len(rows)), key=lambda i: (-(p[i] + q[i]), -q[i]))
         return [[rows[j] for j in g] for g in self._groups(order, q, p)]
 
