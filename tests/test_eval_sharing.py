@@ -170,6 +170,9 @@ def test_engine_options_are_checked_per_kind():
         Execution.from_engine_dict({"kind": "vllm", "prefix_sharing": True})
     with pytest.raises(ValueError, match="engine.kind"):
         Execution.from_engine_dict({"kind": "hff"})
+    with pytest.raises(ValueError, match=r"engine.pools: 'per_model' is not one of model, shared"):
+        Execution.from_engine_dict({"kind": "fake", "pools": "per_model"})
+    assert Execution.from_engine_dict({"kind": "fake"}).pools == "model"
     # per-kind sections: only the kind that runs takes its options
     ex = Execution.from_engine_dict({"kind": "hf", "vllm": {"gpu_memory_utilization": 0.9}, "hf": {"batch_size": 8}})
     assert ex.kind == "hf" and ex.engine_kwargs == {"batch_size": 8}

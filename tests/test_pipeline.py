@@ -71,6 +71,27 @@ def test_resume_recomputes_only_missing_shards(clean_run, tmp_path):
     pd.testing.assert_frame_equal(_rows(tmp_path), _rows(out))
 
 
+def _score_actors() -> set[str]:
+    from ray._private.state import actors
+
+    return {k for k, a in actors().items() if "ScoreActor" in a["ActorClassName"]}
+
+
+@pytest.mark.ray
+def test_an_actor_pool_per_model_or_one_shared_pool_same_rows(clean_run, tmp_path):
+    """``pools: model`` (the default: clean_run) runs an actor per model, each hosting that model's
+    engine; ``pools: shared`` one actor hosting both.  The rows are the same."""
+    out, res = clean_run
+    before = _score_actors()
+    run_eval(small_config(), tmp_path / "model", engine={"kind": "fake"}, report=False)
+    per_model = _score_actors() - before
+    run_eval(small_config(), tmp_path / "shared", engine={"kind": "fake", "pools": "shared"}, report=False)
+    shared = _score_actors() - before - per_model
+    assert (len(per_model), len(shared)) == (2, 1)
+    pd.testing.assert_frame_equal(_rows(tmp_path / "model"), _rows(out))
+    pd.testing.assert_frame_equal(_rows(tmp_path / "shared"), _rows(out))
+
+
 @pytest.mark.ray
 def test_resume_refuses_other_config(clean_run):
     out, _ = clean_run

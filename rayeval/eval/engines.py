@@ -588,8 +588,9 @@ class HFEngine(TokenEngine):
 
     def __init__(self, model: str, engine_kwargs: dict | None = None):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
+        from rayeval.eval.tokenizer import load_tokenizer
         from rayeval.models import get_spec, resolve_model
 
         kw = dict(engine_kwargs or {})
@@ -616,7 +617,7 @@ class HFEngine(TokenEngine):
         self.keep_heap = keep_heap() if (on_cpu() if heap == "auto" else bool(heap)) else False
         torch.set_num_threads(int(threads))
         path = resolve_model(model)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path))
+        self.tokenizer = load_tokenizer(path)
         self.add_bos = get_spec(model).add_bos
         self.model = AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), **kw).eval()
         self.device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -84,20 +84,24 @@ def fingerprint(cfg: EvalConfig, shards: Sequence[Sequence[Work]]) -> str:
 # ----------------------------------------------------------------------------- the actor
 
 class ScoreActor(ShardActor):
-    """One engine per model; scores whole shards.  Used as a Ray Data ``map_batches`` class."""
+    """One engine per model of ``models``; scores their works of whole shards.  Used as a Ray Data
+    ``map_batches`` class.  ``all_models``: every model of the run (default ``models``), whose
+    engines share this host's cores, each pool of its own (``execution.pools: model``) or all in
+    this actor (``shared``)."""
 
-    def __init__(self, models: list[str], execution: dict[str, Any]):
+    def __init__(self, models: list[str], execution: dict[str, Any], all_models: list[str] | None = None):
         from rayeval.eval.engines import default_threads, make_engine
 
         ex = Execution(**execution)
+        everyone = list(all_models or models)
         self.fault = ex.fault
         self.engines = {}
-        cores = ex.pinning(models)
+        cores = ex.pinning(everyone)
         cache = ex.cache_path()
         for m in models:
             kw = ex.engine_kwargs_for(m, cores)
-            if ex.kind == "hf":  # engines of one actor run side by side: split the cores between them
-                kw.setdefault("num_threads", max(1, default_threads() // len(models)))
+            if ex.kind == "hf":  # the run's engines run side by side: split the cores between them
+                kw.setdefault("num_threads", max(1, default_threads() // len(everyone)))
             if cache and ex.kind != "fake":
                 kw["score_cache"] = cache
             self.engines[m] = make_engine(ex.kind, m, kw)
@@ -228,9 +232,14 @@ def run_eval(config: str | Path | EvalConfig, out_dir: str | Path, *, engine: di
     grid = plan_checked(cfg, ex, shards)
     t_plan = time.time() - t0
     fp = fingerprint(cfg, shards)
-    res = run_sharded(cfg.name, shards, ScoreActor, {"models": list(cfg.models), "execution": asdict(ex)}, out, fp,
+    # pools "model": an actor pool per model (its engine alone in its process, as a vLLM engine core
+    # is; engines of one process contend for its interpreter lock), "shared": one pool of actors
+    # hosting every model's engine
+    pools = [{"models": [m]} for m in cfg.models] if ex.pools == "model" and len(cfg.models) > 1 else None
+    res = run_sharded(cfg.name, shards, ScoreActor, {"models": list(cfg.models), "execution": asdict(ex),
+                                                     "all_models": list(cfg.models)}, out, fp,
                       lambda i: sum(w.for_model(m) for m in cfg.models for w in shards[i]), ex, resume=resume, stop_after=stop_after,
-                      address=address, meta={"work_units": len(works), "models": cfg.models})
+                      address=address, meta={"work_units": len(works), "models": cfg.models}, pools=pools)
     t_eval = time.time() - t0 - t_plan
     written = res["written"]
     if not res["complete"]:

@@ -107,9 +107,9 @@ def load_tokenizer(model: str):
         path = resolve_model(model, prepare=False)
     except (KeyError, FileNotFoundError):
         return ByteTokenizer(), False, 0
-    from transformers import AutoTokenizer
+    from rayeval.eval.tokenizer import load_tokenizer as load
 
-    tok = AutoTokenizer.from_pretrained(str(path))
+    tok = load(path)
     limit = 0
     cfg = Path(str(path)) / "config.json"
     if cfg.exists():

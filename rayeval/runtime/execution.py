@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 # Keys of ``EvalConfig.engine`` that configure execution; every other key goes to the engine.
-EXEC_KEYS = ("kind", "actors", "num_cpus", "num_gpus", "resources", "cpu_cores", "max_restarts", "fault", "cache",
+EXEC_KEYS = ("kind", "actors", "pools", "num_cpus", "num_gpus", "resources", "cpu_cores", "max_restarts", "fault", "cache",
              "hf", "vllm")
 # Engine options each kind takes (besides ``from_pretrained`` / ``vllm.LLM`` passthrough below).
 HF_KEYS = {"dtype", "num_threads", "batch_size", "max_tokens_per_batch", "max_kv_tokens", "row_tokens", "min_fill", "head_rows",
@@ -20,6 +20,11 @@ HF_KEYS = {"dtype", "num_threads", "batch_size", "max_tokens_per_batch", "max_kv
 class Execution:
     kind: str = "auto"            # auto | vllm | hf | fake  (auto: hf on a CPU host, vllm on GPUs)
     actors: int = 1               # actor-pool size (one engine per model in each actor)
+    # "model": an actor pool per model, each actor one engine in its own process (the resources
+    # below are then shared: each model's actors get their share); "shared": every model's engine
+    # in each actor of one pool (engines of one process contend for its interpreter lock:
+    # 1.15x slower side by side on this CPU, docs/benchmarks.md)
+    pools: str = "model"
     num_cpus: float = 1.0         # logical CPUs per actor
     num_gpus: float = 0.0         # GPUs per actor (a cluster: 1, or the tensor-parallel size)
     resources: dict[str, float] = field(default_factory=dict)  # custom resources per actor, e.g. {"gpu_node": 1}
@@ -57,6 +62,8 @@ class Execution:
             if bad:
                 raise ValueError(f"engine: option(s) {bad} are hf engine options, not vllm.LLM arguments "
                                  f"(kind {kind!r} runs vllm here); put them under engine.hf")
+        if ex.get("pools", "model") not in ("model", "shared"):
+            raise ValueError(f"engine.pools: {ex['pools']!r} is not one of model, shared")
         cache = ex.get("cache", True)
         if not isinstance(cache, (bool, str)):
             raise ValueError(f"engine.cache: expected true, false or a path/URI, got {cache!r}")

@@ -100,11 +100,18 @@ def read_rows(out_dir: str | Path) -> pd.DataFrame:
 
 def run_sharded(name: str, payloads: Sequence[Any], actor_cls: type, ctor_kwargs: dict[str, Any], out: Path,
                 fp: str, rows_per_shard: Callable[[int], int], ex: Execution, *, resume: bool = True,
-                stop_after: int | None = None, address: str | None = None, meta: dict | None = None) -> dict:
+                stop_after: int | None = None, address: str | None = None, meta: dict | None = None,
+                pools: Sequence[dict[str, Any]] | None = None) -> dict:
     """The execution pattern of every sharded job (evaluation, generation, judging): manifest +
     fingerprint check, skip finished shards, Ray Data actor pool with restarts, atomic shard files
     written by the driver once a shard's rows are all in.  ``actor_cls`` gets batches with columns
     ``shard`` and ``payload`` (pickled) and returns rows with a ``shard`` column.
+
+    ``pools``: several actor pools side by side, each over every shard, its actors built with
+    ``ctor_kwargs`` updated by its entry (evaluation: a pool per model, each actor hosting one
+    model's engine; a shard is done when every pool's rows of it are in).  The execution's
+    per-actor resources are then shared: each pool's actors get ``1 / len(pools)`` of them, so the
+    job asks for what one pool of actors hosting every engine would.
     Returns {"written", "shards", "complete"}."""
     import ray
 
@@ -132,10 +139,14 @@ def run_sharded(name: str, payloads: Sequence[Any], actor_cls: type, ctor_kwargs
         init_ray(address=address)
         ds = ray.data.from_items([{"shard": i, "payload": pickle.dumps(payloads[i])} for i in todo],
                                  override_num_blocks=len(todo))
-        mapped = ds.map_batches(
-            actor_cls, fn_constructor_kwargs=ctor_kwargs, batch_size=1, batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=ex.actors), num_cpus=ex.num_cpus,
-            num_gpus=ex.num_gpus or None, resources=ex.resources or None, max_restarts=ex.max_restarts, max_task_retries=-1)
+        split = list(pools) if pools else [{}]
+        share = 1.0 / len(split)
+        branches = [ds.map_batches(
+            actor_cls, fn_constructor_kwargs={**ctor_kwargs, **extra}, batch_size=1, batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=ex.actors), num_cpus=ex.num_cpus * share,
+            num_gpus=ex.num_gpus * share or None, resources={k: v * share for k, v in ex.resources.items()} or None,
+            max_restarts=ex.max_restarts, max_task_retries=-1) for extra in split]
+        mapped = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
         pending: dict[int, list[pa.Table]] = {}
         for batch in mapped.iter_batches(batch_size=None, batch_format="pyarrow"):
             for shard in sorted(set(batch.column("shard").to_pylist())):
