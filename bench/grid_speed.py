@@ -153,14 +153,14 @@ def eng_dtype_is_bf16(dtype: str) -> bool:
 
 
 def grid_config(models, subjects: int, items: int, arc: int, name: str, drop: str | None = None,
-                cache: bool | str = True):
+                cache: bool | str = True, pools: str = "model"):
     from rayeval.config import CONFIG_DIR, load_yaml
     from rayeval.eval.config import parse_config
 
     d = load_yaml(CONFIG_DIR / "eval_paper_grid.yaml")
     d["name"] = name
     d["models"] = list(models)  # works per shard: the packaged config's (a shard is one engine call)
-    d["engine"] = {"kind": "auto", "max_model_len": 2048, "cache": cache}
+    d["engine"] = {"kind": "auto", "max_model_len": 2048, "cache": cache, "pools": pools}
     d["metrics"] = {"n_boot": 100}
     d["datasets"] = [{"name": "mmlu", "split": "test", "dev_split": "dev", "subjects": SUBJECTS[:subjects],
                       "limit": items, "template": "mmlu"},
@@ -223,6 +223,20 @@ def grid(models, a, env, tmp: Path, out: dict, save) -> dict:
     out["rayeval_e2e"] = {"wall_s": wall, "rows": res["rows"], "accounting": res["accounting"]}
     save()
     log(f"rayeval end to end: {wall:.1f}s, {res['rows']} rows")
+    if a.e2e_shared:  # the same run with every model's engine in one actor (engine.pools: shared)
+        t0 = time.perf_counter()
+        shared = run_eval(grid_config(models, a.e2e_subjects, a.e2e_items, a.e2e_arc, "grid_e2e",
+                                      cache=str(tmp / "cache_e2e_shared"), pools="shared"),
+                          tmp / "e2e_shared", resume=False, report=False)
+        out["rayeval_e2e_shared"] = {"wall_s": time.perf_counter() - t0, "accounting": shared["accounting"]}
+        import pandas as pd
+
+        a_rows = pd.read_parquet(tmp / "e2e" / "rows.parquet")
+        b_rows = pd.read_parquet(tmp / "e2e_shared" / "rows.parquet")
+        out["rayeval_e2e_shared"]["same_predictions"] = float((a_rows.pred_none.values == b_rows.pred_none.values).mean())
+        save()
+        log(f"rayeval end to end, one shared actor: {out['rayeval_e2e_shared']['wall_s']:.1f}s "
+            f"(pool per model {wall:.1f}s); same predictions {out['rayeval_e2e_shared']['same_predictions']:.4f}")
     import pandas as pd
 
     rows = pd.read_parquet(tmp / "e2e" / "rows.parquet")
@@ -382,6 +396,14 @@ def render(R: dict) -> str:
                     continue
                 L.append(f"| {m} | {v['wall_s']:.1f} (batch {v.get('batch_size', 64)}) | {v['n_requests']:,} | "
                          f"{v['agreement']:.4f} ({v['docs']} docs) |")
+            sh = g.get("rayeval_e2e_shared")
+            if sh:
+                L += ["", f"Side by side in this run: the default (`engine.pools: model`, an actor per model, each "
+                      f"engine alone in its process) {g['rayeval_e2e']['wall_s']:.1f} s; `pools: shared` (one actor "
+                      f"hosting both engines, side by side in threads) {sh['wall_s']:.1f} s, engines " + ", ".join(
+                          f"{m} {v.get('engine_s')} s" for m, v in sh['accounting'].get('models', {}).items())
+                      + f" ({sh['wall_s'] / g['rayeval_e2e']['wall_s']:.2f}x the default's wall); same predictions "
+                      f"on {sh['same_predictions']:.2%} of rows."]
             if "e2e_ratio" in g:
                 L += ["", f"**End to end: lm-eval / rayeval = {g['e2e_ratio']:.2f}x**"
                       + (f" ({g['e2e_ratio_note']})" if g.get("e2e_ratio_note") else ""), ""]
@@ -408,6 +430,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--e2e-items", type=int, default=25)
     ap.add_argument("--e2e-arc", type=int, default=25)
     ap.add_argument("--added-setting", default="shot5_fixed_B")
+    ap.add_argument("--no-e2e-shared", dest="e2e_shared", action="store_false",
+                    help="skip the end-to-end run with one actor hosting every model (engine.pools: shared)")
     ap.add_argument("--skip-grid", action="store_true")
     ap.add_argument("--skip-lm-eval", action="store_true")
     ap.add_argument("--lm-eval-path", default=os.environ.get("LMEVAL_PATH", "/tmp/lmeval-site"))
