@@ -1,5 +1,6 @@
 """The evaluation pipeline on Ray Data: items -> work (item x setting x scoring) -> shards ->
-``map_batches`` over an actor pool (each actor holds one engine per model) -> per-item rows.
+``map_batches`` over an actor pool per model (each actor hosts that model's engine; or one pool
+of actors hosting every model's, ``engine.pools: shared``) -> per-item rows.
 
     from rayeval.eval.pipeline import run_eval
     run_eval("eval_small", "runs/small")          # packaged config name or a YAML path

@@ -20,10 +20,11 @@ HF_KEYS = {"dtype", "num_threads", "batch_size", "max_tokens_per_batch", "max_kv
 class Execution:
     kind: str = "auto"            # auto | vllm | hf | fake  (auto: hf on a CPU host, vllm on GPUs)
     actors: int = 1               # actor-pool size (one engine per model in each actor)
-    # "model": an actor pool per model, each actor one engine in its own process (the resources
-    # below are then shared: each model's actors get their share); "shared": every model's engine
-    # in each actor of one pool (engines of one process contend for its interpreter lock:
-    # 1.15x slower side by side on this CPU, docs/benchmarks.md)
+    # Evaluation with several models: "model", an actor pool per model, each actor one engine in
+    # its own process (the resources below are then shared: each model's actors get their share);
+    # "shared", every model's engine in each actor of one pool (engines of one process contend
+    # for its interpreter lock: the paper-grid slice took 1.10x as long, docs/benchmarks.md).
+    # Generation and judging run one model per job: one pool.
     pools: str = "model"
     num_cpus: float = 1.0         # logical CPUs per actor
     num_gpus: float = 0.0         # GPUs per actor (a cluster: 1, or the tensor-parallel size)
