@@ -223,23 +223,20 @@ def grid(models, a, env, tmp: Path, out: dict, save) -> dict:
     out["rayeval_e2e"] = {"wall_s": wall, "rows": res["rows"], "accounting": res["accounting"]}
     save()
     log(f"rayeval end to end: {wall:.1f}s, {res['rows']} rows")
+    import pandas as pd
+
+    rows = pd.read_parquet(tmp / "e2e" / "rows.parquet")
     if a.e2e_shared:  # the same run with every model's engine in one actor (engine.pools: shared)
         t0 = time.perf_counter()
         shared = run_eval(grid_config(models, a.e2e_subjects, a.e2e_items, a.e2e_arc, "grid_e2e",
                                       cache=str(tmp / "cache_e2e_shared"), pools="shared"),
                           tmp / "e2e_shared", resume=False, report=False)
         out["rayeval_e2e_shared"] = {"wall_s": time.perf_counter() - t0, "accounting": shared["accounting"]}
-        import pandas as pd
-
-        a_rows = pd.read_parquet(tmp / "e2e" / "rows.parquet")
-        b_rows = pd.read_parquet(tmp / "e2e_shared" / "rows.parquet")
-        out["rayeval_e2e_shared"]["same_predictions"] = float((a_rows.pred_none.values == b_rows.pred_none.values).mean())
+        other = pd.read_parquet(tmp / "e2e_shared" / "rows.parquet")
+        out["rayeval_e2e_shared"]["same_predictions"] = float((rows.pred_none.values == other.pred_none.values).mean())
         save()
         log(f"rayeval end to end, one shared actor: {out['rayeval_e2e_shared']['wall_s']:.1f}s "
             f"(pool per model {wall:.1f}s); same predictions {out['rayeval_e2e_shared']['same_predictions']:.4f}")
-    import pandas as pd
-
-    rows = pd.read_parquet(tmp / "e2e" / "rows.parquet")
     works, _ = build_work(cfg)
     if env is not None:
         tasks, idmap = lmeval_grid_tasks(works, tmp)

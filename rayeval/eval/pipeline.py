@@ -233,9 +233,7 @@ def run_eval(config: str | Path | EvalConfig, out_dir: str | Path, *, engine: di
     grid = plan_checked(cfg, ex, shards)
     t_plan = time.time() - t0
     fp = fingerprint(cfg, shards)
-    # pools "model": an actor pool per model (its engine alone in its process, as a vLLM engine core
-    # is; engines of one process contend for its interpreter lock), "shared": one pool of actors
-    # hosting every model's engine
+    # engine.pools (Execution): "model", an actor pool per model; "shared", one pool hosting every engine
     pools = [{"models": [m]} for m in cfg.models] if ex.pools == "model" and len(cfg.models) > 1 else None
     res = run_sharded(cfg.name, shards, ScoreActor, {"models": list(cfg.models), "execution": asdict(ex),
                                                      "all_models": list(cfg.models)}, out, fp,

@@ -36,15 +36,6 @@ def _hf(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return ""
-
-
 def _key(folder: Path) -> str:
     h = hashlib.sha256()
     for name in _FILES:
@@ -52,7 +43,9 @@ def _key(folder: Path) -> str:
         h.update(name.encode() + b"\0")
         if p.exists():
             h.update(hashlib.sha256(p.read_bytes()).digest())
-    h.update(_version("transformers").encode() + b"\0" + _version("tokenizers").encode())
+    from rayeval.eval.engines import _dist_version
+
+    h.update(f"{_dist_version('transformers')}\0{_dist_version('tokenizers')}".encode())
     return h.hexdigest()[:24]
 
 
