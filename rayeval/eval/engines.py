@@ -290,7 +290,9 @@ def engine_identity(kind: str, model: str, engine_kwargs: dict | None = None) ->
     if kind == "hf":
         ident = {"engine": "hf", "version": _dist_version("transformers"), "dtype": hf_dtype(kw.get("dtype", "auto"))}
         if hf_fuse(kw.get("fuse", "auto"), kw.get("dtype", "auto")):
-            ident["kernels"] = "fused"
+            from rayeval.eval.fused import KERNELS
+
+            ident["kernels"] = KERNELS
     else:
         from rayeval.models import get_spec
 
