@@ -311,6 +311,19 @@ def test_fused_kernels_compute_what_the_eager_modules_do(tiny_models, arch):
     from rayeval.eval.fused import KERNELS
 
     assert fused.identity["kernels"] == KERNELS and "kernels" not in eager.identity
+    # every kernel compiled at install, its token count symbolic: new lengths compile nothing
+    from torch._dynamo.utils import counters
+
+    compiled = counters["stats"]["unique_graphs"]
+    fused.score(_grid_requests(n=3)[5:])
+    assert counters["stats"]["unique_graphs"] == compiled
+
+
+def test_fused_kernels_reject_an_unknown_rotary():
+    from rayeval.eval.fused import fuse_elementwise
+
+    with pytest.raises(ValueError, match="rotary: 'x' is not one of halves, module"):
+        fuse_elementwise(object(), rotary="x")
 
 
 @pytest.mark.model

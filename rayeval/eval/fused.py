@@ -108,7 +108,8 @@ def _logsumexp_fp32(x):
 def logsumexp_fp32(compiled: bool = True):
     """``logsumexp(x.float(), -1)`` of 2-D ``x``; ``compiled``: as one kernel that reads ``x`` in
     its own dtype (no fp32 copy of it is written)."""
-    return _compiled("logsumexp_fp32", _logsumexp_fp32) if compiled else _logsumexp_fp32
+    # every size symbolic from the start: its first call is mid-run (the first vocabulary head)
+    return _compiled("logsumexp_fp32", _logsumexp_fp32, dynamic=True) if compiled else _logsumexp_fp32
 
 
 def _is_gelu_tanh(act) -> bool:
@@ -117,25 +118,44 @@ def _is_gelu_tanh(act) -> bool:
         name == "GELU" and getattr(act, "approximate", "none") == "tanh")
 
 
-def _compiled(key: str, fn):
+def _compiled(key: str, fn, dynamic: bool | None = None):
+    """``fn`` compiled once per process and key.  ``dynamic=None``: the sizes are constants for
+    the kernel (the head and hidden sizes; the rotary kernel ran 1.6-1.9x faster than with every
+    size symbolic, docs/benchmarks.md), except the token count, which the callers mark dynamic
+    (:func:`_tokens_dynamic`), so a kernel compiles once per shape family, at install.  Each key
+    compiles its own copy of ``fn``'s code: dynamo keeps compiled entries on the code object, so
+    keys sharing one function (two rotary kernels, two models' ``act * up``) would otherwise pile
+    their entries onto one another up to dynamo's recompile limit."""
+    import types
+
     import torch
 
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(fn, dynamic=True)
+        own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        _COMPILED[key] = torch.compile(own, dynamic=dynamic)
     return _COMPILED[key]
 
 
+def _tokens_dynamic(*xs, dim: int = 0):
+    """Mark the token dimension of each tensor dynamic for the compiled kernel it goes to."""
+    from torch._dynamo import maybe_mark_dynamic
+
+    for x in xs:
+        maybe_mark_dynamic(x, dim)
+    return xs
+
+
 # Every compiled kernel sees one shape family only (2-D, more than one row; rotary: length > 1,
-# and either batch > 1 or one packed sequence, a kernel each), so it compiles once with dynamic
-# sizes and never again mid-run (a size of 1 would be a specialisation of its own); the rare
-# size-1 call runs the eager module.
+# and either batch > 1 or one packed sequence, a kernel each), its token count symbolic from the
+# first call, so it never compiles again mid-run (a size of 1 would be a specialisation of its
+# own); the rare size-1 call runs the eager module.
 
 def _norm_forward(m, fn, eps: float, eager):
     def forward(x):
         # 2-D, so one dynamic kernel serves [B, T, D] hidden states and Gemma's [B, H, T, d] q/k norms
         if x.numel() < 2 * x.shape[-1]:
             return eager(x)
-        return fn(x.reshape(-1, x.shape[-1]), m.weight, eps).view(x.shape)
+        return fn(*_tokens_dynamic(x.reshape(-1, x.shape[-1])), m.weight, eps).view(x.shape)
     return forward
 
 
@@ -144,7 +164,7 @@ def _mlp_forward(m, act_mul, eager):
         if x.numel() < 2 * x.shape[-1]:
             return eager(x)
         g, u = m.gate_proj(x), m.up_proj(x)
-        return m.down_proj(act_mul(g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1])).view(g.shape))
+        return m.down_proj(act_mul(*_tokens_dynamic(g.reshape(-1, g.shape[-1]), u.reshape(-1, u.shape[-1]))).view(g.shape))
     return forward
 
 
@@ -153,8 +173,9 @@ def _rotary_forward(fused, fused_one, eager):
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         if args or kwargs or q.shape[2] < 2:
             return eager(q, k, cos, sin, *args, **kwargs)
-        return (fused if q.shape[0] > 1 else fused_one)(q, k, cos, sin)
+        return (fused if q.shape[0] > 1 else fused_one)(*_tokens_dynamic(q, k, dim=2), *_tokens_dynamic(cos, sin, dim=1))
     apply_rotary_pos_emb._rayeval_fused = True
+    apply_rotary_pos_emb._rayeval_plain = eager   # transformers' own function
     return apply_rotary_pos_emb
 
 
@@ -168,16 +189,23 @@ def _same(a, b, dtype) -> bool:
     return bool((a - b).abs().max() <= tol * b.abs().max())
 
 
-def fuse_elementwise(model) -> list[str]:
+def fuse_elementwise(model, layers: bool = True, rotary: str = "halves") -> list[str]:
     """Install the fused kernels in ``model`` (in place); returns what was fused (e.g.
-    ``["LlamaRMSNorm", "LlamaMLP", "apply_rotary_pos_emb"]``), empty when nothing was."""
+    ``["LlamaRMSNorm", "LlamaMLP", "apply_rotary_pos_emb", "LlamaDecoderLayer"]``), empty when
+    nothing was.  ``layers``: fuse the decoder layers' residual adds into their norms;
+    ``rotary``: ``halves`` (:func:`_rotary_halves`) or ``module`` (the model's own function,
+    compiled).  The rotary function is a global of the model's transformers module: the first
+    engine of a process installs it for every later one.  The engine uses the defaults; the
+    others are the earlier kernel set, for ``bench/fused_kernels.py``."""
     import torch
 
+    if rotary not in ("halves", "module"):
+        raise ValueError(f"rotary: {rotary!r} is not one of halves, module")
     with torch.inference_mode():  # the engine's mode: kernels compiled outside it would recompile inside
-        return _fuse(model, torch)
+        return _fuse(model, torch, layers, rotary)
 
 
-def _fuse(model, torch) -> list[str]:
+def _fuse(model, torch, layers: bool = True, rotary: str = "halves") -> list[str]:
     done: list[str] = []
     dtype = next(model.parameters()).dtype
     checked: dict[str, bool] = {}
@@ -217,16 +245,24 @@ def _fuse(model, torch) -> list[str]:
         if rot is not None and hasattr(rot, "_rayeval_fused"):   # an earlier engine of this process
             done.append("apply_rotary_pos_emb")
         elif rot is not None:
-            fused = _rotary_forward(_compiled("rotary_halves", _rotary_halves), _compiled("rotary_halves1", _rotary_halves), rot)
+            fn = _rotary_halves if rotary == "halves" else rot
+            key = f"rotary:{rotary}:{mod.__name__}:{heads}:{kv_heads}:{head_dim}"
+            fused = _rotary_forward(_compiled(key, fn), _compiled(key + ":1", fn), rot)
             ok = True
-            for b, t in ((2, 6), (3, 5), (1, 7), (1, 4), (1, 1)):   # the model's own head counts
-                q, k = torch.randn(b, heads, t, head_dim, dtype=dtype), torch.randn(b, kv_heads, t, head_dim, dtype=dtype)
+            # the model's own head counts; q/k head-major ([B, H, T, D] contiguous, as after Gemma-3's
+            # q/k norms) and token-major (a transposed [B, T, H, D], as Llama's projections leave them)
+            for b, t, token_major in ((2, 6, False), (3, 5, False), (1, 7, False), (1, 7, True), (1, 1, False)):
+                if token_major:
+                    q = torch.randn(b, t, heads, head_dim, dtype=dtype).transpose(1, 2)
+                    k = torch.randn(b, t, kv_heads, head_dim, dtype=dtype).transpose(1, 2)
+                else:
+                    q, k = torch.randn(b, heads, t, head_dim, dtype=dtype), torch.randn(b, kv_heads, t, head_dim, dtype=dtype)
                 cos, sin = torch.randn(b, t, head_dim, dtype=dtype), torch.randn(b, t, head_dim, dtype=dtype)
                 ok = ok and all(_same(x, y, dtype) for x, y in zip(fused(q, k, cos, sin), rot(q, k, cos, sin)))
             if ok:
                 mod.apply_rotary_pos_emb = fused   # the attention modules look it up by module global
                 done.append("apply_rotary_pos_emb")
-        layer = _fuse_layers(model, torch, dtype)
+        layer = _fuse_layers(model, torch, dtype) if layers else None
         if layer:
             done.append(layer)
     except Exception as e:  # no C++ compiler, an unsupported op: keep the eager modules
@@ -251,7 +287,7 @@ def _llama_layer(layer, fn):
         if h.numel() < 2 * D:
             res = hidden_states + h
             return res + layer.mlp(ln2(res))
-        res, h = fn(h.reshape(-1, D), hidden_states.reshape(-1, D), ln2.weight, eps)
+        res, h = fn(*_tokens_dynamic(h.reshape(-1, D), hidden_states.reshape(-1, D)), ln2.weight, eps)
         return res.view(hidden_states.shape) + layer.mlp(h.view(hidden_states.shape))
     return forward
 
@@ -269,9 +305,9 @@ def _gemma_layer(layer, fn_mid, fn_out):
         if h.numel() < 2 * D:
             res = hidden_states + n1(h)
             return res + n3(layer.mlp(n2(res)))
-        res, h = fn_mid(h.reshape(-1, D), hidden_states.reshape(-1, D), n1.weight, n2.weight, eps)
+        res, h = fn_mid(*_tokens_dynamic(h.reshape(-1, D), hidden_states.reshape(-1, D)), n1.weight, n2.weight, eps)
         out = layer.mlp(h.view(hidden_states.shape))
-        return fn_out(out.reshape(-1, D), res, n3.weight, eps).view(hidden_states.shape)
+        return fn_out(*_tokens_dynamic(out.reshape(-1, D), res), n3.weight, eps).view(hidden_states.shape)
     return forward
 
 
