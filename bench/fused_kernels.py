@@ -24,7 +24,6 @@ bench swaps it per kernel set.  Results: ``OUT.json`` and ``OUT.md`` with the CP
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import importlib
 import json
 import os
@@ -36,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eval_speed as es  # noqa: E402
 import packed_passes as pp  # noqa: E402
 from grid_speed import cpu_info  # noqa: E402
-from results_io import cpu_sentence, write_markdown  # noqa: E402
+from results_io import write_table  # noqa: E402
 
 SETS = ("eager", "modules", "layers")
 
@@ -121,23 +120,14 @@ def main() -> None:
     ap.add_argument("--paper-works", type=int, default=384)
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
-    load0 = os.getloadavg()
+    load0, started = os.getloadavg(), time.strftime("%H:%M UTC", time.gmtime())
     rows = [r for m in a.models.split(",") for r in run(m, a.zero_shot_n, a.paper_works, a.rounds)]
-    c = cpu_info()
-    res = {"date": _dt.date.today().isoformat(), "started": time.strftime("%H:%M UTC", time.gmtime()), "cpu": c,
-           "load_start": load0, "load_end": os.getloadavg(), "rounds": a.rounds, "rows": rows}
-    Path(a.out + ".json").write_text(json.dumps(res, indent=1))
-    lines = [f"# HF engine: fused kernel sets side by side ({res['date']})", "",
-             cpu_sentence(c, load0, res["load_end"]) + " " + f"Fastest of {a.rounds} interleaved rounds per set.", "",
-             "| model | workload | kernels | units | threads | dtype | s | units/s | speed-up vs modules | "
-             "agreement vs modules | agreement vs fp32 |",
-             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['workload']} | {r['kernels']} | {r['works']} | {r['threads']} | {r['dtype']} | "
-                     f"{r['seconds']} | {r['units_per_s']} | {r['speedup_vs_modules']:.3f}x | "
-                     f"{r['agreement_vs_modules']:.3f} | {r['agreement_vs_fp32']:.3f} |")
-    write_markdown(a.out, lines)
-
+    write_table(a.out, "HF engine: fused kernel sets side by side", cpu_info(), load0, started,
+                f"Fastest of {a.rounds} interleaved rounds per set.", rows,
+                [("model<", "{model}"), ("workload<", "{workload}"), ("kernels<", "{kernels}"), ("units", "{works}"),
+                 ("threads", "{threads}"), ("dtype<", "{dtype}"), ("s", "{seconds}"), ("units/s", "{units_per_s}"),
+                 ("speed-up vs modules", "{speedup_vs_modules:.3f}x"), ("agreement vs modules", "{agreement_vs_modules:.3f}"),
+                 ("agreement vs fp32", "{agreement_vs_fp32:.3f}")], rounds=a.rounds)
 
 if __name__ == "__main__":
     main()

@@ -29,7 +29,6 @@ agreement against the first variant (per work unit).  Results: ``OUT.json`` and 
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import sys
@@ -38,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import eval_speed as es  # noqa: E402
-from results_io import cpu_sentence, write_markdown  # noqa: E402
+from results_io import write_table  # noqa: E402
 from grid_speed import SUBJECTS, cpu_info  # noqa: E402
 
 
@@ -158,23 +157,16 @@ def main() -> None:
     ap.add_argument("--variants", default="padded,levels,packed", help="the first is the reference")
     a = ap.parse_args()
     variants = a.variants.split(",")
-    load0 = os.getloadavg()
+    load0, started = os.getloadavg(), time.strftime("%H:%M UTC", time.gmtime())
     rows = [r for m in a.models.split(",") for r in run(m, a.zero_shot_n, a.works, a.paper_works, a.rounds, variants)]
-    c = cpu_info()
-    res = {"date": _dt.date.today().isoformat(), "started": time.strftime("%H:%M UTC", time.gmtime()), "cpu": c,
-           "load_start": load0, "load_end": os.getloadavg(), "rounds": a.rounds, "rows": rows}
-    Path(a.out + ".json").write_text(json.dumps(res, indent=1))
-    lines = [f"# HF engine: forward-pass schedules side by side ({res['date']})", "",
-             cpu_sentence(c, load0, res["load_end"]) + " " + f"Fastest of {a.rounds} interleaved rounds per variant.", "",
-             "| model | workload | variant | units | threads | dtype | s | units/s | passes | tokens processed | "
-             f"speed-up vs {variants[0]} | max abs logprob diff | prediction agreement |",
-             "|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['workload']} | {r['variant']} | {r['works']} | {r['threads']} | {r['dtype']} | "
-                     f"{r['seconds']} | {r['units_per_s']} | {r['passes']} | {r['tokens_processed']:,} | "
-                     f"{r['speedup_vs_reference']:.2f}x | {r['max_abs_logprob_diff']:.1e} | {r['prediction_agreement']:.3f} |")
-    write_markdown(a.out, lines)
-
+    write_table(a.out, "HF engine: forward-pass schedules side by side", cpu_info(), load0, started,
+                f"Fastest of {a.rounds} interleaved rounds per variant.", rows,
+                [("model<", "{model}"), ("workload<", "{workload}"), ("variant<", "{variant}"), ("units", "{works}"),
+                 ("threads", "{threads}"), ("dtype<", "{dtype}"), ("s", "{seconds}"), ("units/s", "{units_per_s}"),
+                 ("passes", "{passes}"), ("tokens processed", "{tokens_processed:,}"),
+                 (f"speed-up vs {variants[0]}", "{speedup_vs_reference:.2f}x"),
+                 ("max abs logprob diff", "{max_abs_logprob_diff:.1e}"), ("prediction agreement", "{prediction_agreement:.3f}")],
+                rounds=a.rounds)
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,25 @@ def cpu_sentence(c: dict, load_start, load_end) -> str:
             f"{load_start[0]:.2f}, at end {load_end[0]:.2f}.")
 
 
+def write_table(out: str, title: str, cpu: dict, load_start, started: str, note: str, rows: list[dict],
+                columns: list[tuple[str, str]], **extra) -> dict:
+    """``OUT.json`` (date, start time, CPU, load at start and end, ``extra``, the rows) and ``OUT.md``:
+    the title, the machine, ``note``, one table row per row.  ``columns``: (header, format string
+    over a row's fields); a header ending in ``<`` is a left-aligned text column."""
+    import datetime as _dt
+    import os
+
+    res = {"date": _dt.date.today().isoformat(), "started": started, "cpu": cpu, "load_start": load_start,
+           "load_end": os.getloadavg(), **extra, "rows": rows}
+    Path(out + ".json").write_text(json.dumps(res, indent=1))
+    heads = [h.rstrip("<") for h, _ in columns]
+    lines = [f"# {title} ({res['date']})", "", cpu_sentence(cpu, load_start, res["load_end"]) + " " + note, "",
+             "| " + " | ".join(heads) + " |", "|" + "|".join("---" if h.endswith("<") else "---:" for h, _ in columns) + "|"]
+    lines += ["| " + " | ".join(f.format(**r) for _, f in columns) + " |" for r in rows]
+    write_markdown(out, lines)
+    return res
+
+
 def write_markdown(out: str, lines: list[str]) -> None:
     """``OUT.md`` from the lines, and the same table on stdout."""
     Path(out + ".md").write_text("\n".join(lines) + "\n")

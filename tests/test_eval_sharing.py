@@ -319,6 +319,16 @@ def test_fused_kernels_compute_what_the_eager_modules_do(tiny_models, arch):
     assert counters["stats"]["unique_graphs"] == compiled
 
 
+@pytest.mark.model
+@pytest.mark.parametrize("model,layer", [("smollm2-135m", "LlamaDecoderLayer"), ("gemma3-270m", "Gemma3DecoderLayer")])
+def test_fused_kernels_install_on_the_packaged_models_in_bf16(model, layer):
+    # the install checks hold at the dtype the kernels run in (bf16 rounding, the real head counts):
+    # a check too strict for bf16 would silently leave a model on the slower kernels
+    eng = make_engine("hf", model, {"dtype": "bfloat16", "fuse": True, "num_threads": 1})
+    assert {"apply_rotary_pos_emb", layer} <= set(eng.fused)
+    assert any(n.endswith("RMSNorm") for n in eng.fused) and any(n.endswith("MLP") for n in eng.fused)
+
+
 def test_fused_kernels_reject_an_unknown_rotary():
     from rayeval.eval.fused import fuse_elementwise
 
