@@ -65,8 +65,10 @@ def run(model: str, n_q: int, paper_works: int, rounds: int) -> list[dict]:
         threads = threads if threads == 1 else len(os.sched_getaffinity(0))
         ref = make_engine("hf", model, {"dtype": "float32", "prefix_sharing": False, "fuse": False, "max_model_len": 2048})
         ref_preds = pp.work_preds(works, pp.score(ref, works, shard))
+        # the transformers module whose apply_rotary_pos_emb the model calls (what fused.py patches)
+        mod = importlib.import_module(type(ref.model).__module__)
+        plain = getattr(mod.apply_rotary_pos_emb, "_rayeval_plain", mod.apply_rotary_pos_emb)
         del ref
-        mod, plain = modules_of(model)
         engines = {kind: build(model, kind, threads, mod, plain) for kind in SETS}
         best: dict[str, float] = {}
         preds: dict[str, dict] = {}
@@ -96,20 +98,6 @@ def run(model: str, n_q: int, paper_works: int, rounds: int) -> list[dict]:
             print(json.dumps(out[-1]), flush=True)
         del engines
     return out
-
-
-def modules_of(model: str):
-    """The transformers module whose ``apply_rotary_pos_emb`` the model calls, and that function as
-    transformers defines it."""
-    from transformers import AutoConfig
-
-    from rayeval.models import resolve_model
-
-    cfg = AutoConfig.from_pretrained(str(resolve_model(model)))
-    name = {"llama": "llama", "gemma3_text": "gemma3", "gemma3": "gemma3"}[cfg.model_type]
-    mod = importlib.import_module(f"transformers.models.{name}.modeling_{name}")
-    plain = getattr(mod.apply_rotary_pos_emb, "_rayeval_plain", mod.apply_rotary_pos_emb)
-    return mod, plain
 
 
 def main() -> None:
