@@ -329,6 +329,37 @@ def test_fused_kernels_install_on_the_packaged_models_in_bf16(model, layer):
     assert any(n.endswith("RMSNorm") for n in eng.fused) and any(n.endswith("MLP") for n in eng.fused)
 
 
+@pytest.mark.model
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_fused_rotary_checks_batches_on_their_first_call(tiny_models, arch):
+    # a packed engine installs the one-sequence rotary kernel only; padded batches compile theirs on
+    # their first call, checked there against transformers' function, sizes symbolic from then on
+    import importlib
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    eng = make_engine("hf", tiny_models[arch], {"dtype": "float32", "num_threads": 1, "fuse": True})
+    rot = importlib.import_module(type(eng.model).__module__).apply_rotary_pos_emb
+    plain = rot._rayeval_plain
+    cfg = eng.model.config
+    h, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    torch.manual_seed(0)
+
+    def call(b, t):
+        q, k = torch.randn(b, h, t, d), torch.randn(b, hkv, t, d)
+        cos, sin = torch.randn(b, t, d), torch.randn(b, t, d)
+        for x, y in zip(rot(q, k, cos, sin), plain(q, k, cos, sin)):
+            assert x.shape == y.shape and torch.allclose(x, y, atol=1e-5)
+
+    call(2, 6)
+    call(3, 9)
+    assert len(rot._rayeval_batched) == 1 and rot._rayeval_batched[0] is not plain  # the compiled kernel, kept
+    compiled = counters["stats"]["unique_graphs"]
+    call(5, 4)
+    assert counters["stats"]["unique_graphs"] == compiled
+
+
 def test_fused_kernels_reject_an_unknown_rotary():
     from rayeval.eval.fused import fuse_elementwise
 

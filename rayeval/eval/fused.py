@@ -169,13 +169,29 @@ def _mlp_forward(m, act_mul, eager):
 
 
 def _rotary_forward(fused, fused_one, eager):
-    """``fused`` for batches, ``fused_one`` for one packed sequence (batch 1: its own shape family)."""
+    """``fused_one`` for one packed sequence (batch 1: the HF engine's packed passes), installed
+    checked; ``fused`` for padded batches, compiled and checked against ``eager`` on its first
+    call (a packed engine never makes one, so it never compiles it: 1.2 s of an engine's start on
+    SmolLM2), its batch and token sizes symbolic from then on; it stays eager if it differs."""
+    batched: list = []  # [the kernel for batches] once its first call checked it
+
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
         if args or kwargs or q.shape[2] < 2:
             return eager(q, k, cos, sin, *args, **kwargs)
-        return (fused if q.shape[0] > 1 else fused_one)(*_tokens_dynamic(q, k, dim=2), *_tokens_dynamic(cos, sin, dim=1))
+        if q.shape[0] == 1:
+            return fused_one(*_tokens_dynamic(q, k, dim=2), *_tokens_dynamic(cos, sin, dim=1))
+        _tokens_dynamic(q, k, cos, sin)  # the batch size too
+        if not batched:
+            got, want = fused(*_tokens_dynamic(q, k, dim=2), *_tokens_dynamic(cos, sin, dim=1)), eager(q, k, cos, sin)
+            ok = all(_same(x, y, q.dtype) for x, y in zip(got, want))
+            if not ok:
+                log.warning("fused rotary kernel differs from %s on batches; batches stay eager", eager.__name__)
+            batched.append(fused if ok else eager)
+            return want
+        return batched[0](*_tokens_dynamic(q, k, dim=2), *_tokens_dynamic(cos, sin, dim=1))
     apply_rotary_pos_emb._rayeval_fused = True
     apply_rotary_pos_emb._rayeval_plain = eager   # transformers' own function
+    apply_rotary_pos_emb._rayeval_batched = batched
     return apply_rotary_pos_emb
 
 
@@ -249,9 +265,10 @@ def _fuse(model, torch, layers: bool = True, rotary: str = "halves") -> list[str
             key = f"rotary:{rotary}:{mod.__name__}:{heads}:{kv_heads}:{head_dim}"
             fused = _rotary_forward(_compiled(key, fn), _compiled(key + ":1", fn), rot)
             ok = True
-            # the model's own head counts; q/k head-major ([B, H, T, D] contiguous, as after Gemma-3's
-            # q/k norms) and token-major (a transposed [B, T, H, D], as Llama's projections leave them)
-            for b, t, token_major in ((2, 6, False), (3, 5, False), (1, 7, False), (1, 7, True), (1, 1, False)):
+            # one packed sequence with the model's own head counts; q/k head-major ([1, H, T, D]
+            # contiguous, as after Gemma-3's q/k norms) and token-major (a transposed [1, T, H, D], as
+            # Llama's projections leave them); batches check themselves on their first call
+            for b, t, token_major in ((1, 7, False), (1, 7, True), (1, 1, False)):
                 if token_major:
                     q = torch.randn(b, t, heads, head_dim, dtype=dtype).transpose(1, 2)
                     k = torch.randn(b, t, kv_heads, head_dim, dtype=dtype).transpose(1, 2)
@@ -338,8 +355,8 @@ def _fuse_layers(model, torch, dtype) -> str | None:
     seen: list = []
     hook = layers[0].register_forward_pre_hook(lambda m, a, kw: seen.append((a, kw)) if not seen else None,
                                                with_kwargs=True)
-    try:
-        base(input_ids=torch.randint(0, min(vocab, 1000), (2, 7)))
+    try:  # one sequence: the packed passes' shapes (a batch would compile the batched rotary kernel)
+        base(input_ids=torch.randint(0, min(vocab, 1000), (1, 7)))
     finally:
         hook.remove()
     args, kwargs = seen[0]
