@@ -7,6 +7,7 @@ packaged-model tests check the same on the real weights."""
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 from typer.testing import CliRunner
@@ -358,6 +359,37 @@ def test_fused_rotary_checks_batches_on_their_first_call(tiny_models, arch):
     compiled = counters["stats"]["unique_graphs"]
     call(5, 4)
     assert counters["stats"]["unique_graphs"] == compiled
+
+
+@pytest.mark.slow
+def test_inductor_isa_probe_runs_once_per_host(tmp_path):
+    # the first process probes (inductor's subprocesses) and records; the next trusts the CPU's
+    # flags because they give the recorded answer; a record that the flags do not reproduce is
+    # probed again and rewritten, never trusted
+    import json
+    import subprocess
+    import sys
+
+    code = ("import json, torch; from rayeval.eval.fused import probe_isas_once; "
+            "from torch._inductor import config, cpu_vec_isa as v; got = probe_isas_once(); "
+            "print(json.dumps([got, config.cpp.vec_isa_ok, str(v.pick_vec_isa())]))")
+    env = {**os.environ, "RAYEVAL_CACHE": str(tmp_path)}
+    env.pop("TORCHINDUCTOR_VEC_ISA_OK", None)
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    probed, ok, picked = run()
+    if probed is None:
+        pytest.skip("not x86-64 Linux: inductor's probe is left as it is")
+    assert ok is None and probed and picked == probed[0]
+    (rec,) = (tmp_path / "inductor").glob("isa-*.json")
+    assert json.loads(rec.read_text())["isas"] == probed
+    assert run() == [probed, True, picked]  # trusted: the same instruction sets, no probe
+    rec.write_text(json.dumps({"isas": probed[1:]}))  # a record the flags do not give
+    assert run() == [probed, None, picked]
+    assert json.loads(rec.read_text())["isas"] == probed
 
 
 def test_fused_kernels_reject_an_unknown_rotary():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,7 +195,20 @@ def token_job(job) -> TokenJob:
     return continuation_job(job[3], job[4])
 
 
+def _gpu_device_nodes() -> bool:
+    """Whether this host exposes a GPU device node (NVIDIA's ``/dev/nvidia<N>``, ROCm's
+    ``/dev/kfd``, WSL's ``/dev/dxg``): without one, no CUDA or ROCm runtime can see a device."""
+    import glob
+
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/kfd") or os.path.exists("/dev/dxg")
+
+
 def on_cpu() -> bool:
+    """No GPU for torch here.  A host without GPU device nodes answers without importing torch
+    (1.2 s of the driver's start before a run on a CPU host, where nothing else of the driver's
+    needs torch); otherwise torch says."""
+    if "torch" not in sys.modules and sys.platform.startswith("linux") and not _gpu_device_nodes():
+        return True
     try:
         import torch
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import shutil
 from typing import Any
 
 log = logging.getLogger("rayeval.eval")
@@ -116,6 +117,76 @@ def _is_gelu_tanh(act) -> bool:
     name = type(act).__name__
     return name in ("GELUTanh", "PytorchGELUTanh", "NewGELUActivation", "FastGELUActivation") or (
         name == "GELU" and getattr(act, "approximate", "none") == "tanh")
+
+
+def _isa_record_key(torch) -> str:
+    """What inductor's instruction-set probe depends on: this CPU's flags, the C++ compiler (path,
+    size, mtime) and torch's version."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    from torch._inductor.cpp_builder import get_cpp_compiler
+
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0]
+    except (OSError, IndexError):
+        flags = ""
+    cxx = get_cpp_compiler()
+    try:
+        st = os.stat(shutil.which(cxx) or cxx)
+        cxx_id = f"{shutil.which(cxx) or cxx}:{st.st_size}:{st.st_mtime_ns}"
+    except OSError:
+        cxx_id = str(cxx)
+    return hashlib.sha256("\0".join([torch.__version__, cxx_id, flags]).encode()).hexdigest()[:20]
+
+
+def probe_isas_once() -> list[str] | None:
+    """Inductor's vector instruction sets for this CPU, probed once per host, compiler and torch.
+
+    Before its first kernel, inductor checks every instruction set ``/proc/cpuinfo`` reports by
+    building and loading a test library in a Python subprocess, in every process: 1.1 s of each
+    engine's start here (eleven subprocesses), and each Ray actor is a new process.  The first
+    process's answer is kept in rayeval's cache folder; a later one with the same key trusts the
+    CPU's flags (inductor's ``cpp.vec_isa_ok``) only if they give exactly the recorded answer, and
+    probes as usual otherwise.  An operator's own ``TORCHINDUCTOR_VEC_ISA_OK`` is left alone.
+    Returns the instruction sets in use (None off x86 Linux or when the operator decided)."""
+    import json
+    import os
+    import platform
+    import sys
+
+    import torch
+    from torch._inductor import config
+    from torch._inductor import cpu_vec_isa as isa
+
+    if config.cpp.vec_isa_ok is not None or not sys.platform.startswith("linux") or platform.machine() != "x86_64":
+        return None
+    from rayeval.config import cache_dir
+
+    path = want = None
+    try:
+        path = cache_dir() / "inductor" / f"isa-{_isa_record_key(torch)}.json"
+        want = json.loads(path.read_text())["isas"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if want is not None:
+        config.cpp.vec_isa_ok = True
+        got = [str(i) for i in isa.valid_vec_isa_list()]
+        if got == want:
+            return got
+        config.cpp.vec_isa_ok = None  # the flags say more than the probe allowed: probe
+        isa.valid_vec_isa_list.cache_clear()
+    got = [str(i) for i in isa.valid_vec_isa_list()]
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"isas": got, "torch": torch.__version__}))
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a read-only cache: this process probed, the next one will too
+    return got
 
 
 def _compiled(key: str, fn, dynamic: bool | None = None):
@@ -217,6 +288,10 @@ def fuse_elementwise(model, layers: bool = True, rotary: str = "halves") -> list
 
     if rotary not in ("halves", "module"):
         raise ValueError(f"rotary: {rotary!r} is not one of halves, module")
+    try:
+        probe_isas_once()
+    except Exception as e:  # noqa: BLE001 - inductor internals moved: it probes as it always did
+        log.debug("instruction-set record unavailable: %s", e)
     with torch.inference_mode():  # the engine's mode: kernels compiled outside it would recompile inside
         return _fuse(model, torch, layers, rotary)
 
