@@ -45,8 +45,11 @@ def test_checked_backend_is_used_alone_and_encodes_as_transformers(tmp_path, rec
     [rec] = list(records.glob("*.json"))
     assert json.loads(rec.read_text())["same"] is True
     again = T.load_tokenizer(d)                     # from the record: no transformers tokenizer loaded
-    assert isinstance(again, T.BackendTokenizer) and again._hf_tok is None
+    assert isinstance(again, T.BackendTokenizer)
+    ids = (again.bos_token_id, again.pad_token_id, again.add_bos_token)  # what the engines read as they start
+    assert again._hf_tok is None
     hf = AutoTokenizer.from_pretrained(str(d))
+    assert ids == (hf.bos_token_id, hf.pad_token_id, hf.add_bos_token)
     for text in TEXTS:
         for special in (False, True):
             assert again.encode(text, add_special_tokens=special) == hf.encode(text, add_special_tokens=special)
@@ -62,6 +65,18 @@ def test_backend_transformers_changed_falls_back_to_transformers(tmp_path, recor
     assert json.loads(next(records.glob("*.json")).read_text())["same"] is False
     assert tok.encode("hello world !", add_special_tokens=False) == [2, 3, 4]
     assert not isinstance(T.load_tokenizer(d), T.BackendTokenizer)   # the record says so
+
+
+def test_a_record_of_an_older_format_is_checked_again(tmp_path, records):
+    d = _folder(tmp_path / "tok", same=True)
+    T.load_tokenizer(d)
+    [rec] = list(records.glob("*.json"))
+    old = {k: v for k, v in json.loads(rec.read_text()).items() if k not in ("v", "pad_token_id")}
+    rec.write_text(json.dumps(old))
+    tok = T.load_tokenizer(d)
+    assert tok._hf_tok is not None  # checked against transformers again, and recorded anew
+    assert json.loads(rec.read_text())["v"] == T.RECORD_VERSION
+    assert T.load_tokenizer(d)._hf_tok is None
 
 
 def test_changed_tokenizer_file_is_checked_again(tmp_path, records):
@@ -90,7 +105,7 @@ def test_packaged_models_score_the_same_ids_without_transformers(model, tmp_path
     tok = T.load_tokenizer(path)
     assert isinstance(tok, T.BackendTokenizer)
     hf = AutoTokenizer.from_pretrained(str(path))
-    assert (tok.bos_token_id, tok.add_bos_token) == (hf.bos_token_id, hf.add_bos_token)
+    assert (tok.bos_token_id, tok.pad_token_id, tok.add_bos_token) == (hf.bos_token_id, hf.pad_token_id, hf.add_bos_token)
     cfg = load_eval_config("eval_paper_grid")
     cfg = dataclasses.replace(cfg, datasets=[dataclasses.replace(d, limit=2, subjects=d.subjects and d.subjects[:3])
                                              for d in cfg.datasets])

@@ -11,7 +11,7 @@ that was ~10 s of a run's start.
 tokenizer was checked to be that very backend: the first load of a folder (keyed by the contents
 of its tokenizer files and the transformers version) loads both, compares the backends'
 serialised forms, and records the result with the attributes the engines read (``bos_token_id``,
-``add_bos_token``, ``chat_template``).  A folder that fails the check (transformers changed the
+``pad_token_id``, ``add_bos_token``, ``chat_template``).  A folder that fails the check (transformers changed the
 backend as it loaded it), or has no ``tokenizer.json``, gets transformers' tokenizer, as before.
 Anything else (``apply_chat_template``, ``decode`` ...) loads transformers' tokenizer on first use.
 """
@@ -26,6 +26,9 @@ from typing import Any
 
 from rayeval.config import cache_dir
 
+# The record's fields: 2 added ``pad_token_id`` (the HF engine reads it as it starts; from
+# transformers' tokenizer that was a 3 s load of Gemma-3's)
+RECORD_VERSION = 2
 _FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
           "chat_template.json")
 
@@ -61,6 +64,7 @@ class BackendTokenizer:
         self.name_or_path = path
         self._backend = backend
         self.bos_token_id = record.get("bos_token_id")
+        self.pad_token_id = record.get("pad_token_id")
         self.add_bos_token = bool(record.get("add_bos_token"))
         self.chat_template = record.get("chat_template")
         self._hf_tok = hf
@@ -97,7 +101,8 @@ def check(folder: str | Path) -> tuple[dict[str, Any], Any]:
     tmpl = getattr(hf, "chat_template", None)
     # a chat template other than one string (a dict of named templates) stays with transformers
     same = inner is not None and inner.to_str() == own.to_str() and (tmpl is None or isinstance(tmpl, str))
-    return {"same": bool(same), "bos_token_id": hf.bos_token_id, "add_bos_token": bool(getattr(hf, "add_bos_token", False)),
+    return {"v": RECORD_VERSION, "same": bool(same), "bos_token_id": hf.bos_token_id, "pad_token_id": hf.pad_token_id,
+            "add_bos_token": bool(getattr(hf, "add_bos_token", False)),
             "chat_template": tmpl if isinstance(tmpl, str) else None, "transformers_class": type(hf).__name__}, hf
 
 
@@ -110,6 +115,8 @@ def load_tokenizer(folder: str | Path):
     hf = None
     try:
         record = json.loads(rec_file.read_text())
+        if record.get("v") != RECORD_VERSION:
+            raise ValueError("an older record")
     except (OSError, ValueError):
         record, hf = check(folder)
         try:
