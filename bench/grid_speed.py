@@ -349,7 +349,7 @@ def render(R: dict) -> str:
         for m, z in R["zero_shot"].items():
             r, lm, ref = z["rayeval"], z.get("lm_eval_hf", {}), z.get("fp32_reference", {})
             L.append(f"| {m} | {z['n']} | {r['q_per_s']:.2f} ({r['dtype']}, {r['threads']}t) | "
-                     f"{z['roofline']['ceiling_q_per_s']:.2f} ({z['roofline']['best']}) | {r['pct_of_roofline']:.0f}% | "
+                     f"{z['roofline']['ceiling_q_per_s']:.2f} ({z['roofline']['best']}) | {r['pct_of_roofline']:.1f}% | "
                      f"{r.get('sharing_bound_q_per_s', nan):.1f} | "
                      f"{lm.get('q_per_s', nan):.2f} | {r.get('x_lm_eval', nan):.2f}x | "
                      f"{lm.get('agreement_with_rayeval', nan):.3f} | "
