@@ -48,6 +48,21 @@ def cache_dir() -> Path:
     return p
 
 
+def write_record(path: Path, record: Any) -> bool:
+    """Write a cache record (JSON) atomically: concurrent writers each replace the whole file.
+    Returns False where the cache cannot be written (read-only): the caller recomputes next time."""
+    import json
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)
+        return True
+    except OSError:
+        return False
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:

@@ -17,9 +17,16 @@ compiler, say) every module stays as it was.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import importlib
+import json
 import logging
+import os
+import platform
 import shutil
+import sys
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("rayeval.eval")
@@ -122,10 +129,6 @@ def _is_gelu_tanh(act) -> bool:
 def _isa_record_key(torch) -> str:
     """What inductor's instruction-set probe depends on: this CPU's flags, the C++ compiler (path,
     size, mtime) and torch's version."""
-    import hashlib
-    import os
-    from pathlib import Path
-
     from torch._inductor.cpp_builder import get_cpp_compiler
 
     try:
@@ -133,14 +136,16 @@ def _isa_record_key(torch) -> str:
     except (OSError, IndexError):
         flags = ""
     cxx = get_cpp_compiler()
+    cxx = shutil.which(cxx) or cxx
     try:
-        st = os.stat(shutil.which(cxx) or cxx)
-        cxx_id = f"{shutil.which(cxx) or cxx}:{st.st_size}:{st.st_mtime_ns}"
+        st = os.stat(cxx)
+        cxx = f"{cxx}:{st.st_size}:{st.st_mtime_ns}"
     except OSError:
-        cxx_id = str(cxx)
-    return hashlib.sha256("\0".join([torch.__version__, cxx_id, flags]).encode()).hexdigest()[:20]
+        pass
+    return hashlib.sha256("\0".join([torch.__version__, cxx, flags]).encode()).hexdigest()[:20]
 
 
+@functools.cache
 def probe_isas_once() -> list[str] | None:
     """Inductor's vector instruction sets for this CPU, probed once per host, compiler and torch.
 
@@ -150,19 +155,15 @@ def probe_isas_once() -> list[str] | None:
     process's answer is kept in rayeval's cache folder; a later one with the same key trusts the
     CPU's flags (inductor's ``cpp.vec_isa_ok``) only if they give exactly the recorded answer, and
     probes as usual otherwise.  An operator's own ``TORCHINDUCTOR_VEC_ISA_OK`` is left alone.
-    Returns the instruction sets in use (None off x86 Linux or when the operator decided)."""
-    import json
-    import os
-    import platform
-    import sys
-
+    Returns the instruction sets in use (None off x86 Linux or when the operator decided); once
+    per process."""
     import torch
     from torch._inductor import config
     from torch._inductor import cpu_vec_isa as isa
 
     if config.cpp.vec_isa_ok is not None or not sys.platform.startswith("linux") or platform.machine() != "x86_64":
         return None
-    from rayeval.config import cache_dir
+    from rayeval.config import cache_dir, write_record
 
     path = want = None
     try:
@@ -182,13 +183,7 @@ def probe_isas_once() -> list[str] | None:
         isa.valid_vec_isa_list.cache_clear()
     got = [str(i) for i in isa.valid_vec_isa_list()]
     if path is not None:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"isas": got, "torch": torch.__version__}))
-            os.replace(tmp, path)
-        except OSError:
-            pass  # a read-only cache: this process probed, the next one will too
+        write_record(path, {"isas": got, "torch": torch.__version__})  # read-only: the next process probes too
     return got
 
 

@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rayeval.config import cache_dir
+from rayeval.config import cache_dir, write_record
 
 # The record's fields: 2 added ``pad_token_id`` (the HF engine reads it as it starts; from
 # transformers' tokenizer that was a 3 s load of Gemma-3's)
@@ -119,13 +119,7 @@ def load_tokenizer(folder: str | Path):
             raise ValueError("an older record")
     except (OSError, ValueError):
         record, hf = check(folder)
-        try:
-            rec_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = rec_file.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(record))
-            os.replace(tmp, rec_file)
-        except OSError:
-            pass  # a read-only cache: the check runs again next time
+        write_record(rec_file, record)  # a read-only cache: the check runs again next time
     if not record.get("same"):
         return hf if hf is not None else _hf(str(folder))
     from tokenizers import Tokenizer
