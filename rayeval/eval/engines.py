@@ -290,6 +290,19 @@ def _dist_version(*names: str) -> str:
     return "unknown"
 
 
+def hf_attention(attention: str = "auto", dtype: str = "auto", packed: Any = "auto") -> bool:
+    """Whether an HF engine's packed passes attend with :mod:`rayeval.eval.cpu_attention`'s AMX
+    kernel (bf16 on a CPU that can build it), as far as the host and the options tell; the engine
+    also needs a head size the kernel takes and the kernel's load-time check to pass."""
+    if attention not in ("auto", "sdpa", "amx"):
+        raise ValueError(f"attention: {attention!r} is not one of auto, sdpa, amx")
+    if attention == "sdpa" or packed is False or hf_dtype(dtype) != "bfloat16" or not on_cpu():
+        return False
+    from rayeval.eval.cpu_attention import available
+
+    return available()
+
+
 def engine_identity(kind: str, model: str, engine_kwargs: dict | None = None) -> dict | None:
     """What an engine's numbers depend on besides the token ids (the score cache's key space):
     engine kind and version, dtype, the weights' fingerprint.  None for the fake engine."""
@@ -307,6 +320,10 @@ def engine_identity(kind: str, model: str, engine_kwargs: dict | None = None) ->
             from rayeval.eval.fused import KERNELS
 
             ident["kernels"] = KERNELS
+        if hf_attention(kw.get("attention", "auto"), kw.get("dtype", "auto"), kw.get("packed", "auto")):
+            from rayeval.eval.cpu_attention import VERSION
+
+            ident["attention"] = VERSION
     else:
         from rayeval.models import get_spec
 
@@ -597,6 +614,8 @@ class HFEngine(TokenEngine):
     model's attention allows),
     ``head_rows`` (read positions per vocabulary-head chunk; 0: the head after every forward pass),
     ``fuse`` (``auto``: compiled elementwise kernels on a bf16 CPU, :mod:`rayeval.eval.fused`),
+    ``attention`` (``auto``: packed bf16 passes attend on AMX tiles where the CPU has them,
+    :mod:`rayeval.eval.cpu_attention`; ``sdpa``: PyTorch's kernel; ``amx``: the tiles or an error),
     ``keep_heap`` (``auto``: on a CPU host, freed activations stay in the process heap,
     :func:`keep_heap`),
     ``prefix_sharing``, ``score_cache``;
@@ -630,6 +649,11 @@ class HFEngine(TokenEngine):
         limit = kw.pop("max_model_len", None)
         threads = kw.pop("num_threads", None) or default_threads()
         heap = kw.pop("keep_heap", "auto")
+        attention = kw.pop("attention", "auto")
+        try:
+            amx = hf_attention(attention, dtype, packed)
+        except ValueError as e:
+            raise ValueError(f"{model}: {e}") from None
         self.keep_heap = keep_heap() if (on_cpu() if heap == "auto" else bool(heap)) else False
         torch.set_num_threads(int(threads))
         path = resolve_model(model)
@@ -671,7 +695,21 @@ class HFEngine(TokenEngine):
             from rayeval.eval.packed import install
 
             install(self.model)
-        self._init_common(cache, engine_identity("hf", model, {"dtype": dtype, "fuse": bool(self.fused)}))
+        # Packed bf16 groups on AMX tiles where the CPU has them (rayeval.eval.cpu_attention)
+        self.attention_kernel = None
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if self.packed and amx:
+            from rayeval.eval.cpu_attention import load, supports
+
+            self.attention_kernel = load() if supports(head_dim) else None
+        if attention == "amx" and self.attention_kernel is None:
+            raise ValueError(f"{model}: attention: amx needs packed bf16 passes on a CPU with AMX-BF16, a C "
+                             f"compiler and a head size that is a multiple of 32 up to 256 (this model's: {head_dim})")
+        ident = engine_identity("hf", model, {"dtype": dtype, "fuse": bool(self.fused), "attention": attention,
+                                              "packed": self.packed})
+        if self.attention_kernel is None:
+            ident.pop("attention", None)   # what this engine computes with, whatever the host promised
+        self._init_common(cache, ident)
 
     def _trie(self, jobs: Sequence[TokenJob]) -> PrefixTrie:
         seqs = [j.ids for j in jobs]
@@ -903,7 +941,7 @@ class HFEngine(TokenEngine):
                                rows=R, qmax=qmax, pmax=pmax, full=full[:, None].to(dev), sliding=sliding,
                                src=src.to(dev)))
         kept = [n for n in start if trie.children[n]]
-        p = Pass(groups=built, store=store)
+        p = Pass(groups=built, store=store, kernel=self.attention_kernel, threads=torch.get_num_threads())
         if kept:  # their keys/values go to the store as each layer makes them
             p.src = torch.cat([torch.arange(start[n], start[n] + trie.hi[n] - trie.lo[n]) for n in kept]).to(dev)
             p.dst = torch.cat([store.own(n) for n in kept])

@@ -129,6 +129,8 @@ class Pass:
     store: KVStore
     src: Any | None = None   # packed positions of the pass's tokens of nodes with children ...
     dst: Any | None = None   # ... and their slots in the store (None: no node of the pass has children)
+    kernel: Any | None = None  # rayeval.eval.cpu_attention's kernel for bf16 groups, or None: SDPA
+    threads: int = 1
 
 
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
@@ -159,6 +161,12 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     for g in p.groups:
         R, qm = g.rows, g.qmax
         take, put = g.fold_index(H, hkv, N, head_major)
+        bias = g.mask_bias(bool(sliding_window and g.sliding is not None), fold, q0.dtype)
+        if p.kernel is not None and q0.dtype == torch.bfloat16:
+            # the whole group in one call: gathers, products on AMX tiles, fp32 softmax
+            p.kernel(qrows, take, out, put, k0, v0, p.store.k.get(layer), p.store.v.get(layer), g.qidx, g.pidx,
+                     bias[:, 0], R, qm, g.pmax, D ** -0.5 if scaling is None else scaling, p.threads)
+            continue
         k = k0.index_select(0, g.qidx).view(R, qm, hkv, D)
         v = v0.index_select(0, g.qidx).view(R, qm, hkv, D)
         if g.pmax:
@@ -169,7 +177,6 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         # query length ([R, Hkv, fold * qmax, D]): one taller attention per key/value head, no
         # repeated keys, and the mask as a bias made once a pass (1.2-1.8x faster than SDPA's GQA
         # with a boolean mask on short rows, docs/benchmarks.md)
-        bias = g.mask_bias(bool(sliding_window and g.sliding is not None), fold, q0.dtype)
         qf = qrows.index_select(0, take).view(R, hkv, fold * qm, D)
         o = F.scaled_dot_product_attention(qf, k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=scaling)
         out.index_copy_(0, put, o.reshape(R * hkv * fold * qm, D))

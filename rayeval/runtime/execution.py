@@ -12,7 +12,7 @@ EXEC_KEYS = ("kind", "actors", "pools", "num_cpus", "num_gpus", "resources", "cp
              "hf", "vllm")
 # Engine options each kind takes (besides ``from_pretrained`` / ``vllm.LLM`` passthrough below).
 HF_KEYS = {"dtype", "num_threads", "batch_size", "max_tokens_per_batch", "max_kv_tokens", "row_tokens", "min_fill", "head_rows",
-           "fuse", "packed", "keep_heap",
+           "fuse", "packed", "keep_heap", "attention",
            "prefix_sharing", "max_model_len", "attn_implementation", "revision", "trust_remote_code"}
 
 
