@@ -102,6 +102,7 @@ def zero_shot(model: str, n_q: int, env, tmp: Path, rounds: int = 3) -> dict:
     out = {"n": n, "rayeval": {"q_per_s": n / dt, "seconds": dt, "rounds_s": times, "start_and_warm_up_s": start_s,
                                 "median_q_per_s": n / sorted(times)[len(times) // 2],
                                 "dtype": eng.dtype, "threads": torch.get_num_threads(),
+                                "attention": eng.identity.get("attention", "sdpa"),
                                 "acc": es.accuracy(preds, gold), "stats": dict(eng.stats)}}
     log(f"{model}: rayeval default engine {n / dt:.2f} q/s (rounds {[round(t, 2) for t in times]} s; {eng.dtype}, "
         f"{torch.get_num_threads()} threads)")
@@ -348,7 +349,7 @@ def render(R: dict) -> str:
               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for m, z in R["zero_shot"].items():
             r, lm, ref = z["rayeval"], z.get("lm_eval_hf", {}), z.get("fp32_reference", {})
-            L.append(f"| {m} | {z['n']} | {r['q_per_s']:.2f} ({r['dtype']}, {r['threads']}t) | "
+            L.append(f"| {m} | {z['n']} | {r['q_per_s']:.2f} ({r['dtype']}, {r['threads']}t, {r.get('attention', 'sdpa')}) | "
                      f"{z['roofline']['ceiling_q_per_s']:.2f} ({z['roofline']['best']}) | {r['pct_of_roofline']:.1f}% | "
                      f"{r.get('sharing_bound_q_per_s', nan):.1f} | "
                      f"{lm.get('q_per_s', nan):.2f} | {r.get('x_lm_eval', nan):.2f}x | "
