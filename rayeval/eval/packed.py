@@ -8,7 +8,8 @@ see the pass as one sequence of real tokens, ``[1, N, hidden]``: no padding, and
 group of rows of similar length into a padded ``[rows, heads, length, dim]`` batch on top of the
 rows' parent caches, runs SDPA with the row mask (a token sees its parent path and the earlier
 tokens of its own node; siblings never see each other; the sliding window where a layer has
-one), and scatters the result back.  The key/value states of nodes with children go to a
+one), and scatters the result back.  In bf16 on a CPU with AMX tiles the whole group is one call
+of :mod:`rayeval.eval.cpu_attention`'s kernel instead (gathers, products, mask and scatter).  The key/value states of nodes with children go to a
 :class:`KVStore` (written once, read through index tensors of paths): each layer writes the
 pass's own before any group attends, so a row may read its parent's keys from the same pass.
 
