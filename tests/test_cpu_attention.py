@@ -60,22 +60,25 @@ def test_kernel_is_built_once_per_host_and_reused(tmp_path):
     assert off.startswith("False")
 
 
-@pytest.fixture(scope="module")
-def tiny_llama64(tmp_path_factory):
-    """A tiny Llama with SmolLM2's head size (64) and grouped-query attention."""
+def _tiny_llama(folder, hidden: int, heads: int) -> str:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from rayeval.models import resolve_model
 
     torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("tiny64") / "llama"
     tok = AutoTokenizer.from_pretrained(str(resolve_model("smollm2-135m")))
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=192, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=3, num_key_value_heads=1, max_position_embeddings=2048)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=1, max_position_embeddings=2048)
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama64(tmp_path_factory):
+    """A tiny Llama with SmolLM2's head size (64) and grouped-query attention."""
+    return _tiny_llama(tmp_path_factory.mktemp("tiny64") / "llama", hidden=192, heads=3)
 
 
 @needs_amx
@@ -111,3 +114,21 @@ def test_attention_option_is_checked(tmp_path):
 
     with pytest.raises(ValueError, match="attention: 'flash' is not one of auto, sdpa, amx"):
         make_engine("hf", "smollm2-135m", {"attention": "flash"})
+
+
+@needs_amx
+@pytest.mark.model
+def test_the_driver_knows_which_attention_an_engine_will_use(tiny_llama64, tmp_path):
+    """The plan counts score-cache hits under the identity the driver computes: it must be the one
+    the engine writes under (the kernel's for head size 64; SDPA's for a head size it does not take)."""
+    from rayeval.eval.engines import engine_identity, make_engine
+
+    bf = {"dtype": "bfloat16", "num_threads": 1, "fuse": False}
+    head16 = _tiny_llama(tmp_path / "head16", hidden=64, heads=4)
+    for path, kernel in ((tiny_llama64, True), (head16, False)):
+        eng = make_engine("hf", path, bf)
+        assert (eng.attention_kernel is not None) == kernel
+        assert eng.identity == engine_identity("hf", path, bf)
+        assert ("attention" in eng.identity) == kernel
+    with pytest.raises(ValueError, match="this model's: 16"):
+        make_engine("hf", head16, {**bf, "attention": "amx"})

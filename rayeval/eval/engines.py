@@ -10,6 +10,7 @@ Scoring methods (symbol / hybrid / cloze) only build requests and reduce these n
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import sys
 import time
@@ -290,17 +291,31 @@ def _dist_version(*names: str) -> str:
     return "unknown"
 
 
-def hf_attention(attention: str = "auto", dtype: str = "auto", packed: Any = "auto") -> bool:
+def hf_attention(attention: str = "auto", dtype: str = "auto", packed: Any = "auto", head_dim: int | None = None) -> bool:
     """Whether an HF engine's packed passes attend with :mod:`rayeval.eval.cpu_attention`'s AMX
-    kernel (bf16 on a CPU that can build it), as far as the host and the options tell; the engine
-    also needs a head size the kernel takes and the kernel's load-time check to pass."""
+    kernel (bf16 on a CPU that can build it, a head size it takes), as far as the host, the options
+    and the model's config tell; the engine also needs the kernel's load-time check to pass."""
     if attention not in ("auto", "sdpa", "amx"):
         raise ValueError(f"attention: {attention!r} is not one of auto, sdpa, amx")
     if attention == "sdpa" or packed is False or hf_dtype(dtype) != "bfloat16" or not on_cpu():
         return False
-    from rayeval.eval.cpu_attention import available
+    from rayeval.eval.cpu_attention import available, supports
 
-    return available()
+    return (head_dim is None or supports(head_dim)) and available()
+
+
+def config_head_dim(path) -> int | None:
+    """The attention head size a model folder's ``config.json`` declares (None if it does not say)."""
+    try:
+        c = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    c = c.get("text_config", c)
+    if c.get("head_dim"):
+        return int(c["head_dim"])
+    if c.get("hidden_size") and c.get("num_attention_heads"):
+        return int(c["hidden_size"]) // int(c["num_attention_heads"])
+    return None
 
 
 def engine_identity(kind: str, model: str, engine_kwargs: dict | None = None) -> dict | None:
@@ -320,7 +335,8 @@ def engine_identity(kind: str, model: str, engine_kwargs: dict | None = None) ->
             from rayeval.eval.fused import KERNELS
 
             ident["kernels"] = KERNELS
-        if hf_attention(kw.get("attention", "auto"), kw.get("dtype", "auto"), kw.get("packed", "auto")):
+        if hf_attention(kw.get("attention", "auto"), kw.get("dtype", "auto"), kw.get("packed", "auto"),
+                        config_head_dim(path)):
             from rayeval.eval.cpu_attention import VERSION
 
             ident["attention"] = VERSION
