@@ -132,7 +132,7 @@ def load() -> Kernel | None:
             log.warning("AMX attention kernel differs from SDPA on random groups: SDPA stays")
             return None
         return k
-    except (OSError, subprocess.CalledProcessError, AttributeError) as e:
+    except (OSError, RuntimeError, subprocess.CalledProcessError, AttributeError) as e:
         log.warning("AMX attention kernel unavailable (%s): SDPA stays", getattr(e, "stderr", None) or e)
         return None
 
