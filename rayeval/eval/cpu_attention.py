@@ -29,6 +29,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rayeval.host import cpu_flags
+
 log = logging.getLogger("rayeval.eval")
 
 SOURCE = Path(__file__).with_name("kernels") / "attention.c"
@@ -44,17 +46,6 @@ def supports(head_dim: int) -> bool:
     return head_dim % 32 == 0 and 0 < head_dim <= 256
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 def _compiler() -> str | None:
     for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
         if cc and shutil.which(cc):
@@ -65,10 +56,9 @@ def _compiler() -> str | None:
 def _build(cc: str) -> Path:
     """The compiled kernel for this source, compiler and flags (built once, then reused)."""
     from rayeval.config import cache_dir
+    from rayeval.host import executable_identity
 
-    st = os.stat(cc)
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cc, str(st.st_size), str(st.st_mtime_ns), *FLAGS])
-                         .encode()).hexdigest()[:20]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), executable_identity(cc), *FLAGS]).encode()).hexdigest()[:20]
     out = cache_dir() / "kernels" / f"attention-{key}.so"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +102,7 @@ def available() -> bool:
     """Whether this host can build the kernel (CPU flags, a compiler; nothing compiled): what the
     score cache's engine identity goes by, on the driver as in the actors."""
     return (os.environ.get("RAYEVAL_CPU_ATTENTION", "1") != "0" and sys.platform.startswith("linux")
-            and platform.machine() == "x86_64" and NEEDS <= _cpu_flags() and _compiler() is not None)
+            and platform.machine() == "x86_64" and NEEDS <= cpu_flags() and _compiler() is not None)
 
 
 @functools.cache
@@ -138,21 +128,11 @@ def load() -> Kernel | None:
 
 
 def reference(qrows, take, put, n_out, k0, v0, sk, sv, qidx, pidx, bias, rows, qmax, pmax, scale):
-    """The same group with PyTorch's SDPA (gathers, fp32 softmax, bf16 probabilities): the check."""
-    import torch
-    import torch.nn.functional as F
+    """The same group with PyTorch's SDPA, as the engine runs it without the kernel: the check."""
+    from rayeval.eval.packed import sdpa_group
 
-    D, hkv = k0.shape[-1], k0.shape[1]
-    L = bias.shape[-2]
-    k = k0.index_select(0, qidx).view(rows, qmax, hkv, D)
-    v = v0.index_select(0, qidx).view(rows, qmax, hkv, D)
-    if pmax:
-        k = torch.cat([sk.index_select(0, pidx).view(rows, pmax, hkv, D), k], 1)
-        v = torch.cat([sv.index_select(0, pidx).view(rows, pmax, hkv, D), v], 1)
-    q = qrows.index_select(0, take).view(rows, hkv, L, D)
-    o = F.scaled_dot_product_attention(q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias[:, None], scale=scale)
-    out = qrows.new_zeros(n_out, D)
-    out.index_copy_(0, put, o.reshape(-1, D))
+    out = qrows.new_zeros(n_out, k0.shape[-1])
+    sdpa_group(qrows, take, out, put, k0, v0, sk, sv, qidx, pidx, bias, rows, qmax, pmax, scale)
     return out
 
 

@@ -221,11 +221,9 @@ def on_cpu() -> bool:
 def cpu_has_bf16() -> bool:
     """Native bf16 matmuls (AMX or AVX512-BF16): then bf16 is the fast CPU dtype, else fp32 is
     (without them bf16 matmuls are emulated and run tens of times slower than fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+    from rayeval.host import cpu_flags
+
+    return bool({"amx_bf16", "avx512_bf16"} & cpu_flags())
 
 
 def vllm_cpu_defaults() -> dict[str, Any]:

@@ -22,11 +22,8 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 import platform
-import shutil
 import sys
-from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("rayeval.eval")
@@ -131,17 +128,10 @@ def _isa_record_key(torch) -> str:
     size, mtime) and torch's version."""
     from torch._inductor.cpp_builder import get_cpp_compiler
 
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0]
-    except (OSError, IndexError):
-        flags = ""
-    cxx = get_cpp_compiler()
-    cxx = shutil.which(cxx) or cxx
-    try:
-        st = os.stat(cxx)
-        cxx = f"{cxx}:{st.st_size}:{st.st_mtime_ns}"
-    except OSError:
-        pass
+    from rayeval.host import cpu_flags, executable_identity
+
+    flags = " ".join(sorted(cpu_flags()))
+    cxx = executable_identity(get_cpp_compiler())
     return hashlib.sha256("\0".join([torch.__version__, cxx, flags]).encode()).hexdigest()[:20]
 
 

@@ -134,12 +134,36 @@ class Pass:
     threads: int = 1
 
 
+def sdpa_group(qrows, take, out, put, k0, v0, sk, sv, qidx, pidx, bias, rows: int, qmax: int, pmax: int,
+               scale: float | None, threads: int = 1) -> None:
+    """One attention group with PyTorch's SDPA, written to ``out`` (the arguments of
+    :class:`rayeval.eval.cpu_attention.Kernel`: the group's rows gathered by index from the pass's
+    ``qrows`` / ``k0`` / ``v0`` and the store's ``sk`` / ``sv``, ``bias [rows, L, pmax + qmax]``;
+    ``threads`` is torch's own setting here)."""
+    import torch
+    import torch.nn.functional as F
+
+    D, hkv = k0.shape[-1], k0.shape[1]
+    L = bias.shape[-2]
+    k = k0.index_select(0, qidx).view(rows, qmax, hkv, D)
+    v = v0.index_select(0, qidx).view(rows, qmax, hkv, D)
+    if pmax:
+        k = torch.cat([sk.index_select(0, pidx).view(rows, pmax, hkv, D), k], 1)
+        v = torch.cat([sv.index_select(0, pidx).view(rows, pmax, hkv, D), v], 1)
+    # Grouped-query attention with the query heads of each key/value head folded into the query
+    # length ([R, Hkv, fold * qmax, D]): one taller attention per key/value head, no repeated keys,
+    # and the mask as a bias made once a pass (1.2-1.8x faster than SDPA's GQA with a boolean mask
+    # on short rows, docs/benchmarks.md)
+    qf = qrows.index_select(0, take).view(rows, hkv, L, D)
+    o = F.scaled_dot_product_attention(qf, k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias[:, None], scale=scale)
+    out.index_copy_(0, put, o.reshape(-1, D))
+
+
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None,
                      sliding_window=None, **_):
     """transformers' attention-function contract: ``query [1, H, N, D]``, ``key``/``value``
     ``[1, Hkv, N, D]`` (rotary applied), returns ``([1, N, H, D], None)``."""
     import torch
-    import torch.nn.functional as F
 
     p: Pass | None = getattr(_LOCAL, "current", None)
     if p is None:  # the model called directly, outside an engine pass: transformers' own SDPA
@@ -163,24 +187,12 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         R, qm = g.rows, g.qmax
         take, put = g.fold_index(H, hkv, N, head_major)
         bias = g.mask_bias(bool(sliding_window and g.sliding is not None), fold, q0.dtype)
-        if p.kernel is not None and q0.dtype == torch.bfloat16:
-            # the whole group in one call: gathers, products on AMX tiles, fp32 softmax
-            p.kernel(qrows, take, out, put, k0, v0, p.store.k.get(layer), p.store.v.get(layer), g.qidx, g.pidx,
-                     bias[:, 0], R, qm, g.pmax, D ** -0.5 if scaling is None else scaling, p.threads)
-            continue
-        k = k0.index_select(0, g.qidx).view(R, qm, hkv, D)
-        v = v0.index_select(0, g.qidx).view(R, qm, hkv, D)
-        if g.pmax:
-            sk, sv = p.store.k[layer], p.store.v[layer]
-            k = torch.cat([sk.index_select(0, g.pidx).view(R, g.pmax, hkv, D), k], 1)
-            v = torch.cat([sv.index_select(0, g.pidx).view(R, g.pmax, hkv, D), v], 1)
-        # Grouped-query attention with the query heads of each key/value head folded into the
-        # query length ([R, Hkv, fold * qmax, D]): one taller attention per key/value head, no
-        # repeated keys, and the mask as a bias made once a pass (1.2-1.8x faster than SDPA's GQA
-        # with a boolean mask on short rows, docs/benchmarks.md)
-        qf = qrows.index_select(0, take).view(R, hkv, fold * qm, D)
-        o = F.scaled_dot_product_attention(qf, k.transpose(1, 2), v.transpose(1, 2), attn_mask=bias, scale=scaling)
-        out.index_copy_(0, put, o.reshape(R * hkv * fold * qm, D))
+        # the whole group in one call: the AMX kernel where the engine has one (bf16), else SDPA;
+        # the same arguments (the kernel needs its scale spelled out)
+        kernel = p.kernel if p.kernel is not None and q0.dtype == torch.bfloat16 else None
+        (kernel or sdpa_group)(qrows, take, out, put, k0, v0, p.store.k.get(layer), p.store.v.get(layer), g.qidx,
+                               g.pidx, bias[:, 0], R, qm, g.pmax,
+                               D ** -0.5 if kernel is not None and scaling is None else scaling, p.threads)
     return out[: N * H].view(N, H, D).unsqueeze(0), None
 
 
