@@ -1,11 +1,14 @@
-"""What this host is, as far as rayeval's caches and defaults depend on it: the CPU's flags and
-an executable's identity (path, size, modification time)."""
+"""What this host is, as far as rayeval's caches and defaults depend on it: the CPU's flags,
+an executable's identity (path, size, modification time), its C compiler, and rayeval's C
+kernels built with it (``build_kernel``)."""
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 
@@ -31,3 +34,29 @@ def executable_identity(cmd: str) -> str:
     except OSError:
         return path
     return f"{path}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def c_compiler() -> str | None:
+    """The C compiler rayeval's kernels build with: ``$CC``, else ``cc``, ``gcc``, ``clang``."""
+    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
+        if cc and shutil.which(cc):
+            return shutil.which(cc)
+    return None
+
+
+def build_kernel(source: Path, flags: list[str], cc: str) -> Path:
+    """``source`` compiled with ``cc`` and ``flags`` into a shared library in rayeval's cache folder
+    (``kernels/<stem>-<key>.so``, keyed by the source, the headers beside it, the compiler and the
+    flags): built once per host, then reused.  Raises ``subprocess.CalledProcessError`` if the
+    compiler fails."""
+    from rayeval.config import cache_dir
+
+    texts = [source.read_text()] + [h.read_text() for h in sorted(source.parent.glob("*.h"))]
+    key = hashlib.sha256("\0".join([*texts, executable_identity(cc), *flags]).encode()).hexdigest()[:20]
+    out = cache_dir() / "kernels" / f"{source.stem}-{key}.so"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(f".{os.getpid()}.so")
+        subprocess.run([cc, *flags, str(source), "-o", str(tmp)], check=True, capture_output=True, text=True)
+        os.replace(tmp, out)
+    return out

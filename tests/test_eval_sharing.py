@@ -321,6 +321,28 @@ def test_fused_kernels_compute_what_the_eager_modules_do(tiny_models, arch):
 
 
 @pytest.mark.model
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
+def test_vocabulary_head_in_chunks_equals_the_whole_head(tiny_models, arch):
+    import torch
+
+    eng = make_engine("hf", tiny_models[arch], {"dtype": "float32", "fuse": True, "num_threads": 1})
+    assert eng.vocab_chunk and eng.head_rows == 4096      # what fused engines run with
+    n = eng.model.lm_head.weight.shape[0]
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(9, eng.model.config.hidden_size, generator=g)
+    inv = torch.randint(0, 9, (40,), generator=g)
+    ti = torch.cat([torch.randint(0, n, (37,), generator=g), torch.tensor([0, n - 1, 6])])  # both ends, a chunk edge
+    for chunk in (7, 64, n + 5):            # a vocabulary not a multiple of the chunk; one chunk
+        for softcap in (None, 3.0):
+            eng.softcap = softcap
+            eng.vocab_chunk = chunk
+            got = eng._head_logprobs(h, inv, ti)
+            eng.vocab_chunk = 0
+            want = eng._head_logprobs(h, inv, ti)
+            assert got.shape == want.shape and torch.allclose(got, want, rtol=0, atol=1e-5), (chunk, softcap)
+
+
+@pytest.mark.model
 @pytest.mark.parametrize("model,layer", [("smollm2-135m", "LlamaDecoderLayer"), ("gemma3-270m", "Gemma3DecoderLayer")])
 def test_fused_kernels_install_on_the_packaged_models_in_bf16(model, layer):
     # the install checks hold at the dtype the kernels run in (bf16 rounding, the real head counts):
@@ -328,6 +350,14 @@ def test_fused_kernels_install_on_the_packaged_models_in_bf16(model, layer):
     eng = make_engine("hf", model, {"dtype": "bfloat16", "fuse": True, "num_threads": 1})
     assert {"apply_rotary_pos_emb", layer} <= set(eng.fused)
     assert any(n.endswith("RMSNorm") for n in eng.fused) and any(n.endswith("MLP") for n in eng.fused)
+    # the MLP's activation product runs in C where the host can build it, and the identity says so
+    from rayeval.eval import fused
+
+    mlp = next(m for m in eng.model.modules() if type(m).__name__.endswith("MLP"))
+    act_mul = dict(zip(mlp.forward.__code__.co_freevars, mlp.forward.__closure__))["act_mul"].cell_contents
+    c = fused.c_act_lib() is not None
+    assert getattr(act_mul, "_rayeval_c", False) == c
+    assert eng.identity["kernels"] == (fused.KERNELS_C if c else fused.KERNELS)
 
 
 @pytest.mark.model

@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import os
 import platform
-import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
-from rayeval.host import cpu_flags
+from rayeval.host import build_kernel, c_compiler, cpu_flags
 
 log = logging.getLogger("rayeval.eval")
 
@@ -44,28 +41,6 @@ VERSION = "amx-1"
 def supports(head_dim: int) -> bool:
     """Head sizes the kernel takes: multiples of 32 (two AMX tile columns) up to 256."""
     return head_dim % 32 == 0 and 0 < head_dim <= 256
-
-
-def _compiler() -> str | None:
-    for cc in (os.environ.get("CC"), "cc", "gcc", "clang"):
-        if cc and shutil.which(cc):
-            return shutil.which(cc)
-    return None
-
-
-def _build(cc: str) -> Path:
-    """The compiled kernel for this source, compiler and flags (built once, then reused)."""
-    from rayeval.config import cache_dir
-    from rayeval.host import executable_identity
-
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), executable_identity(cc), *FLAGS]).encode()).hexdigest()[:20]
-    out = cache_dir() / "kernels" / f"attention-{key}.so"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(f".{os.getpid()}.so")
-        subprocess.run([cc, *FLAGS, str(SOURCE), "-o", str(tmp)], check=True, capture_output=True, text=True)
-        os.replace(tmp, out)
-    return out
 
 
 class Kernel:
@@ -102,7 +77,7 @@ def available() -> bool:
     """Whether this host can build the kernel (CPU flags, a compiler; nothing compiled): what the
     score cache's engine identity goes by, on the driver as in the actors."""
     return (os.environ.get("RAYEVAL_CPU_ATTENTION", "1") != "0" and sys.platform.startswith("linux")
-            and platform.machine() == "x86_64" and NEEDS <= cpu_flags() and _compiler() is not None)
+            and platform.machine() == "x86_64" and NEEDS <= cpu_flags() and c_compiler() is not None)
 
 
 @functools.cache
@@ -110,11 +85,11 @@ def load() -> Kernel | None:
     """The kernel for this host, built, loaded and checked once per process; None where it cannot run."""
     if not available():
         return None
-    cc = _compiler()
+    cc = c_compiler()
     try:
         import torch  # noqa: F401 - its OpenMP runtime first: the kernel's threads are torch's
 
-        lib = ctypes.CDLL(str(_build(cc)))
+        lib = ctypes.CDLL(str(build_kernel(SOURCE, FLAGS, cc)))
         if lib.rayeval_amx_init() != 0:  # the kernel asks Linux for the AMX tile state
             return None
         k = Kernel(lib)
