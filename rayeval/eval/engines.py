@@ -731,9 +731,9 @@ class HFEngine(TokenEngine):
         if self.attention_kernel is None:
             ident.pop("attention", None)   # what this engine computes with, whatever the host promised
         if ident.get("kernels"):
-            from rayeval.eval.fused import KERNELS, KERNELS_C, c_act_lib
+            from rayeval.eval.fused import KERNELS, KERNELS_C, c_kernels
 
-            if ident["kernels"] == KERNELS_C and c_act_lib() is None:
+            if ident["kernels"] == KERNELS_C and c_kernels() is None:
                 ident["kernels"] = KERNELS
         self._init_common(cache, ident)
 

@@ -7,10 +7,17 @@ MLP's ``act(gate) * up`` and the rotary embedding.  A profile of zero-shot MMLU 
 SmolLM2-135M put those at ~25% of the time against ~41% for every matmul (docs/benchmarks.md).
 ``fuse_elementwise(model)`` swaps them for ``torch.compile``-d functions (one compiled kernel per
 kind, dynamic shapes, shared by every layer and every engine of the process).  The tanh GELU
-(Gemma-3) is compiled in its sigmoid form, which the CPU kernel vectorises.  On a CPU with
-AVX512-BF16 the MLP's ``act(gate) * up`` (SiLU, tanh GELU) runs as a C kernel instead
-(``kernels/elementwise.c``, built once per host like the attention kernel): 1.6-1.9x the compiled
-kernel's speed on the packaged models' MLP shapes (an exp polynomial instead of Sleef's).
+(Gemma-3) is compiled in its sigmoid form, which the CPU kernel vectorises.
+
+On a CPU with AVX512-BF16 (bf16 models) the same functions run as C kernels instead
+(``kernels/elementwise.c``, built once per host like the attention kernel, :func:`c_kernels`):
+RMSNorm alone and with its residual add, the rotary embedding of a packed sequence and the MLP's
+``act(gate) * up`` (SiLU, tanh GELU), with eager PyTorch's roundings to bf16.  Nothing is then
+compiled at an engine's start (dynamo's tracing and inductor's probe were 2.5-3.5 s of each
+actor's start), the MLP's product runs 1.3x faster than the compiled kernel in the engine (an
+exp polynomial instead of Sleef's), and Gemma-3's q/k norms read the projections' token-major
+rows in place instead of a head-major copy.  What a C kernel does not take (another dtype, a
+layout it does not know) goes to the compiled function.
 
 Nothing here changes what is computed: each replacement is checked against the module it
 replaces on random inputs before it is installed (to bf16 rounding: one ulp), and a model whose
@@ -41,70 +48,198 @@ _COMPILED: dict[str, Any] = {}
 # compute changes, even by rounding (fused residual adds and halves-rotary: the second set; the
 # engine's vocabulary head in chunks of the vocabulary, which comes with them: the third)
 KERNELS = "fused-3"
-# ... and with the MLP's activation product in C (:func:`c_act_lib`), where the host can build it
 KERNELS_C = "fused-3c"
 
-ACT_SOURCE = Path(__file__).with_name("kernels") / "elementwise.c"
-ACT_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
-ACT_NEEDS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
+C_SOURCE = Path(__file__).with_name("kernels") / "elementwise.c"
+C_FLAGS = ["-O3", "-fopenmp", "-fPIC", "-shared", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma"]
+C_NEEDS = {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"}
 _ACTS = {"silu": 0, "gelu_tanh": 1}   # the C kernel's act codes
+# rayeval_rms's modes: the function each replaces
+_NORM_MODES = {"rms_llama": 0, "rms_gemma": 1, "add_rms_llama": 2, "norm_add_rms_gemma": 3, "norm_add_gemma": 4}
 
 
-def c_act_available() -> bool:
-    """Whether this host can build the C activation kernel (CPU flags, a C compiler; nothing is
-    compiled): what the engine identity's ``kernels`` goes by, on the driver as in the actors.
-    ``RAYEVAL_CPU_KERNELS=0`` turns it off."""
+def c_kernels_available() -> bool:
+    """Whether this host can build the C kernels (CPU flags, a C compiler; nothing is compiled):
+    what the engine identity's ``kernels`` goes by, on the driver as in the actors.
+    ``RAYEVAL_CPU_KERNELS=0`` turns them off."""
     from rayeval.host import c_compiler, cpu_flags
 
     return (os.environ.get("RAYEVAL_CPU_KERNELS", "1") != "0" and sys.platform.startswith("linux")
-            and platform.machine() == "x86_64" and ACT_NEEDS <= cpu_flags() and c_compiler() is not None)
+            and platform.machine() == "x86_64" and C_NEEDS <= cpu_flags() and c_compiler() is not None)
 
 
 def kernels_version(dtype: str) -> str:
-    """The engine identity's ``kernels`` for fused bf16 (or other) engines on this host."""
-    return KERNELS_C if str(dtype) in ("bfloat16", "torch.bfloat16") and c_act_available() else KERNELS
+    """The engine identity's ``kernels`` for fused engines of ``dtype`` on this host: the C
+    kernels' set (bf16 on a host that can build them) or the compiled one."""
+    return KERNELS_C if str(dtype) in ("bfloat16", "torch.bfloat16") and c_kernels_available() else KERNELS
 
 
 @functools.cache
-def c_act_lib():
-    """The C activation kernel, built and loaded once per process; None where it cannot be."""
-    if not c_act_available():
+def c_kernels():
+    """The C kernels (ctypes functions ``act_mul``, ``rms``, ``rotary``), built and loaded once per
+    process; None where they cannot be."""
+    if not c_kernels_available():
         return None
+    from types import SimpleNamespace
+
     from rayeval.host import build_kernel, c_compiler
 
     try:
-        import torch  # noqa: F401 - its OpenMP runtime first: the kernel's threads are torch's
+        import torch  # noqa: F401 - its OpenMP runtime first: the kernels' threads are torch's
 
-        fn = ctypes.CDLL(str(build_kernel(ACT_SOURCE, ACT_FLAGS, c_compiler()))).rayeval_act_mul
-        fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
-        fn.restype = ctypes.c_int
-        return fn
+        lib = ctypes.CDLL(str(build_kernel(C_SOURCE, C_FLAGS, c_compiler())))
+        i64, p = ctypes.c_int64, ctypes.c_void_p
+        sig = {"act_mul": [p, p, p, i64, ctypes.c_int, ctypes.c_int],
+               "rms": [p, i64, i64, i64, i64, p, p, p, p, p, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int],
+               "rotary": [p, p, i64, i64, i64, i64, p, p, i64, ctypes.c_int]}
+        out = {}
+        for name, args in sig.items():
+            fn = getattr(lib, f"rayeval_{name}")
+            fn.argtypes, fn.restype = args, ctypes.c_int
+            out[name] = fn
+        return SimpleNamespace(**out)
     except (OSError, AttributeError, subprocess.CalledProcessError) as e:
-        log.warning("C activation kernel unavailable (%s): the compiled one stays", getattr(e, "stderr", None) or e)
+        log.warning("C elementwise kernels unavailable (%s): the compiled ones stay", getattr(e, "stderr", None) or e)
         return None
+
+
+def _is_bf16_cpu(*ts) -> bool:
+    import torch
+
+    return all(t.dtype == torch.bfloat16 and t.device.type == "cpu" for t in ts)
+
+
+def _c(fn):
+    fn._rayeval_c = True
+    return fn
 
 
 def _c_act_mul(act: str, fallback):
     """``act(g) * u`` by the C kernel for contiguous bf16 ``g``, ``u`` of one shape on the CPU,
-    ``fallback`` (the compiled kernel) for anything else; ``fallback`` itself where the kernel
-    is unavailable.  Checked against the eager module where it is installed, as every kernel here."""
+    ``fallback`` (the compiled kernel) for anything else; ``fallback`` itself where the kernels
+    are unavailable.  Checked against the eager module where it is installed, as every kernel here."""
     import torch
 
-    fn = c_act_lib()
-    if fn is None:
+    lib = c_kernels()
+    if lib is None:
         return fallback
-    code, bf16 = _ACTS[act], torch.bfloat16
+    code = _ACTS[act]
 
     def act_mul(g, u):
-        if (g.dtype != bf16 or u.dtype != bf16 or g.shape != u.shape or g.device.type != "cpu"
-                or not g.is_contiguous() or not u.is_contiguous()):
+        if not _is_bf16_cpu(g, u) or g.shape != u.shape or not g.is_contiguous() or not u.is_contiguous():
             return fallback(g, u)
         out = torch.empty_like(g)
-        if fn(g.data_ptr(), u.data_ptr(), out.data_ptr(), g.numel(), code, torch.get_num_threads()):
+        if lib.act_mul(g.data_ptr(), u.data_ptr(), out.data_ptr(), g.numel(), code, torch.get_num_threads()):
             raise RuntimeError(f"C activation kernel failed on act {act!r}")
         return out
-    act_mul._rayeval_c = True
-    return act_mul
+    return _c(act_mul)
+
+
+def _row_layout(x):
+    """``(A, B, sa, sb)``: row ``a * B + b`` of ``x`` viewed as rows of its last dimension starts
+    ``a * sa + b * sb`` elements in (its last dimension contiguous); None for another layout."""
+    D = x.shape[-1]
+    if x.stride(-1) != 1:
+        return None
+    if x.is_contiguous():
+        return 1, x.numel() // max(D, 1), 0, D
+    lead = [(n, st) for n, st in zip(x.shape[:-1], x.stride()[:-1]) if n != 1]
+    if len(lead) == 2:
+        return lead[0][0], lead[1][0], lead[0][1], lead[1][1]
+    return None
+
+
+def _c_norm(key: str, fallback):
+    """``fallback`` (:func:`_rms_llama` ... :func:`_norm_add_gemma`, compiled) by the C kernel
+    ``rayeval_rms`` in its mode for ``key``, same arguments and results; the norms alone take
+    ``x`` of any shape whose rows :func:`_row_layout` reads (the result is contiguous, in ``x``'s
+    shape), the layer adds 2-D contiguous rows.  ``fallback`` for anything else."""
+    import torch
+
+    lib = c_kernels()
+    if lib is None:
+        return fallback
+    mode = _NORM_MODES[key]
+
+    def run(x, r, w1, w2, h, y, eps, layout):
+        A, B, sa, sb = layout
+        rc = lib.rms(x.data_ptr(), A, B, sa, sb, r.data_ptr() if r is not None else None, w1.data_ptr(),
+                     w2.data_ptr() if w2 is not None else None, h.data_ptr() if h is not None else None,
+                     y.data_ptr() if y is not None else None, x.shape[-1], float(eps), mode, torch.get_num_threads())
+        if rc:
+            raise RuntimeError(f"C norm kernel failed ({key}, size {x.shape[-1]})")
+
+    def fits(x, *ts) -> bool:
+        D = x.shape[-1]
+        return _is_bf16_cpu(x, *ts) and D % 16 == 0 and 0 < D <= 8192 and all(t.is_contiguous() for t in ts)
+
+    if mode in (0, 1):
+        def norm(x, w, eps):
+            layout = _row_layout(x) if fits(x, w) and w.numel() == x.shape[-1] else None
+            if layout is None:
+                D = x.shape[-1]
+                return fallback(*_tokens_dynamic(x.reshape(-1, D)), w, eps).view(x.shape)
+            y = torch.empty(x.shape, dtype=x.dtype)
+            run(x, None, w, None, None, y, eps, layout)
+            return y
+        return _c(norm)
+
+    def rows_ok(x, r):
+        return x.dim() == 2 and r.shape == x.shape and x.is_contiguous()
+
+    if mode == 2:
+        def add_rms(x, r, w, eps):
+            if not (fits(x, r, w) and rows_ok(x, r)):
+                return fallback(x, r, w, eps)
+            h, y = torch.empty_like(x), torch.empty_like(x)
+            run(x, r, w, None, h, y, eps, (1, x.shape[0], 0, x.shape[1]))
+            return h, y
+        return _c(add_rms)
+    if mode == 3:
+        def norm_add_rms(x, r, w1, w2, eps):
+            if not (fits(x, r, w1, w2) and rows_ok(x, r)):
+                return fallback(x, r, w1, w2, eps)
+            h, y = torch.empty_like(x), torch.empty_like(x)
+            run(x, r, w1, w2, h, y, eps, (1, x.shape[0], 0, x.shape[1]))
+            return h, y
+        return _c(norm_add_rms)
+
+    def norm_add(x, r, w, eps):
+        if not (fits(x, r, w) and rows_ok(x, r)):
+            return fallback(x, r, w, eps)
+        h = torch.empty_like(x)
+        run(x, r, w, None, h, None, eps, (1, x.shape[0], 0, x.shape[1]))
+        return h
+    return _c(norm_add)
+
+
+def _c_rotary(fallback):
+    """The rotary embedding of one packed sequence (``q``, ``k`` ``[1, H, T, D]`` in any layout
+    with D contiguous, ``cos``/``sin`` ``[1, T, D]``) by the C kernel, each result in its input's
+    layout; ``fallback`` (the compiled :func:`_rotary_halves`) for anything else."""
+    import torch
+
+    lib = c_kernels()
+    if lib is None:
+        return fallback
+
+    def rotary(q, k, cos, sin):
+        T, D = q.shape[2], q.shape[3]
+        ok = (_is_bf16_cpu(q, k, cos, sin) and q.dim() == 4 and q.shape[0] == 1 and k.shape[0] == 1
+              and k.shape[2:] == q.shape[2:] and D % 32 == 0 and q.stride(-1) == 1 and k.stride(-1) == 1
+              and tuple(cos.shape) == (1, T, D) and tuple(sin.shape) == (1, T, D) and cos.is_contiguous()
+              and sin.is_contiguous())
+        if not ok:
+            return fallback(q, k, cos, sin)
+        outs = []
+        for x in (q, k):
+            o = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype)
+            if lib.rotary(x.data_ptr(), o.data_ptr(), x.shape[1], T, x.stride(1), x.stride(2), cos.data_ptr(),
+                          sin.data_ptr(), D, torch.get_num_threads()):
+                raise RuntimeError(f"C rotary kernel failed (head size {D})")
+            outs.append(o)
+        return tuple(outs)
+    return _c(rotary)
 
 
 def _rms_llama(x, w, eps: float):
@@ -286,6 +421,8 @@ def _norm_forward(m, fn, eps: float, eager):
         # 2-D, so one dynamic kernel serves [B, T, D] hidden states and Gemma's [B, H, T, d] q/k norms
         if x.numel() < 2 * x.shape[-1]:
             return eager(x)
+        if getattr(fn, "_rayeval_c", False):   # reads x's rows where they are (_c_norm)
+            return fn(x, m.weight, eps)
         return fn(*_tokens_dynamic(x.reshape(-1, x.shape[-1])), m.weight, eps).view(x.shape)
     return forward
 
@@ -348,8 +485,10 @@ def fuse_elementwise(model, layers: bool = True, rotary: str = "halves") -> list
 
     if rotary not in ("halves", "module"):
         raise ValueError(f"rotary: {rotary!r} is not one of halves, module")
+    c = next(model.parameters()).dtype == torch.bfloat16 and c_kernels() is not None
     try:
-        probe_isas_once()
+        if not c:   # the C kernels compile nothing: no instruction sets to probe
+            probe_isas_once()
     except Exception as e:  # noqa: BLE001 - inductor internals moved: it probes as it always did
         log.debug("instruction-set record unavailable: %s", e)
     with torch.inference_mode():  # the engine's mode: kernels compiled outside it would recompile inside
@@ -369,7 +508,10 @@ def _fuse(model, torch, layers: bool = True, rotary: str = "halves") -> list[str
             cls = type(m).__name__
             if cls.endswith("RMSNorm") and getattr(m, "weight", None) is not None:
                 gemma = cls.startswith("Gemma")
-                fn = _compiled("rms_gemma" if gemma else "rms_llama", _rms_gemma if gemma else _rms_llama)
+                key = "rms_gemma" if gemma else "rms_llama"
+                fn = _compiled(key, _rms_gemma if gemma else _rms_llama)
+                if dtype == torch.bfloat16:   # a compiled kernel compiles only if it is called
+                    fn = _c_norm(key, fn)
                 eps = float(getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6)))
                 new = _norm_forward(m, fn, eps, m.forward)
                 if cls not in checked:
@@ -386,7 +528,7 @@ def _fuse(model, torch, layers: bool = True, rotary: str = "halves") -> list[str
                     key = f"act_mul:{type(act).__name__}:{getattr(act, 'approximate', '')}"
                     act_mul = _compiled(key, lambda g, u, act=act: act(g) * u)
                     c_act = "silu" if type(act).__name__ in ("SiLU", "SiLUActivation") else None
-                if c_act and dtype == torch.bfloat16:   # the compiled kernel compiles only if it is called
+                if c_act and dtype == torch.bfloat16:
                     act_mul = _c_act_mul(c_act, act_mul)
                 new = _mlp_forward(m, act_mul, m.forward)
                 if cls not in checked:
@@ -402,7 +544,10 @@ def _fuse(model, torch, layers: bool = True, rotary: str = "halves") -> list[str
         elif rot is not None:
             fn = _rotary_halves if rotary == "halves" else rot
             key = f"rotary:{rotary}:{mod.__name__}:{heads}:{kv_heads}:{head_dim}"
-            fused = _rotary_forward(_compiled(key, fn), _compiled(key + ":1", fn), rot)
+            one = _compiled(key + ":1", fn)
+            if rotary == "halves" and dtype == torch.bfloat16:
+                one = _c_rotary(one)
+            fused = _rotary_forward(_compiled(key, fn), one, rot)
             ok = True
             # one packed sequence with the model's own head counts; q/k head-major ([1, H, T, D]
             # contiguous, as after Gemma-3's q/k norms) and token-major (a transposed [1, T, H, D], as
@@ -482,9 +627,13 @@ def _fuse_layers(model, torch, dtype) -> str | None:
         return None
     if gemma:
         mid, out = _compiled("norm_add_rms_gemma", _norm_add_rms_gemma), _compiled("norm_add_gemma", _norm_add_gemma)
+        if dtype == torch.bfloat16:
+            mid, out = _c_norm("norm_add_rms_gemma", mid), _c_norm("norm_add_gemma", out)
         new = {m: _gemma_layer(m, mid, out) for m in layers}
     else:
         fn = _compiled("add_rms_llama", _add_rms_llama)
+        if dtype == torch.bfloat16:
+            fn = _c_norm("add_rms_llama", fn)
         new = {m: _llama_layer(m, fn) for m in layers}
     # the first layer's own inputs (hidden states, position embeddings, masks) from a short batch
     # through the base model; that layer with and without the fused forward must agree to rounding
