@@ -321,6 +321,15 @@ def test_fused_kernels_compute_what_the_eager_modules_do(tiny_models, arch):
 
 
 @pytest.mark.model
+def test_an_engine_that_fused_nothing_says_so_in_its_identity(tiny_models, monkeypatch):
+    from rayeval.eval import fused
+
+    monkeypatch.setattr(fused, "fuse_elementwise", lambda model: [])   # every install check failed
+    eng = make_engine("hf", tiny_models["llama"], {"dtype": "float32", "fuse": True, "num_threads": 1})
+    assert eng.fused == [] and "kernels" not in eng.identity and not eng.vocab_chunk and eng.head_rows == 256
+
+
+@pytest.mark.model
 @pytest.mark.parametrize("arch", ["llama", "gemma"])
 def test_vocabulary_head_in_chunks_equals_the_whole_head(tiny_models, arch):
     import torch

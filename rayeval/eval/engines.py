@@ -626,8 +626,10 @@ class HFEngine(TokenEngine):
     packed per row), ``min_fill`` (a row must fill this share of its attention group's query and
     key lengths, else it opens another group: attention padding stays small), ``packed`` (``auto``: packed passes where the
     model's attention allows),
-    ``head_rows`` (read positions per vocabulary-head chunk; 0: the head after every forward pass),
-    ``fuse`` (``auto``: compiled elementwise kernels on a bf16 CPU, :mod:`rayeval.eval.fused`),
+    ``head_rows`` (read positions per vocabulary-head call: 4,096 where the head runs in
+    vocabulary chunks, fused engines on a CPU; else 256; 0: the head after every forward pass),
+    ``fuse`` (``auto``: fused elementwise kernels on a bf16 CPU, C where the CPU has AVX512-BF16,
+    else compiled, :mod:`rayeval.eval.fused`),
     ``attention`` (``auto``: packed bf16 passes attend on AMX tiles where the CPU has them,
     :mod:`rayeval.eval.cpu_attention`; ``sdpa``: PyTorch's kernel; ``amx``: the tiles or an error),
     ``keep_heap`` (``auto``: on a CPU host, freed activations stay in the process heap,
@@ -730,7 +732,7 @@ class HFEngine(TokenEngine):
                                               "packed": self.packed})
         if self.attention_kernel is None:
             ident.pop("attention", None)   # what this engine computes with, whatever the host promised
-        if ident.get("kernels"):
+        if ident.get("kernels"):   # (none unless this engine fused) the set it runs, whatever the host promised
             from rayeval.eval.fused import KERNELS, KERNELS_C, c_kernels
 
             if ident["kernels"] == KERNELS_C and c_kernels() is None:
@@ -746,8 +748,9 @@ class HFEngine(TokenEngine):
 
     def _head_logprobs(self, h, inv, ti):
         """log p(token ``ti[i]`` | position ``inv[i]``) for hidden states ``h`` at distinct positions:
-        the fp32 log-sum-exp over the model-dtype logits (with fused kernels one compiled pass, no
-        fp32 copy of Gemma-3's 262k-wide rows; soft-capped logits are fp32 already)."""
+        the fp32 log-sum-exp over the model-dtype logits (fused engines on a CPU: in vocabulary
+        chunks, :meth:`_head_chunked`; elsewhere with fused kernels one compiled pass, no fp32 copy
+        of Gemma-3's 262k-wide rows; soft-capped logits are fp32 already)."""
         if self.vocab_chunk:
             return self._head_chunked(h, inv, ti)
         logits = self.model.lm_head(h)

@@ -224,8 +224,10 @@ def _c_rotary(fallback):
         return fallback
 
     def rotary(q, k, cos, sin):
+        if q.dim() != 4 or k.dim() != 4:
+            return fallback(q, k, cos, sin)
         T, D = q.shape[2], q.shape[3]
-        ok = (_is_bf16_cpu(q, k, cos, sin) and q.dim() == 4 and q.shape[0] == 1 and k.shape[0] == 1
+        ok = (_is_bf16_cpu(q, k, cos, sin) and q.shape[0] == 1 and k.shape[0] == 1
               and k.shape[2:] == q.shape[2:] and D % 32 == 0 and q.stride(-1) == 1 and k.stride(-1) == 1
               and tuple(cos.shape) == (1, T, D) and tuple(sin.shape) == (1, T, D) and cos.is_contiguous()
               and sin.is_contiguous())
