@@ -15,6 +15,10 @@ Two workloads (``bench/packed_passes.py``'s): zero-shot symbol MMLU questions in
 core (what ``make_engine("hf", model)`` gets), and the paper grid's first ``--paper-works`` work
 units in the packaged config's shards on one thread (what each model's actor gets in a grid run).
 
+On a CPU with AVX512-BF16 the bf16 engines run rayeval's C kernels wherever they apply
+(``rayeval.eval.fused.c_kernels``): ``modules`` and ``layers`` then measure those;
+``RAYEVAL_CPU_KERNELS=0`` measures the compiled functions instead.
+
 For each: seconds, units per second, speed-up against ``modules``, and the prediction agreement with
 ``modules`` and with an fp32 reference (``fuse: false``, fp32, no prefix sharing: what bf16 rounding
 alone moves).  The rotary function is a module global of the model's transformers module, so the
