@@ -1,14 +1,17 @@
 """What this host is, as far as rayeval's caches and defaults depend on it: the CPU's flags,
 an executable's identity (path, size, modification time), its C compiler, and rayeval's C
-kernels built with it (``build_kernel``)."""
+kernels built with it (``kernel_host_ok``, ``build_kernel``, ``load_kernel``)."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 
@@ -42,6 +45,22 @@ def c_compiler() -> str | None:
         if cc and shutil.which(cc):
             return shutil.which(cc)
     return None
+
+
+def kernel_host_ok(needs: set[str], switch: str) -> bool:
+    """Whether this host can build one of rayeval's C kernels (nothing is compiled): Linux on
+    x86-64 with the CPU flags ``needs`` and a C compiler, and ``$switch`` not ``0``."""
+    return (os.environ.get(switch, "1") != "0" and sys.platform.startswith("linux")
+            and platform.machine() == "x86_64" and needs <= cpu_flags() and c_compiler() is not None)
+
+
+def load_kernel(source: Path, flags: list[str]) -> ctypes.CDLL:
+    """``source`` built (:func:`build_kernel`, host's C compiler) and loaded with ctypes, after
+    torch: its OpenMP runtime first, so the kernel's threads are torch's.  Raises ``OSError`` or
+    ``subprocess.CalledProcessError`` where it cannot be."""
+    import torch  # noqa: F401
+
+    return ctypes.CDLL(str(build_kernel(source, flags, c_compiler() or "cc")))
 
 
 def build_kernel(source: Path, flags: list[str], cc: str) -> Path:

@@ -20,13 +20,10 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import os
-import platform
 import subprocess
-import sys
 from pathlib import Path
 
-from rayeval.host import build_kernel, c_compiler, cpu_flags
+from rayeval.host import kernel_host_ok, load_kernel
 
 log = logging.getLogger("rayeval.eval")
 
@@ -76,8 +73,7 @@ class Kernel:
 def available() -> bool:
     """Whether this host can build the kernel (CPU flags, a compiler; nothing compiled): what the
     score cache's engine identity goes by, on the driver as in the actors."""
-    return (os.environ.get("RAYEVAL_CPU_ATTENTION", "1") != "0" and sys.platform.startswith("linux")
-            and platform.machine() == "x86_64" and NEEDS <= cpu_flags() and c_compiler() is not None)
+    return kernel_host_ok(NEEDS, "RAYEVAL_CPU_ATTENTION")
 
 
 @functools.cache
@@ -85,11 +81,8 @@ def load() -> Kernel | None:
     """The kernel for this host, built, loaded and checked once per process; None where it cannot run."""
     if not available():
         return None
-    cc = c_compiler()
     try:
-        import torch  # noqa: F401 - its OpenMP runtime first: the kernel's threads are torch's
-
-        lib = ctypes.CDLL(str(build_kernel(SOURCE, FLAGS, cc)))
+        lib = load_kernel(SOURCE, FLAGS)
         if lib.rayeval_amx_init() != 0:  # the kernel asks Linux for the AMX tile state
             return None
         k = Kernel(lib)

@@ -33,7 +33,6 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 import platform
 import subprocess
 import sys
@@ -62,10 +61,9 @@ def c_kernels_available() -> bool:
     """Whether this host can build the C kernels (CPU flags, a C compiler; nothing is compiled):
     what the engine identity's ``kernels`` goes by, on the driver as in the actors.
     ``RAYEVAL_CPU_KERNELS=0`` turns them off."""
-    from rayeval.host import c_compiler, cpu_flags
+    from rayeval.host import kernel_host_ok
 
-    return (os.environ.get("RAYEVAL_CPU_KERNELS", "1") != "0" and sys.platform.startswith("linux")
-            and platform.machine() == "x86_64" and C_NEEDS <= cpu_flags() and c_compiler() is not None)
+    return kernel_host_ok(C_NEEDS, "RAYEVAL_CPU_KERNELS")
 
 
 def kernels_version(dtype: str) -> str:
@@ -82,12 +80,10 @@ def c_kernels():
         return None
     from types import SimpleNamespace
 
-    from rayeval.host import build_kernel, c_compiler
+    from rayeval.host import load_kernel
 
     try:
-        import torch  # noqa: F401 - its OpenMP runtime first: the kernels' threads are torch's
-
-        lib = ctypes.CDLL(str(build_kernel(C_SOURCE, C_FLAGS, c_compiler())))
+        lib = load_kernel(C_SOURCE, C_FLAGS)
         i64, p = ctypes.c_int64, ctypes.c_void_p
         sig = {"act_mul": [p, p, p, i64, ctypes.c_int, ctypes.c_int],
                "rms": [p, i64, i64, i64, i64, p, p, p, p, p, i64, ctypes.c_float, ctypes.c_int, ctypes.c_int],
