@@ -458,6 +458,37 @@ def test_packed_passes_equal_padded_passes(tiny_models, arch):
 
 @pytest.mark.model
 @pytest.mark.parametrize("arch", ["llama", "gemma"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_last_layer_goes_on_with_the_read_rows_only(tiny_models, arch, dtype):
+    # past the last layer's attention a packed pass keeps the rows the head reads: that layer's
+    # feed-forward sees those alone (the first layer's sees every token computed), same numbers
+    reqs = _grid_requests(n=3)
+    eng = make_engine("hf", tiny_models[arch], {"dtype": dtype, "num_threads": 1, "max_tokens_per_batch": 200})
+    assert eng.cut and (bool(eng.fused) == (dtype == "bfloat16"))
+    rows = {"first": 0, "last": 0}
+
+    def count(name):
+        return lambda m, args, out: rows.__setitem__(name, rows[name] + args[0].reshape(-1, args[0].shape[-1]).shape[0])
+    hooks = [eng.base.layers[0].mlp.register_forward_hook(count("first")),
+             eng.base.layers[-1].mlp.register_forward_hook(count("last"))]
+    try:
+        cut = eng.score(reqs)
+    finally:
+        for h in hooks:
+            h.remove()
+    jobs = unique(eng.token_jobs(reqs)[1])[0]
+    reads = {(tuple(j.ids[:pos + 1])) for j in jobs for pos, _ in j.queries()}  # distinct positions read
+    assert rows["first"] == eng.stats["tokens_computed"]
+    assert rows["last"] == len(reads) < rows["first"] / 2
+    eng.cut = False
+    whole = eng.score(reqs)
+    diff = max(abs(x - y) for x, y in zip(_numbers(cut), _numbers(whole)))
+    assert diff < (1e-5 if dtype == "float32" else 0.05), diff
+    assert [r.continuation_tokens for r in cut] == [r.continuation_tokens for r in whole]
+
+
+@pytest.mark.model
+@pytest.mark.parametrize("arch", ["llama", "gemma"])
 def test_shared_prefixes_compute_what_a_plain_forward_pass_does(tiny_models, arch):
     # Gemma's prompts are far longer than the tiny model's 24-token window: the shared-prefix,
     # packed path must apply the window exactly as a plain forward pass over the whole sequence does

@@ -714,10 +714,13 @@ class HFEngine(TokenEngine):
         # matmuls 4% faster than 4,096 on zero-shot MMLU (both packaged models; docs/benchmarks.md);
         # padded passes keep 4,096 (their padding grows with the pass)
         self.max_tokens_per_batch = int(max_tokens or (8192 if self.packed else 4096))
+        self.cut = False   # packed passes: the last layer goes on past its attention with read rows only
         if self.packed:
+            from rayeval.eval.fused import cut_last_layer
             from rayeval.eval.packed import install
 
             install(self.model)
+            self.cut = cut_last_layer(self.model)
         # Packed bf16 groups on AMX tiles where the CPU has them (rayeval.eval.cpu_attention)
         self.attention_kernel = None
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -998,7 +1001,14 @@ class HFEngine(TokenEngine):
                                rows=R, qmax=qmax, pmax=pmax, full=full[:, None].to(dev), sliding=sliding,
                                src=src.to(dev)))
         kept = [n for n in start if trie.children[n]]
-        p = Pass(groups=built, store=store, kernel=self.attention_kernel, threads=torch.get_num_threads())
+        at: dict[int, int] = {}   # packed position -> its row among those the head reads
+        want = []
+        for n, s0 in start.items():
+            for o, tok, k, slot in reads.get(n, ()):
+                q = at.setdefault(s0 + o, len(at))
+                want.append((q, tok, k, slot))
+        p = Pass(groups=built, store=store, kernel=self.attention_kernel, threads=torch.get_num_threads(),
+                 keep=torch.tensor(list(at), dtype=torch.long, device=dev) if self.cut else None)
         if kept:  # their keys/values go to the store as each layer makes them
             p.src = torch.cat([torch.arange(start[n], start[n] + trie.hi[n] - trie.lo[n]) for n in kept]).to(dev)
             p.dst = torch.cat([store.own(n) for n in kept])
@@ -1007,15 +1017,9 @@ class HFEngine(TokenEngine):
         with running(p):
             out = self.base(input_ids=torch.tensor([ids], device=dev), attention_mask=attn,
                             position_ids=torch.tensor([pos], device=dev), use_cache=False)
-        h = out.last_hidden_state[0]
-        at: dict[int, int] = {}
-        want = []
-        for n, s0 in start.items():
-            for o, tok, k, slot in reads.get(n, ()):
-                q = at.setdefault(s0 + o, len(at))
-                want.append((q, tok, k, slot))
+        h = out.last_hidden_state[0]   # cut: the read rows only, in ``at``'s order
         if want:
-            self._pending.append((h[torch.tensor(list(at), device=dev)], want))
+            self._pending.append((h if self.cut else h[torch.tensor(list(at), device=dev)], want))
 
     def _forward(self, batch: list[list[int]], trie: PrefixTrie, kv, nxt, reads) -> None:
         """One forward pass over rows of sibling nodes on top of their parents' caches.

@@ -389,15 +389,30 @@ def _compiled(key: str, fn, dynamic: bool | None = None):
     (:func:`_tokens_dynamic`), so a kernel compiles once per shape family, at install.  Each key
     compiles its own copy of ``fn``'s code: dynamo keeps compiled entries on the code object, so
     keys sharing one function (two rotary kernels, two models' ``act * up``) would otherwise pile
-    their entries onto one another up to dynamo's recompile limit."""
+    their entries onto one another up to dynamo's recompile limit.  ``torch.compile`` itself runs
+    at the first call (:class:`_Lazy`)."""
     import types
-
-    import torch
 
     if key not in _COMPILED:
         own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-        _COMPILED[key] = torch.compile(own, dynamic=dynamic)
+        _COMPILED[key] = _Lazy(own, dynamic)
     return _COMPILED[key]
+
+
+class _Lazy:
+    """``torch.compile(fn, dynamic=dynamic)``, made at the first call.  Making it imports
+    inductor (~1 s of an engine's start), and on a host with the C kernels the compiled
+    functions are only their fallbacks, which a packed engine rarely or never calls."""
+
+    def __init__(self, fn, dynamic: bool | None):
+        self.fn, self.dynamic, self.compiled = fn, dynamic, None
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is None:
+            import torch
+
+            self.compiled = torch.compile(self.fn, dynamic=self.dynamic)
+        return self.compiled(*args, **kwargs)
 
 
 def _tokens_dynamic(*xs, dim: int = 0):
@@ -574,16 +589,31 @@ def _eps(norm) -> float:
     return float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
 
 
-def _llama_layer(layer, fn):
+def _cut(hidden_states, h):
+    """The last layer's rows past its attention: in a packed pass that reads only some positions
+    (:func:`rayeval.eval.packed.kept_rows`), those; the keys and values of every row are made
+    by then, and nothing reads the others' outputs."""
+    from rayeval.eval.packed import kept_rows
+
+    keep = kept_rows()
+    if keep is None:
+        return hidden_states, h
+    return hidden_states.index_select(1, keep), h.index_select(1, keep)
+
+
+def _llama_layer(layer, fn, last: bool = False):
     """``LlamaDecoderLayer.forward`` with its first residual add fused into
-    ``post_attention_layernorm`` (:func:`_add_rms_llama`)."""
+    ``post_attention_layernorm`` (:func:`_add_rms_llama`; ``fn`` None: transformers' own ops).
+    ``last``: the model's last layer, which cuts its rows past attention (:func:`_cut`)."""
     ln2 = layer.post_attention_layernorm
     eps = _eps(ln2)
 
     def forward(hidden_states, **kw):
         h, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kw)
+        if last:
+            hidden_states, h = _cut(hidden_states, h)
         D = h.shape[-1]
-        if h.numel() < 2 * D:
+        if fn is None or h.numel() < 2 * D:
             res = hidden_states + h
             return res + layer.mlp(ln2(res))
         res, h = fn(*_tokens_dynamic(h.reshape(-1, D), hidden_states.reshape(-1, D)), ln2.weight, eps)
@@ -591,17 +621,20 @@ def _llama_layer(layer, fn):
     return forward
 
 
-def _gemma_layer(layer, fn_mid, fn_out):
+def _gemma_layer(layer, fn_mid, fn_out, last: bool = False):
     """``Gemma3DecoderLayer.forward`` with its sandwich norms fused into the residual adds:
     post-attention norm + add + pre-feed-forward norm in one kernel (:func:`_norm_add_rms_gemma`),
-    post-feed-forward norm + add in another (:func:`_norm_add_gemma`)."""
+    post-feed-forward norm + add in another (:func:`_norm_add_gemma`); ``fn_mid`` None:
+    transformers' own ops.  ``last``: as :func:`_llama_layer`'s."""
     n1, n2, n3 = layer.post_attention_layernorm, layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm
     eps = _eps(n1)
 
     def forward(hidden_states, **kw):
         h, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kw)
+        if last:
+            hidden_states, h = _cut(hidden_states, h)
         D = h.shape[-1]
-        if h.numel() < 2 * D:
+        if fn_mid is None or h.numel() < 2 * D:
             res = hidden_states + n1(h)
             return res + n3(layer.mlp(n2(res)))
         res, h = fn_mid(*_tokens_dynamic(h.reshape(-1, D), hidden_states.reshape(-1, D)), n1.weight, n2.weight, eps)
@@ -610,29 +643,58 @@ def _gemma_layer(layer, fn_mid, fn_out):
     return forward
 
 
+_LAYERS = ("LlamaDecoderLayer", "Gemma3DecoderLayer")
+_GEMMA_NORMS = ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm")
+
+
+def _decoder_layers(model) -> list:
+    """The model's decoder layers where all are of one class this module knows, with its norms; else []."""
+    layers = [m for m in model.modules() if type(m).__name__ in _LAYERS]
+    if not layers or len({type(m).__name__ for m in layers}) != 1:
+        return []
+    norms = _GEMMA_NORMS if type(layers[0]).__name__.startswith("Gemma") else ("post_attention_layernorm",)
+    if not all(all(hasattr(m, n) and hasattr(getattr(m, n), "weight") for n in norms) for m in layers):
+        return []
+    return layers
+
+
+def cut_last_layer(model) -> bool:
+    """Make ``model``'s last decoder layer keep only a packed pass's read rows past its attention
+    (:func:`_cut`).  A layer fused by :func:`fuse_elementwise` does already; another gets the
+    same forward with transformers' own ops.  False (nothing changed) for a model whose layers
+    this module does not know."""
+    layers = _decoder_layers(model)
+    if not layers:
+        return False
+    last = layers[-1]
+    if getattr(last.__dict__.get("forward"), "_rayeval_cut", False):
+        return True
+    gemma = type(last).__name__.startswith("Gemma")
+    last.forward = _gemma_layer(last, None, None, last=True) if gemma else _llama_layer(last, None, last=True)
+    last.forward._rayeval_cut = True
+    return True
+
+
 def _fuse_layers(model, torch, dtype) -> str | None:
     """Swap the decoder layers' ``forward`` for one with the residual adds fused into the norms
     beside them (Llama, Gemma-3 layers whose norms are fused already).  Checked on the first layer's
     inputs from a short batch: equal to rounding; else kept as is."""
-    layers = [m for m in model.modules() if type(m).__name__ in ("LlamaDecoderLayer", "Gemma3DecoderLayer")]
-    if not layers or len({type(m).__name__ for m in layers}) != 1:
+    layers = _decoder_layers(model)
+    if not layers:
         return None
     cls = type(layers[0]).__name__
     gemma = cls.startswith("Gemma")
-    norms = ((("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm") if gemma
-              else ("post_attention_layernorm",)))
-    if not all(all(hasattr(m, n) and hasattr(getattr(m, n), "weight") for n in norms) for m in layers):
-        return None
     if gemma:
         mid, out = _compiled("norm_add_rms_gemma", _norm_add_rms_gemma), _compiled("norm_add_gemma", _norm_add_gemma)
         if dtype == torch.bfloat16:
             mid, out = _c_norm("norm_add_rms_gemma", mid), _c_norm("norm_add_gemma", out)
-        new = {m: _gemma_layer(m, mid, out) for m in layers}
+        new = {m: _gemma_layer(m, mid, out, last=m is layers[-1]) for m in layers}
     else:
         fn = _compiled("add_rms_llama", _add_rms_llama)
         if dtype == torch.bfloat16:
             fn = _c_norm("add_rms_llama", fn)
-        new = {m: _llama_layer(m, fn) for m in layers}
+        new = {m: _llama_layer(m, fn, last=m is layers[-1]) for m in layers}
+    new[layers[-1]]._rayeval_cut = True
     # the first layer's own inputs (hidden states, position embeddings, masks) from a short batch
     # through the base model; that layer with and without the fused forward must agree to rounding
     # (one layer: in bf16 a whole model's output moves further than rounding)

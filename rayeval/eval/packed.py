@@ -12,6 +12,9 @@ one), and scatters the result back.  In bf16 on a CPU with AMX tiles the whole g
 of :mod:`rayeval.eval.cpu_attention`'s kernel instead (gathers, products, mask and scatter).  The key/value states of nodes with children go to a
 :class:`KVStore` (written once, read through index tensors of paths): each layer writes the
 pass's own before any group attends, so a row may read its parent's keys from the same pass.
+Past the last layer's attention a pass keeps only the rows the vocabulary head reads
+(``Pass.keep``; the decoder layers of :mod:`rayeval.eval.fused` cut there): the other rows'
+last feed-forward would feed nothing.
 
 Nothing here changes what a token computes: the same weights, positions and visible keys as a
 plain forward pass over its whole sequence (tests compare against one)."""
@@ -132,6 +135,16 @@ class Pass:
     dst: Any | None = None   # ... and their slots in the store (None: no node of the pass has children)
     kernel: Any | None = None  # rayeval.eval.cpu_attention's kernel for bf16 groups, or None: SDPA
     threads: int = 1
+    # packed positions whose hidden states the pass reads (the vocabulary head's), in the order the
+    # last layer returns them; None: every position.  Past the last layer's attention only these
+    # rows go on (:func:`kept_rows`): its feed-forward and the final norm skip the others.
+    keep: Any | None = None
+
+
+def kept_rows():
+    """The current pass's ``keep`` (this thread's; None outside a pass or when it keeps every row)."""
+    p = getattr(_LOCAL, "current", None)
+    return None if p is None else p.keep
 
 
 def sdpa_group(qrows, take, out, put, k0, v0, sk, sv, qidx, pidx, bias, rows: int, qmax: int, pmax: int,
