@@ -113,6 +113,14 @@ def zero_shot(model: str, n_q: int, env, tmp: Path, rounds: int = 3) -> dict:
     st = out["rayeval"]["stats"]
     out["rayeval"]["sharing_bound_q_per_s"] = roof["ceiling_q_per_s"] * st["tokens_requested"] / max(st["tokens_computed"], 1)
     threads = torch.get_num_threads()
+    # Linear weights each token runs through, and the part no exact evaluator can skip: a token's
+    # keys and values are needed at every layer, its output only where a head reads it (the last
+    # layer's query, output and feed-forward weights then run for read positions alone)
+    lin = [(name, mod.weight.numel()) for name, mod in eng.model.model.layers.named_modules()
+           if isinstance(mod, torch.nn.Linear)]
+    last = f"{len(eng.model.model.layers) - 1}."
+    out["linear_params"] = sum(n for _, n in lin)
+    out["floor_params"] = sum(n for name, n in lin if not name.startswith(last) or name.endswith(("k_proj", "v_proj")))
     del eng
     if eng_dtype_is_bf16(out["rayeval"]["dtype"]):
         # the numerics reference: fp32, every prompt alone (no sharing, eager kernels); how far bf16
@@ -142,6 +150,11 @@ def zero_shot(model: str, n_q: int, env, tmp: Path, rounds: int = 3) -> dict:
         if ref_preds is not None:
             out["lm_eval_hf"]["agreement_with_fp32_reference"] = es.agreement(d["preds"], ref_preds)
         out["rayeval"]["x_lm_eval"] = out["rayeval"]["q_per_s"] / out["lm_eval_hf"]["q_per_s"]
+        # where a ratio to lm-eval is bounded on this host: lm-eval's own share of the roofline, and
+        # the most rayeval could reach at the bound of what it computes (the sharing bound)
+        lm_q = out["lm_eval_hf"]["q_per_s"]
+        out["lm_eval_hf"]["pct_of_roofline"] = 100 * lm_q / roof["ceiling_q_per_s"]
+        out["rayeval"]["best_x_lm_eval"] = out["rayeval"]["sharing_bound_q_per_s"] / lm_q
         log(f"{model}: lm-eval HF {n / d['eval_s']:.2f} q/s ({dtype}); rayeval = {out['rayeval']['x_lm_eval']:.2f}x, "
             f"agreement {agree:.3f}")
     return out
@@ -198,7 +211,7 @@ def lmeval_grid_tasks(works, tmp: Path) -> tuple[list[str], dict[str, tuple]]:
     return tasks, idmap
 
 
-def grid(models, a, env, tmp: Path, out: dict, save) -> dict:
+def grid(models, a, env, tmp: Path, out: dict, save, zs: dict | None = None) -> dict:
     """Fills ``out`` step by step (``save`` after each), so a run stopped half way keeps what it measured."""
     from rayeval.eval.pipeline import build_work
     from rayeval.eval.plan import plan_config
@@ -275,6 +288,18 @@ def grid(models, a, env, tmp: Path, out: dict, save) -> dict:
         if failed:
             out["e2e_ratio_note"] = f"lm-eval failed on {', '.join(failed)}: its time counts as 0 s, rayeval's includes it"
         log(f"end to end: lm-eval {lm_total:.1f}s vs rayeval {wall:.1f}s = {out['e2e_ratio']:.2f}x")
+        if zs and all(m in zs and "floor_params" in zs[m] for m in models):
+            # the least time any exact evaluator needs on this host: the trie's tokens through the
+            # linear weights none can skip, at this run's fastest matmul rate (all cores) for each
+            # model's own shapes; attention, the head and starting count nothing
+            acc = out["rayeval_e2e"]["accounting"]["models"]
+            floor = {m: 2 * zs[m]["floor_params"] * acc[m]["trie_minimum"]
+                     / (zs[m]["roofline"]["matmul_gflops"][zs[m]["roofline"]["best"]] * 1e9) for m in models}
+            out["e2e_floor"] = {"models_s": floor, "matmul_s": sum(floor.values()),
+                                "best_ratio": lm_total / sum(floor.values())}
+            save()
+            log(f"end to end: the matmul floor of any exact evaluator is {sum(floor.values()):.1f}s: "
+                f"lm-eval / floor = {out['e2e_floor']['best_ratio']:.2f}x")
     # an added setting on a finished grid
     drop = a.added_setting
     added = str(tmp / "cache_added")
@@ -362,6 +387,12 @@ def render(R: dict) -> str:
                   f"{m} {z['rayeval'].get('median_q_per_s', nan):.1f} q/s" for m, z in R["zero_shot"].items())
               + "), as the roofline is the fastest of its rounds. lm-eval: one timed `simple_evaluate`, "
               "model load excluded."]
+        for m, z in R["zero_shot"].items():
+            r, lm = z["rayeval"], z.get("lm_eval_hf", {})
+            if "pct_of_roofline" in lm:
+                L += ["", f"{m}: lm-eval runs at {lm['pct_of_roofline']:.1f}% of the roofline; 4x lm-eval is "
+                      f"{4 * lm['q_per_s']:.1f} q/s, and the sharing bound {r['sharing_bound_q_per_s']:.1f} q/s allows "
+                      f"at most {r['best_x_lm_eval']:.2f}x on this host."]
         L += ["", "Sharing bound: the ceiling x tokens the prompts hold / tokens rayeval computes (the subject "
               "header is shared). fp32 reference: rayeval's HF engine in fp32 with every prompt alone (no sharing, "
               "eager kernels); its agreement with each bf16 run is how much bf16 rounding alone moves predictions."]
@@ -405,6 +436,16 @@ def render(R: dict) -> str:
             if "e2e_ratio" in g:
                 L += ["", f"**End to end: lm-eval / rayeval = {g['e2e_ratio']:.2f}x**"
                       + (f" ({g['e2e_ratio_note']})" if g.get("e2e_ratio_note") else ""), ""]
+            f = g.get("e2e_floor")
+            if f:
+                L += [f"The floor of any exact evaluator on this host: the trie's tokens through the linear weights "
+                      f"none can skip (every layer's but the last one's query, output and feed-forward), at this run's "
+                      f"fastest matmul rate for each model's shapes on all cores: " + ", ".join(
+                          f"{m} {v:.1f} s" for m, v in f["models_s"].items())
+                      + f", {f['matmul_s']:.1f} s in all (attention, the head and start-up count nothing); "
+                      f"lm-eval / floor = **{f['best_ratio']:.2f}x**, the most any exact evaluator reaches here "
+                      f"(rayeval: {g['e2e_ratio']:.2f}x, its wall {g['rayeval_e2e']['wall_s'] / f['matmul_s']:.2f}x "
+                      f"the floor).", ""]
         a = g.get("added_setting")
         if a:
             L += [f"## A finished grid plus one setting (`{a['setting']}`)", "",
@@ -456,7 +497,7 @@ def main(argv=None) -> dict:
             save()
     if not a.skip_grid:
         R["grid"] = {}
-        grid(models, a, env, tmp, R["grid"], save)
+        grid(models, a, env, tmp, R["grid"], save, R.get("zero_shot"))
     R["loadavg_end"] = os.getloadavg()
     save()
     print(render(R))
