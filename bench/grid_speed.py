@@ -253,6 +253,11 @@ def grid(models, a, env, tmp: Path, out: dict, save, zs: dict | None = None) -> 
             f"(pool per model {wall:.1f}s); same predictions {out['rayeval_e2e_shared']['same_predictions']:.4f}")
     works, _ = build_work(cfg)
     if env is not None:
+        # lm-eval runs with no Ray beside it (the local cluster's helper actors use ~1% of a core
+        # while idle); the added-setting runs below start one again
+        from rayeval.cluster import shutdown
+
+        shutdown()
         tasks, idmap = lmeval_grid_tasks(works, tmp)
         out["lm_eval_hf"] = {}
         for model in models:
