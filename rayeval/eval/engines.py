@@ -615,8 +615,10 @@ class HFEngine(TokenEngine):
     parent), with attention per group of rows on top of their parents' caches
     (:mod:`rayeval.eval.packed`; ``packed: false``: a level per pass, rows right-padded in the
     model's own attention, parent caches left-padded).  The vocabulary head runs only at the positions a job
-    reads.  ``prefix_sharing: false`` runs every distinct sequence from scratch (the trie then has
-    one node per sequence): the reference the tests compare against.
+    reads, and in packed passes so does the last layer past its attention (its feed-forward and
+    the final norm; :func:`rayeval.eval.fused.cut_last_layer`).  ``prefix_sharing: false`` runs
+    every distinct sequence from scratch (the trie then has one node per sequence): the reference
+    the tests compare against.
 
     Options: ``dtype`` (``auto``: bf16 where the CPU has native bf16 matmuls or on GPU, else
     fp32), ``num_threads`` (default: every core this process may use), ``batch_size`` (rows per
