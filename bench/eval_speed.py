@@ -626,11 +626,17 @@ def roofline(eng, reqs, torch, rows_options=(1024, 4096), reps: int = 10, rounds
 
     model, cfg = eng.model, eng.model.config
     shapes: dict[tuple[int, int], int] = {}
-    n_lin = 0
-    for mod in model.model.layers.modules():
+    n_lin = n_floor = 0
+    # the part of the linear weights no exact evaluator can skip for a token: its keys and values
+    # are needed at every layer, its output only where a head reads it (the last layer's query,
+    # output and feed-forward weights then run for read positions alone)
+    last = f"{len(model.model.layers) - 1}."
+    for name, mod in model.model.layers.named_modules():
         if isinstance(mod, torch.nn.Linear):
             shapes[tuple(mod.weight.shape)] = shapes.get(tuple(mod.weight.shape), 0) + 1
             n_lin += mod.weight.numel()
+            if not name.startswith(last) or name.endswith(("k_proj", "v_proj")):
+                n_floor += mod.weight.numel()
     toks = [len(j[2]) for j in _expand(reqs, eng.tokenizer, {}, eng.add_bos) if j[0] == "sym"]
     width = cfg.num_attention_heads * getattr(cfg, "head_dim", cfg.hidden_size // cfg.num_attention_heads)
     flops = sum(2 * n_lin * t + 2 * cfg.num_hidden_layers * width * t * t + 2 * cfg.vocab_size * cfg.hidden_size
@@ -656,6 +662,7 @@ def roofline(eng, reqs, torch, rows_options=(1024, 4096), reps: int = 10, rounds
                 rates[f"{str(dtype).split('.')[-1]}/{rows} rows"] = done / spent / 1e9
     best = max(rates, key=rates.get)
     out = {"prompt_tokens_per_q": sum(toks) / len(toks), "gflop_per_q": flops / 1e9, "matmul_gflops": rates,
+           "linear_params": n_lin, "floor_params": n_floor,
            "best": best, "ceiling_q_per_s": rates[best] * 1e9 / flops, "threads": threads}
     log(f"roofline: {out['prompt_tokens_per_q']:.0f} tokens/q, {out['gflop_per_q']:.2f} GFLOP/q; matmul GFLOP/s "
         f"{ {k: round(v) for k, v in rates.items()} } -> ceiling {out['ceiling_q_per_s']:.1f} q/s")

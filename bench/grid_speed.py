@@ -113,14 +113,6 @@ def zero_shot(model: str, n_q: int, env, tmp: Path, rounds: int = 3) -> dict:
     st = out["rayeval"]["stats"]
     out["rayeval"]["sharing_bound_q_per_s"] = roof["ceiling_q_per_s"] * st["tokens_requested"] / max(st["tokens_computed"], 1)
     threads = torch.get_num_threads()
-    # Linear weights each token runs through, and the part no exact evaluator can skip: a token's
-    # keys and values are needed at every layer, its output only where a head reads it (the last
-    # layer's query, output and feed-forward weights then run for read positions alone)
-    lin = [(name, mod.weight.numel()) for name, mod in eng.model.model.layers.named_modules()
-           if isinstance(mod, torch.nn.Linear)]
-    last = f"{len(eng.model.model.layers) - 1}."
-    out["linear_params"] = sum(n for _, n in lin)
-    out["floor_params"] = sum(n for name, n in lin if not name.startswith(last) or name.endswith(("k_proj", "v_proj")))
     del eng
     if eng_dtype_is_bf16(out["rayeval"]["dtype"]):
         # the numerics reference: fp32, every prompt alone (no sharing, eager kernels); how far bf16
@@ -293,12 +285,12 @@ def grid(models, a, env, tmp: Path, out: dict, save, zs: dict | None = None) -> 
         if failed:
             out["e2e_ratio_note"] = f"lm-eval failed on {', '.join(failed)}: its time counts as 0 s, rayeval's includes it"
         log(f"end to end: lm-eval {lm_total:.1f}s vs rayeval {wall:.1f}s = {out['e2e_ratio']:.2f}x")
-        if zs and all(m in zs and "floor_params" in zs[m] for m in models):
+        if zs and all(m in zs and "floor_params" in zs[m]["roofline"] for m in models):
             # the least time any exact evaluator needs on this host: the trie's tokens through the
             # linear weights none can skip, at this run's fastest matmul rate (all cores) for each
             # model's own shapes; attention, the head and starting count nothing
             acc = out["rayeval_e2e"]["accounting"]["models"]
-            floor = {m: 2 * zs[m]["floor_params"] * acc[m]["trie_minimum"]
+            floor = {m: 2 * zs[m]["roofline"]["floor_params"] * acc[m]["trie_minimum"]
                      / (zs[m]["roofline"]["matmul_gflops"][zs[m]["roofline"]["best"]] * 1e9) for m in models}
             out["e2e_floor"] = {"models_s": floor, "matmul_s": sum(floor.values()),
                                 "best_ratio": lm_total / sum(floor.values())}
@@ -443,9 +435,9 @@ def render(R: dict) -> str:
                       + (f" ({g['e2e_ratio_note']})" if g.get("e2e_ratio_note") else ""), ""]
             f = g.get("e2e_floor")
             if f:
-                L += [f"The floor of any exact evaluator on this host: the trie's tokens through the linear weights "
-                      f"none can skip (every layer's but the last one's query, output and feed-forward), at this run's "
-                      f"fastest matmul rate for each model's shapes on all cores: " + ", ".join(
+                L += ["The floor of any exact evaluator on this host: the trie's tokens through the linear weights "
+                      "none can skip (every layer's but the last one's query, output and feed-forward), at this run's "
+                      "fastest matmul rate for each model's shapes on all cores: " + ", ".join(
                           f"{m} {v:.1f} s" for m, v in f["models_s"].items())
                       + f", {f['matmul_s']:.1f} s in all (attention, the head and start-up count nothing); "
                       f"lm-eval / floor = **{f['best_ratio']:.2f}x**, the most any exact evaluator reaches here "

@@ -618,6 +618,7 @@ def _llama_layer(layer, fn, last: bool = False):
             return res + layer.mlp(ln2(res))
         res, h = fn(*_tokens_dynamic(h.reshape(-1, D), hidden_states.reshape(-1, D)), ln2.weight, eps)
         return res.view(hidden_states.shape) + layer.mlp(h.view(hidden_states.shape))
+    forward._rayeval_cut = last
     return forward
 
 
@@ -640,6 +641,7 @@ def _gemma_layer(layer, fn_mid, fn_out, last: bool = False):
         res, h = fn_mid(*_tokens_dynamic(h.reshape(-1, D), hidden_states.reshape(-1, D)), n1.weight, n2.weight, eps)
         out = layer.mlp(h.view(hidden_states.shape))
         return fn_out(*_tokens_dynamic(out.reshape(-1, D), res), n3.weight, eps).view(hidden_states.shape)
+    forward._rayeval_cut = last
     return forward
 
 
@@ -671,7 +673,6 @@ def cut_last_layer(model) -> bool:
         return True
     gemma = type(last).__name__.startswith("Gemma")
     last.forward = _gemma_layer(last, None, None, last=True) if gemma else _llama_layer(last, None, last=True)
-    last.forward._rayeval_cut = True
     return True
 
 
@@ -694,7 +695,6 @@ def _fuse_layers(model, torch, dtype) -> str | None:
         if dtype == torch.bfloat16:
             fn = _c_norm("add_rms_llama", fn)
         new = {m: _llama_layer(m, fn, last=m is layers[-1]) for m in layers}
-    new[layers[-1]]._rayeval_cut = True
     # the first layer's own inputs (hidden states, position embeddings, masks) from a short batch
     # through the base model; that layer with and without the fused forward must agree to rounding
     # (one layer: in bf16 a whole model's output moves further than rounding)
