@@ -66,6 +66,36 @@ def cpu_info() -> dict:
     return {"model": model, "flags": keep, "cores": len(os.sched_getaffinity(0))}
 
 
+# Some hosts change speed within a run (a neighbour on the same physical cores: this one's bf16
+# matmuls ran at 2,600 and at 850 GFLOP/s minutes apart).  A ratio of two timings is only a ratio
+# of the two evaluators where both ran in the same phase, so each timed step is bracketed by a
+# short probe of the matmul rate, and the report shows them side by side.
+PROBES: list[dict] = []
+
+
+def probe(label: str, reps: int = 12) -> float:
+    """bf16 (fp32 without native bf16) matmul rate on SmolLM2's MLP shape at every core, GFLOP/s,
+    recorded in ``PROBES`` under ``label``; ~0.2 s."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    dt = torch.bfloat16 if _bf16() else torch.float32
+    x, w = torch.randn(4096, 576, dtype=dt), torch.randn(1536, 576, dtype=dt)
+    for _ in range(2):
+        torch.nn.functional.linear(x, w)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        for _ in range(reps // 3):
+            torch.nn.functional.linear(x, w)
+        best = min(best, (time.perf_counter() - t0) / (reps // 3))
+    torch.set_num_threads(threads)
+    g = 2 * 4096 * 576 * 1536 / best / 1e9
+    PROBES.append({"label": label, "time": time.strftime("%H:%M:%S"), "gflops": round(g)})
+    return g
+
+
 # ----------------------------------------------------------------------------- part A
 
 def zero_shot(model: str, n_q: int, env, tmp: Path, rounds: int = 3) -> dict:
@@ -91,12 +121,14 @@ def zero_shot(model: str, n_q: int, env, tmp: Path, rounds: int = 3) -> dict:
     # as the roofline takes the fastest of its rounds.
     eng.score(reqs)
     start_s = time.perf_counter() - t0
+    probe(f"{model} zero-shot: before rayeval")
     times = []
     for _ in range(rounds):
         eng.stats = {k: 0 for k in eng.stats}
         t0 = time.perf_counter()
         res = eng.score(reqs)
         times.append(time.perf_counter() - t0)
+    probe(f"{model} zero-shot: after rayeval")
     dt = min(times)
     preds = es.preds_from_results(works, res)
     out = {"n": n, "rayeval": {"q_per_s": n / dt, "seconds": dt, "rounds_s": times, "start_and_warm_up_s": start_s,
@@ -134,8 +166,10 @@ def zero_shot(model: str, n_q: int, env, tmp: Path, rounds: int = 3) -> dict:
                            limit=es.per_subject_limit(n_q, subjects)).items
         tasks, idmap = es.write_lmeval_tasks(items, tmp / model)
         dtype = roof["best"].split("/")[0]
+        probe(f"{model} zero-shot: before lm-eval")
         d = es.run_lmeval("hf", str(resolve_model(model)), dict(env), tmp / model, tasks, idmap, dtype=dtype,
                           batch_size=64, extra_env={"OMP_NUM_THREADS": str(threads)}, add_bos=_bos(model))
+        probe(f"{model} zero-shot: after lm-eval")
         agree = es.agreement(preds, d["preds"])
         out["lm_eval_hf"] = {"q_per_s": n / d["eval_s"], "seconds": d["eval_s"], "dtype": dtype,
                              "acc": es.accuracy(d["preds"], gold), "agreement_with_rayeval": agree}
@@ -223,9 +257,11 @@ def grid(models, a, env, tmp: Path, out: dict, save, zs: dict | None = None) -> 
     from rayeval.eval.pipeline import run_eval
 
     cfg = grid_config(models, a.e2e_subjects, a.e2e_items, a.e2e_arc, "grid_e2e", cache=str(tmp / "cache_e2e"))
+    probe("grid: before rayeval")
     t0 = time.perf_counter()
     res = run_eval(cfg, tmp / "e2e", resume=False, report=False)
     wall = time.perf_counter() - t0
+    probe("grid: after rayeval")
     out["rayeval_e2e"] = {"wall_s": wall, "rows": res["rows"], "accounting": res["accounting"]}
     save()
     log(f"rayeval end to end: {wall:.1f}s, {res['rows']} rows")
@@ -255,6 +291,7 @@ def grid(models, a, env, tmp: Path, out: dict, save, zs: dict | None = None) -> 
         for model in models:
             batch = lmeval_batch(model, works)
             d = None
+            probe(f"grid: before lm-eval {model}")
             for b in (batch, max(1, batch // 4)):  # a second try only if the estimate was off
                 try:
                     d = es.run_lmeval("hf", str(resolve_model(model)), dict(env), tmp, tasks, {k: k for k in idmap},
@@ -269,6 +306,7 @@ def grid(models, a, env, tmp: Path, out: dict, save, zs: dict | None = None) -> 
                     save()
                     if b == 1:
                         break
+            probe(f"grid: after lm-eval {model}")
             if d is None:
                 continue
             mine = rows[rows.model == model].set_index(["dataset", "setting", "scoring", "item_id", "rotation"])
@@ -452,6 +490,13 @@ def render(R: dict) -> str:
                 L.append(f"| {m} | {v['computed']:,} | {v['setting_alone']:,} | {v['full_grid']:,} | "
                          f"{v['ratio_to_share']:.2f} |")
             L.append("")
+    if R.get("probes"):
+        L += ["## The host's matmul rate at each timed step", "",
+              "bf16 matmuls on SmolLM2's MLP shape (4,096 x 576 x 1,536), every core, ~0.2 s each, in the bench's "
+              "process between the steps. A ratio of two timings compares the evaluators only where the probes "
+              "beside both read alike.", "", "| step | UTC | GFLOP/s |", "|---|---|---:|"]
+        L += [f"| {p['label']} | {p['time']} | {p['gflops']:,} |" for p in R["probes"]]
+        L.append("")
     return "\n".join(L)
 
 
@@ -480,6 +525,8 @@ def main(argv=None) -> dict:
         log("lm-eval is not importable (see bench/README.md): lm-eval rows skipped")
     R: dict = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cpu": cpu_info(),
                "native_bf16": _bf16(), "loadavg_start": os.getloadavg(), "args": vars(a)}
+
+    R["probes"] = PROBES
 
     def save():
         if a.out:

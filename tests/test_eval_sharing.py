@@ -582,3 +582,56 @@ def test_plan_cli_on_a_packaged_config():
         assert m["to_compute"] <= 1.25 * m["trie_minimum"]
     text = CliRunner().invoke(app, ["plan", "eval_pipeline", "--no-cache"]).output
     assert "trie minimum" in text and "smollm2-135m" in text
+
+
+def test_shift_jobs_moves_request_indices_by_the_requests_before():
+    from rayeval.eval.engines import shift_jobs
+
+    a = [("sym", 0, [1, 2], [7, 8]), ("cont", 1, 0, [1], [3]), ("cont", 1, 1, [1], [4])]
+    b = [("sym", 0, [5], [7, 8])]
+    assert shift_jobs([a, b, a], [2, 1, 2]) == a + [("sym", 2, [5], [7, 8])] + [
+        ("sym", 3, [1, 2], [7, 8]), ("cont", 4, 0, [1], [3]), ("cont", 4, 1, [1], [4])]
+    assert shift_jobs([], []) == []
+
+
+def test_the_plan_keeps_token_jobs_only_for_models_with_their_own_tokenizer():
+    works = expand(_items(3), [], _cfg([{"name": "baseline"}], scorings=("symbol", "cloze")), dataset="mmlu")
+    shards = make_shards(works, 2)
+    out: dict = {}
+    plan_works(shards, ["m"], jobs_out=out)   # "m" is on no disk: the plan counts bytes, ships nothing
+    assert out == {}
+
+
+@pytest.mark.model
+def test_shards_carry_the_plans_token_jobs_and_the_engine_scores_them_as_they_are():
+    """The driver's plan tokenizes every request; each shard ships those token jobs, so the actor's
+    engine never loads its tokenizer's vocabulary, and its rows equal those of an engine that
+    tokenized the same works itself."""
+    from dataclasses import asdict
+
+    from rayeval.eval.pipeline import ScoreActor, ShardPayload
+
+    model = "smollm2-135m"
+    dev = [MCQItem(id=f"d{i}", question=f"Dev {i}?", choices=["a", "b", "c", "d"], gold=i % 4, subject="math")
+           for i in range(2)]
+    cfg = EvalConfig.from_dict({"name": "t", "models": [model], "datasets": [{"name": "mmlu"}],
+                                "scorings": ["symbol", "hybrid", "cloze"],
+                                "settings": [{"name": "baseline"}, {"name": "shots", "shots": {"k": 2, "source": "dev"}},
+                                             {"name": "rare", "perturbations": [{"name": "symbols", "set": "rare"}]}]})
+    works = expand(_items(3), dev, cfg, dataset="mmlu")
+    shards = make_shards(works, 16)
+    ex = Execution.from_engine_dict({"kind": "hf", "cache": False})
+    planned: dict = {}
+    plan_checked(cfg, ex, shards, jobs_out=planned)
+    assert list(planned) == [model] and len(planned[model]) == len(shards)
+    assert [len(p) for p in planned[model]] == [len(s) for s in shards]
+    actor = ScoreActor([model], asdict(ex))
+    tok = actor.engines[model].tokenizer
+    assert tok._backend is None   # the engine started without the vocabulary
+    shipped = [row for i, s in enumerate(shards) for row in actor.process(i, ShardPayload(s, {model: planned[model][i]}))]
+    assert tok._backend is None and actor.engines[model].stats["requests"] == sum(len(w.requests) for w in works)
+    own = ScoreActor([model], asdict(ex))
+    tokenized = [row for i, s in enumerate(shards) for row in own.process(i, s)]
+    assert own.engines[model].tokenizer._backend is not None
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "_stats"} for r in rows]  # noqa: E731
+    assert drop(shipped) == drop(tokenized) and len(shipped) == len(works)

@@ -57,6 +57,10 @@ def test_clean_run_outputs(clean_run):
     assert (rows.correct == (rows.prediction == rows.gold)).all()
     m = json.loads((out / "metrics.json").read_text())
     assert {"summary", "kendall", "rank_shift", "pride", "circular"} <= set(m["tables"])
+    # accounting: each model's engine start (its actor's imports and engines) beside its compute time
+    acct = json.loads((out / "run.json").read_text())["accounting"]["models"]
+    assert set(acct) == {"model-a", "model-b"} and all(a["engine_start_s"] >= 0 for a in acct.values())
+    assert "engine start s" in (out / "report.md").read_text()
 
 
 @pytest.mark.ray
@@ -161,6 +165,8 @@ def test_real_vllm_pipeline_both_models(tmp_path):
     b = rows[rows.model == "gemma3-270m"].per_option_raw_logprob.map(tuple).tolist()
     assert a != b
     assert (tmp_path / "report.md").read_text().count("smollm2-135m") >= 1
+    # a real engine's start (vLLM's engine core, model load) is told per model in run.json
+    assert all(a["engine_start_s"] > 1 for a in res["accounting"]["models"].values())
 
     from rayeval.prefs.outcomes import outcomes_from_eval
     from rayeval.route.routers import ROUTERS

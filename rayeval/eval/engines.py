@@ -189,6 +189,17 @@ def _assemble(requests: Sequence[ScoreRequest], jobs, values) -> list[ScoreResul
     return out
 
 
+def shift_jobs(per_request_set: Sequence[Sequence[tuple]], sizes: Sequence[int]) -> list[tuple]:
+    """The :func:`_expand` jobs of several request lists (``per_request_set[k]`` made from a list of
+    ``sizes[k]`` requests) as the jobs of their concatenation: request indices move by the
+    requests before them."""
+    out, off = [], 0
+    for jobs, n in zip(per_request_set, sizes):
+        out.extend((j[0], j[1] + off, *j[2:]) for j in jobs)
+        off += n
+    return out
+
+
 def token_job(job) -> TokenJob:
     """The :class:`TokenJob` of one ``_expand`` job."""
     if job[0] == "sym":
@@ -413,8 +424,14 @@ class TokenEngine:
         if n > self.max_model_len or (self.len_inclusive and n >= self.max_model_len):
             raise ValueError(f"request {i}: prompt has {n} tokens, over max_model_len={self.max_model_len}")
 
-    def score(self, requests: Sequence[ScoreRequest]) -> list[ScoreResult]:
-        jobs, tjobs = self.token_jobs(requests)
+    def score(self, requests: Sequence[ScoreRequest], jobs: Sequence | None = None) -> list[ScoreResult]:
+        """Scores of ``requests``.  ``jobs``: their token jobs as :func:`_expand` made them with
+        this model's tokenizer (the driver's plan ships them with each shard, :func:`shift_jobs`),
+        so the engine neither tokenizes again nor loads its tokenizer's vocabulary."""
+        if jobs is None:
+            jobs, tjobs = self.token_jobs(requests)
+        else:
+            tjobs = [token_job(j) for j in jobs]
         for job, tj in zip(jobs, tjobs):
             self._check_len(tj, job[1])
         uniq, where = unique(tjobs)

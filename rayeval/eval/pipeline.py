@@ -24,7 +24,7 @@ import os
 import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -82,6 +82,15 @@ def fingerprint(cfg: EvalConfig, shards: Sequence[Sequence[Work]]) -> str:
     return h.hexdigest()[:16]
 
 
+@dataclass
+class ShardPayload:
+    """One shard as its actors get it: the works, and for each model whose tokenizer the driver's
+    plan loaded, the plan's token jobs of that model's works (one list per work, in order), so the
+    engines score them without tokenizing again (:meth:`rayeval.eval.engines.TokenEngine.score`)."""
+    works: list[Work]
+    jobs: dict[str, list] = field(default_factory=dict)
+
+
 # ----------------------------------------------------------------------------- the actor
 
 class ScoreActor(ShardActor):
@@ -91,6 +100,7 @@ class ScoreActor(ShardActor):
     this actor (``shared``)."""
 
     def __init__(self, models: list[str], execution: dict[str, Any], all_models: list[str] | None = None):
+        t0 = time.perf_counter()
         from rayeval.eval.engines import default_threads, make_engine
 
         ex = Execution(**execution)
@@ -107,6 +117,7 @@ class ScoreActor(ShardActor):
                 kw["score_cache"] = cache
             self.engines[m] = make_engine(ex.kind, m, kw)
         self.pool = ThreadPoolExecutor(max(1, len(self.engines)))
+        self.start_s = time.perf_counter() - t0   # the engines' imports and start, told with the first shard
 
     def _stats(self) -> dict[str, dict]:
         return {m: dict(getattr(e, "stats", {}) or {}) for m, e in self.engines.items()}
@@ -126,19 +137,30 @@ class ScoreActor(ShardActor):
             for pid in pids:
                 os.kill(pid, signal.SIGKILL)
 
-    def process(self, shard: int, works: list[Work]) -> list[dict[str, Any]]:
+    def _score(self, model: str, works: list[Work], planned: list | None) -> list:
+        from rayeval.eval.engines import TokenEngine, shift_jobs
+
+        engine = self.engines[model]
+        requests = [r for w in works for r in w.requests]
+        if planned is None or not isinstance(engine, TokenEngine):
+            return engine.score(requests)
+        return engine.score(requests, jobs=shift_jobs(planned, [len(w.requests) for w in works]))
+
+    def process(self, shard: int, payload: ShardPayload | list[Work]) -> list[dict[str, Any]]:
         self._maybe_crash(shard)
+        works, planned = (payload.works, payload.jobs) if isinstance(payload, ShardPayload) else (payload, {})
         mine = {m: [w for w in works if w.for_model(m)] for m in self.engines}
         before, cpu0, t0 = self._stats(), time.process_time(), time.perf_counter()
         # Engines of different models run side by side (each vLLM engine core is its own
         # process, pinned to its own cores), so one shard costs max(), not sum(), of them.
-        scored = list(self.pool.map(lambda m: self.engines[m].score([r for w in mine[m] for r in w.requests]),
-                                    self.engines))
+        scored = list(self.pool.map(lambda m: self._score(m, mine[m], planned.get(m)), self.engines))
         after = self._stats()
+        start_s, self.start_s = self.start_s, 0.0
         rows = []
         for model, results in zip(self.engines, scored):
             st = {k: v - before[model].get(k, 0) for k, v in after[model].items()}
-            st.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - cpu0, works=len(mine[model]))
+            st.update(wall_s=time.perf_counter() - t0, cpu_s=time.process_time() - cpu0, works=len(mine[model]),
+                      start_s=start_s)
             tag = json.dumps(st)
             i = 0
             for w in mine[model]:
@@ -163,16 +185,16 @@ def engine_caches(cfg: EvalConfig, ex: Execution) -> dict[str, Any]:
     return {m: ScoreCache(path, engine_identity(ex.kind, m, ex.engine_kwargs)) for m in cfg.models}
 
 
-def plan_checked(cfg: EvalConfig, ex: Execution, shards: Sequence[Sequence[Work]]):
+def plan_checked(cfg: EvalConfig, ex: Execution, shards: Sequence[Sequence[Work]], jobs_out: dict | None = None):
     """The grid plan (rayeval.eval.plan); every prompt over a model's context is an error here,
-    naming item, setting and scoring, before Ray starts."""
+    naming item, setting and scoring, before Ray starts.  ``jobs_out``: see ``plan_works``."""
     from rayeval.eval.config import ConfigError
     from rayeval.eval.plan import plan_works
 
     limit = ex.engine_kwargs.get("max_model_len")
     try:
         grid = plan_works(shards, cfg.models, config=cfg.name, engine=ex.kind, context_limit=limit,
-                          caches=engine_caches(cfg, ex))
+                          caches=engine_caches(cfg, ex), jobs_out=jobs_out)
     except ValueError as e:  # a request the model's tokenizer cannot encode (a chat turn without a template)
         raise ConfigError(str(e)) from None
     bad = [f"{m.model}: {t}" for m in grid.models for t in m.too_long]
@@ -193,7 +215,8 @@ def accounting(grid, stats: dict[str, dict[str, float]], stages: dict[str, float
             "tokens_requested": m.tokens_requested, "trie_minimum": m.trie_minimum, "planned_to_compute": m.to_compute,
             "tokens_computed": int(st.get("tokens_computed", 0)), "cache_hits": int(st.get("cache_hits", 0)),
             "cache_misses": int(st.get("distinct_jobs", 0) - st.get("cache_hits", 0)),
-            "engine_s": round(wall, 1), "actor_cpu_s": round(st.get("cpu_s", 0.0), 1),
+            "engine_s": round(wall, 1), "engine_start_s": round(st.get("start_s", 0.0), 1),
+            "actor_cpu_s": round(st.get("cpu_s", 0.0), 1),
             "works": int(st.get("works", 0)),
             "questions_per_s": round(st.get("works", 0) / wall, 2) if wall > 0 else None,
         }
@@ -205,11 +228,11 @@ def render_accounting(acct: dict[str, Any]) -> str:
              "Tokens the grid asks for, the prefix-trie minimum, what the engines computed, score-cache hits, "
              "and time per stage (" + ", ".join(f"{k} {v}" for k, v in acct["stages"].items()) + ").", "",
              "| model | jobs | distinct | tokens requested | trie minimum | computed | cache hits | misses | "
-             "engine s | questions/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "engine start s | engine s | questions/s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m, a in acct["models"].items():
         lines.append(f"| {m} | {a['jobs']:,} | {a['distinct_jobs']:,} | {a['tokens_requested']:,} | "
                      f"{a['trie_minimum']:,} | {a['tokens_computed']:,} | {a['cache_hits']:,} | {a['cache_misses']:,} | "
-                     f"{a['engine_s']} | {a['questions_per_s'] if a['questions_per_s'] is not None else '-'} |")
+                     f"{a.get('engine_start_s', '-')} | {a['engine_s']} | {a['questions_per_s'] if a['questions_per_s'] is not None else '-'} |")
     return "\n".join(lines)
 
 
@@ -230,12 +253,17 @@ def run_eval(config: str | Path | EvalConfig, out_dir: str | Path, *, engine: di
     t0 = time.time()
     works, questions = build_work(cfg)
     shards = make_shards(works, cfg.batch_size)
-    grid = plan_checked(cfg, ex, shards)
+    # The plan's token jobs go with the shards, and the engines score them as they are, unless the
+    # engine was given a tokenizer other than the model folder's own (the one the plan loads)
+    planned: dict[str, list] = {}
+    own = not any(k in ex.engine_kwargs for k in ("tokenizer", "tokenizer_mode", "tokenizer_revision"))
+    grid = plan_checked(cfg, ex, shards, jobs_out=planned if own else None)
+    payloads = [ShardPayload(s, {m: planned[m][i] for m in planned}) for i, s in enumerate(shards)]
     t_plan = time.time() - t0
     fp = fingerprint(cfg, shards)
     # engine.pools (Execution): "model", an actor pool per model; "shared", one pool hosting every engine
     pools = [{"models": [m]} for m in cfg.models] if ex.pools == "model" and len(cfg.models) > 1 else None
-    res = run_sharded(cfg.name, shards, ScoreActor, {"models": list(cfg.models), "execution": asdict(ex),
+    res = run_sharded(cfg.name, payloads, ScoreActor, {"models": list(cfg.models), "execution": asdict(ex),
                                                      "all_models": list(cfg.models)}, out, fp,
                       lambda i: sum(w.for_model(m) for m in cfg.models for w in shards[i]), ex, resume=resume, stop_after=stop_after,
                       address=address, meta={"work_units": len(works), "models": cfg.models}, pools=pools)

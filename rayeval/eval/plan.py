@@ -121,15 +121,20 @@ def load_tokenizer(model: str):
 
 def plan_works(shards: Sequence[Sequence[Any]], models: Sequence[str], *, config: str = "", engine: str = "",
                context_limit: int | None = None, caches: dict[str, Any] | None = None,
-               tokenizers: dict[str, tuple] | None = None) -> GridPlan:
+               tokenizers: dict[str, tuple] | None = None, jobs_out: dict[str, list] | None = None) -> GridPlan:
     """The plan of shards of Work (``rayeval.eval.scoring.Work``) for each model.  ``context_limit``
     overrides the model's own (an engine's ``max_model_len``); ``caches`` maps a model to its
-    :class:`~rayeval.eval.score_cache.ScoreCache` for hit counts."""
+    :class:`~rayeval.eval.score_cache.ScoreCache` for hit counts.  ``jobs_out``: filled with each
+    model's token jobs (``_expand``'s) per shard and per work of that model, in shard order, for the
+    models whose own tokenizer was found (the engines can score them without tokenizing again)."""
     from rayeval.eval.engines import _expand, token_job
 
     plans = []
     for model in models:
         tok, add_bos, limit = (tokenizers or {}).get(model) or load_tokenizer(model)
+        keep = jobs_out is not None and not isinstance(tok, ByteTokenizer)
+        if keep:
+            jobs_out[model] = []
         limit = int(context_limit or limit or 0)
         mp = ModelPlan(model, context_limit=limit)
         sym_cache: dict = {}
@@ -137,6 +142,8 @@ def plan_works(shards: Sequence[Sequence[Any]], models: Sequence[str], *, config
         seen: set = set()      # distinct jobs of the shards so far (computed once, then reused)
         for shard in shards:
             shard_jobs = []
+            if keep:
+                jobs_out[model].append([])
             for w in shard:
                 if not w.for_model(model):
                     continue
@@ -146,6 +153,8 @@ def plan_works(shards: Sequence[Sequence[Any]], models: Sequence[str], *, config
                     raise ValueError(f"{model}: {w.dataset}/{w.prompt.item_id} (setting {w.setting}, scoring "
                                      f"{w.scoring.label}): {e}") from None
                 mp.requests += len(w.requests)
+                if keep:
+                    jobs_out[model][-1].append(jobs)
                 tjs = [token_job(j) for j in jobs]
                 shard_jobs.extend(tjs)
                 n = max((len(tj.ids) for tj in tjs), default=0)

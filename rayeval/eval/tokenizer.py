@@ -7,7 +7,7 @@ backend loaded from the folder's ``tokenizer.json``; what transformers adds on t
 planner on the driver and each engine in its actor load a tokenizer per model, so on a short grid
 that was ~10 s of a run's start.
 
-:func:`load_tokenizer` loads the Rust backend alone, but only for a folder whose transformers
+:func:`load_tokenizer` loads the Rust backend alone (at its first ``encode``), but only for a folder whose transformers
 tokenizer was checked to be that very backend: the first load of a folder (keyed by the contents
 of its tokenizer files and the transformers version) loads both, compares the backends'
 serialised forms, and records the result with the attributes the engines read (``bos_token_id``,
@@ -62,7 +62,7 @@ class BackendTokenizer:
 
     def __init__(self, path: str, backend, record: dict[str, Any], hf=None):
         self.name_or_path = path
-        self._backend = backend
+        self._backend = backend   # None: loaded from the folder's tokenizer.json at the first encode
         self.bos_token_id = record.get("bos_token_id")
         self.pad_token_id = record.get("pad_token_id")
         self.add_bos_token = bool(record.get("add_bos_token"))
@@ -70,7 +70,17 @@ class BackendTokenizer:
         self._hf_tok = hf
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @property
+    def backend(self):
+        """The Rust tokenizer, loaded on first use (Gemma-3's 33 MB ``tokenizer.json``: ~1.3 s; an
+        engine scoring the token jobs of a plan never needs it)."""
+        if self._backend is None:
+            from tokenizers import Tokenizer
+
+            self._backend = Tokenizer.from_file(str(Path(self.name_or_path) / "tokenizer.json"))
+        return self._backend
 
     @property
     def hf(self):
@@ -122,7 +132,4 @@ def load_tokenizer(folder: str | Path):
         write_record(rec_file, record)  # a read-only cache: the check runs again next time
     if not record.get("same"):
         return hf if hf is not None else _hf(str(folder))
-    from tokenizers import Tokenizer
-
-    backend = hf._tokenizer if hf is not None else Tokenizer.from_file(str(folder / "tokenizer.json"))
-    return BackendTokenizer(str(folder), backend, record, hf)
+    return BackendTokenizer(str(folder), hf._tokenizer if hf is not None else None, record, hf)
