@@ -85,6 +85,26 @@ def per_subject_limit(n_questions: int, subjects: list[str]) -> int | None:
     return None if not n_questions else max(1, math.ceil(n_questions / len(subjects)))
 
 
+def zero_shot_questions(model: str, subjects: list[str], n_questions: int, shard_size: int = 64):
+    """(works, requests) of the zero-shot symbol questions, in the pipeline's (sorted) order."""
+    from rayeval.eval.pipeline import build_work, make_shards
+    from rayeval.eval.scoring import flatten
+
+    works, _ = build_work(make_config(model, subjects, per_subject_limit(n_questions, subjects), shard_size))
+    works = [w for s in make_shards(works, len(works)) for w in s]
+    return works, flatten(works)
+
+
+def lmeval_zero_shot_tasks(subjects: list[str], n_questions: int, tmp: Path) -> tuple[list[str], dict[str, str]]:
+    """lm-eval tasks of the same questions (:func:`write_lmeval_tasks`)."""
+    from rayeval.config import data_root
+    from rayeval.data.loaders import load_items
+
+    items = load_items(data_root() / "mmlu", split="test", subjects=subjects,
+                       limit=per_subject_limit(n_questions, subjects)).items
+    return write_lmeval_tasks(items, tmp)
+
+
 # ----------------------------------------------------------------------------- helpers
 
 def preds_from_results(works, results) -> dict[str, int]:
@@ -416,16 +436,12 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from rayeval.eval.pipeline import build_work, make_shards
-    from rayeval.eval.scoring import flatten
     from rayeval.models import resolve_model
 
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     subjects = [s.strip() for s in args.subjects.split(",") if s.strip()]
     cfg = make_config(args.model, subjects, per_subject_limit(args.n_questions, subjects), args.shard_size)
-    works, _ = build_work(cfg)
-    works = [w for s in make_shards(works, len(works)) for w in s]  # the pipeline's (sorted) order
-    reqs = flatten(works)
+    works, reqs = zero_shot_questions(args.model, subjects, args.n_questions, args.shard_size)
     gold = {w.prompt.item_id: w.prompt.gold for w in works}
     n = len(works)
     model_path = str(resolve_model(args.model))
@@ -562,12 +578,7 @@ def _run(args, R, vl, engines, works, reqs, gold, n, cfg, subjects, model_path, 
             log("lm-eval is not importable (pip install lm-eval, or --lm-eval-path): skipped")
             R["lm_eval"] = "not installed"
         else:
-            from rayeval.data.loaders import load_items
-            from rayeval.config import data_root
-
-            items = load_items(data_root() / "mmlu", split="test", subjects=subjects,
-                               limit=per_subject_limit(args.n_questions, subjects)).items
-            tasks, idmap = write_lmeval_tasks(items, tmp)
+            tasks, idmap = lmeval_zero_shot_tasks(subjects, args.n_questions, tmp)
             hf_rows = {k: v for k, v in rows.items() if k.startswith("rayeval-hf[")}
             best_hf = max(hf_rows, key=lambda k: hf_rows[k]["q_per_s"]) if hf_rows else f"rayeval-hf[{HF_DEFAULT}]"
             lab = best_hf[len("rayeval-hf["):-1]

@@ -32,11 +32,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--lm-eval-path", default="/tmp/lmeval-site")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    from rayeval.config import data_root
-    from rayeval.data.loaders import load_items
     from rayeval.eval.engines import make_engine
-    from rayeval.eval.pipeline import build_work, make_shards
-    from rayeval.eval.scoring import flatten
     from rayeval.models import resolve_model
 
     env = es.lmeval_env(a.lm_eval_path)
@@ -46,18 +42,13 @@ def main(argv=None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="fp32-agreement-"))
     subjects = gs.SUBJECTS[:3]
     for model in a.models.split(","):
-        cfg = es.make_config(model, subjects, es.per_subject_limit(a.n, subjects), 64)
-        works, _ = build_work(cfg)
-        works = [w for s in make_shards(works, len(works)) for w in s]
-        reqs = flatten(works)
+        works, reqs = es.zero_shot_questions(model, subjects, a.n)
         preds = {}
         for name, kw in (("rayeval_fp32", {"dtype": "float32"}), ("rayeval_bf16", {"dtype": "bfloat16"})):
             eng = make_engine("hf", model, kw)
             preds[name] = es.preds_from_results(works, eng.score(reqs))
             del eng
-        items = load_items(data_root() / "mmlu", split="test", subjects=subjects,
-                           limit=es.per_subject_limit(a.n, subjects)).items
-        tasks, idmap = es.write_lmeval_tasks(items, tmp / model)
+        tasks, idmap = es.lmeval_zero_shot_tasks(subjects, a.n, tmp / model)
         for dt, name in (("float32", "lm_eval_fp32"), ("bfloat16", "lm_eval_bf16")):
             d = es.run_lmeval("hf", str(resolve_model(model)), dict(env), tmp / model, tasks, idmap, dtype=dt,
                               batch_size=8 if "gemma" in model else 64, extra_env={"OMP_NUM_THREADS": "2"},

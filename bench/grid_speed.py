@@ -109,15 +109,10 @@ def zero_shot(model: str, n_q: int, env, tmp: Path, rounds: int = 3) -> dict:
     import torch
 
     from rayeval.eval.engines import make_engine
-    from rayeval.eval.pipeline import build_work, make_shards
-    from rayeval.eval.scoring import flatten
     from rayeval.models import resolve_model
 
     subjects = SUBJECTS[:3]
-    cfg = es.make_config(model, subjects, es.per_subject_limit(n_q, subjects), 64)
-    works, _ = build_work(cfg)
-    works = [w for s in make_shards(works, len(works)) for w in s]
-    reqs = flatten(works)
+    works, reqs = es.zero_shot_questions(model, subjects, n_q)
     gold = {w.prompt.item_id: w.prompt.gold for w in works}
     n = len(works)
     t0 = time.perf_counter()
@@ -166,12 +161,7 @@ def zero_shot(model: str, n_q: int, env, tmp: Path, rounds: int = 3) -> dict:
     else:
         ref_preds = None
     if env is not None:
-        from rayeval.config import data_root
-        from rayeval.data.loaders import load_items
-
-        items = load_items(data_root() / "mmlu", split="test", subjects=subjects,
-                           limit=es.per_subject_limit(n_q, subjects)).items
-        tasks, idmap = es.write_lmeval_tasks(items, tmp / model)
+        tasks, idmap = es.lmeval_zero_shot_tasks(subjects, n_q, tmp / model)
         dtype = roof["best"].split("/")[0]
         probe(f"{model} zero-shot: before lm-eval")
         d = es.run_lmeval("hf", str(resolve_model(model)), dict(env), tmp / model, tasks, idmap, dtype=dtype,

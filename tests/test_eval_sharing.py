@@ -631,7 +631,7 @@ def test_shards_carry_the_plans_token_jobs_and_the_engine_scores_them_as_they_ar
     shipped = [row for i, s in enumerate(shards) for row in actor.process(i, ShardPayload(s, {model: planned[model][i]}))]
     assert tok._backend is None and actor.engines[model].stats["requests"] == sum(len(w.requests) for w in works)
     own = ScoreActor([model], asdict(ex))
-    tokenized = [row for i, s in enumerate(shards) for row in own.process(i, s)]
+    tokenized = [row for i, s in enumerate(shards) for row in own.process(i, ShardPayload(s))]
     assert own.engines[model].tokenizer._backend is not None
     drop = lambda rows: [{k: v for k, v in r.items() if k != "_stats"} for r in rows]  # noqa: E731
     assert drop(shipped) == drop(tokenized) and len(shipped) == len(works)

@@ -146,10 +146,10 @@ class ScoreActor(ShardActor):
             return engine.score(requests)
         return engine.score(requests, jobs=shift_jobs(planned, [len(w.requests) for w in works]))
 
-    def process(self, shard: int, payload: ShardPayload | list[Work]) -> list[dict[str, Any]]:
+    def process(self, shard: int, payload: ShardPayload) -> list[dict[str, Any]]:
         self._maybe_crash(shard)
-        works, planned = (payload.works, payload.jobs) if isinstance(payload, ShardPayload) else (payload, {})
-        mine = {m: [w for w in works if w.for_model(m)] for m in self.engines}
+        planned = payload.jobs
+        mine = {m: [w for w in payload.works if w.for_model(m)] for m in self.engines}
         before, cpu0, t0 = self._stats(), time.process_time(), time.perf_counter()
         # Engines of different models run side by side (each vLLM engine core is its own
         # process, pinned to its own cores), so one shard costs max(), not sum(), of them.
